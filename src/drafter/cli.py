@@ -1,0 +1,60 @@
+"""Shared plumbing for the thin commands: logging, root check, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from rich.logging import RichHandler
+
+from drafter.errors import DrafterError, NotRootError
+
+log = logging.getLogger("drafter")
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every command shares."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="print debug logs")
+    return p
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(show_path=verbose, markup=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler()
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("drafter").setLevel(level)
+    if verbose:
+        logging.getLogger("qemu").setLevel(logging.INFO)
+
+
+def require_root(prog: str) -> None:
+    if os.geteuid() != 0:
+        raise NotRootError(prog)
+
+
+def run(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command body; turn DrafterError and Ctrl-C into a one-line message."""
+    try:
+        return body() or 0
+    except DrafterError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
