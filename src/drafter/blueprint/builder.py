@@ -1,0 +1,172 @@
+"""Build a blueprint (kernel, initramfs, disk) with a content-addressed cache.
+
+Each artifact is cached under a key made of everything that goes into it, so the
+same inputs reuse the previous result; ``out/blueprint`` gets copies (reflinked
+where the file system allows it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from drafter.blueprint import disk, initramfs, kernel
+from drafter.blueprint.apps import RECIPES, AppRecipe
+from drafter.errors import DrafterError
+from drafter.progress import Steps
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "drafter.drftkernel"
+INITRAMFS_NAME = "drafter.drftinitramfs"
+DISK_NAME = "drafter.drftdisk"
+# Bump when the way artifacts are made changes, so old caches are not reused.
+BUILD_VERSION = "1"
+
+
+@dataclass
+class BlueprintSpec:
+    """Everything that decides what a blueprint contains."""
+
+    app: str = "redis"
+    disk_size: str = ""  # empty: the app's default
+    guest_cidr: str = "172.100.100.2/30"
+    gateway: str = "172.100.100.1"
+    extra_packages: list[str] = field(default_factory=list)
+    customize_script: str = ""  # shell text run in the chroot
+    kernel_path: str = ""  # the user's own ELF vmlinux; empty: Debian's cloud kernel
+
+    def recipe(self) -> AppRecipe:
+        try:
+            return RECIPES[self.app]
+        except KeyError:
+            raise DrafterError(
+                f"unknown app {self.app!r} (choose from {', '.join(sorted(RECIPES))})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    kernel: Path
+    initramfs: Path
+    disk: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> Blueprint:
+        return cls(directory / KERNEL_NAME, directory / INITRAMFS_NAME, directory / DISK_NAME)
+
+
+def _key(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _guest_code_hash() -> str:
+    h = hashlib.sha256()
+    pkg = resources.files("drafter.guest")
+    for name in ("__init__.py", "channel.py", "agent.py", "liveness.py"):
+        h.update(pkg.joinpath(name).read_bytes())
+    h.update(Path(disk.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    subprocess.run(
+        ["cp", "--reflink=auto", "--sparse=always", str(src), str(tmp)], check=True
+    )
+    os.replace(tmp, dst)
+
+
+@contextmanager
+def _cache_entry(cache: Path, name: str) -> Iterator[tuple[Path, bool]]:
+    """(directory, present) for a cache entry; a failed build leaves no entry."""
+    final = cache / name
+    if (final / ".done").exists():
+        yield final, True
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    try:
+        yield work, False
+        (work / ".done").touch()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None = None) -> Blueprint:
+    """Build (or reuse) the blueprint described by ``spec`` into ``out_dir``."""
+    recipe = spec.recipe()
+    size = disk.parse_size(spec.disk_size or recipe.disk_size)
+    steps = steps or Steps()
+    out = Blueprint.at(out_dir)
+    if spec.kernel_path and not Path(spec.kernel_path).is_file():
+        raise DrafterError(f"kernel {spec.kernel_path} does not exist")
+    if spec.kernel_path and not kernel.is_elf(Path(spec.kernel_path)):
+        raise DrafterError(f"kernel {spec.kernel_path} is not an ELF vmlinux (PVH)")
+
+    # Kernel and initramfs: keyed by the kernel package version.
+    if spec.kernel_path:
+        kver = "user:" + hashlib.sha256(Path(spec.kernel_path).read_bytes()).hexdigest()[:16]
+    else:
+        kver = kernel.resolve_kernel_package()
+    kkey = _key("kernel", BUILD_VERSION, kver, initramfs.INIT, initramfs.GUEST_MODULES)
+    with _cache_entry(cache, f"kernel-{kkey}") as (kdir, present):
+        if present:
+            steps.skip(f"kernel {kver} (cached)")
+        else:
+            if spec.kernel_path:
+                with steps.step(f"kernel from {spec.kernel_path}"):
+                    shutil.copy2(spec.kernel_path, kdir / KERNEL_NAME)
+                    initramfs.build_initramfs(kdir / INITRAMFS_NAME, None)
+            else:
+                with steps.step(f"kernel {kver} from Debian"):
+                    pkg = kernel.fetch_debian_kernel(kdir / "work", kver)
+                    shutil.move(pkg.vmlinux, kdir / KERNEL_NAME)
+                with steps.step("initramfs"):
+                    initramfs.build_initramfs(kdir / INITRAMFS_NAME, pkg.modules)
+                shutil.rmtree(kdir / "work")
+
+        # Root tree: keyed by what is installed; the image adds the size.
+        packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
+        net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
+        rkey = _key(
+            "rootfs", BUILD_VERSION, packages, asdict(recipe), asdict(net),
+            spec.customize_script, _guest_code_hash(),
+        )
+        with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, rpresent):
+            tree = rdir / "tree"
+            if rpresent:
+                steps.skip("root file system (cached)")
+            else:
+                with steps.step(f"root file system: Debian bookworm + {recipe.name}"):
+                    disk.install_rootfs(tree, packages)
+                with steps.step("guest configuration, agent and liveness"):
+                    disk.customize(tree, recipe, net, spec.customize_script)
+            dkey = _key("disk", rkey, size)
+            with _cache_entry(cache, f"disk-{dkey}") as (ddir, dpresent):
+                if dpresent:
+                    steps.skip(f"disk image {size >> 20}M (cached)")
+                else:
+                    with steps.step(f"disk image {size >> 20}M (ext4)"):
+                        disk.make_image(tree, ddir / DISK_NAME, size)
+                with steps.step("copy to " + str(out_dir)):
+                    _copy(kdir / KERNEL_NAME, out.kernel)
+                    _copy(kdir / INITRAMFS_NAME, out.initramfs)
+                    _copy(ddir / DISK_NAME, out.disk)
+    return out

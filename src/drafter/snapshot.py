@@ -1,0 +1,103 @@
+"""The VM lifecycle steps every role shares: boot to liveness, suspend, resume.
+
+A snapshot is device state (saved by the VMM) plus the memory file, which the VMM
+maps shared and therefore already holds every page the guest wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from drafter.agent_client import AgentClient, wait_for_liveness
+from drafter.errors import DrafterError
+from drafter.vmm.qemu import QemuMachine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each step, for logs and benchmarks."""
+
+    boot_to_liveness: float = 0.0
+    before_suspend: float = 0.0
+    pause_and_save: float = 0.0
+    restore: float = 0.0
+    after_resume: float = 0.0
+
+
+async def boot_to_liveness(machine: QemuMachine, timeout: float = 300.0) -> float:
+    """Boot ``machine`` and wait until the guest application is up; seconds taken."""
+    start = time.monotonic()
+    await machine.boot()
+
+    async def watchdog() -> None:
+        await machine.check_alive()
+        panic = _console_panic(machine.console_log)
+        if panic:
+            raise DrafterError(f"the guest kernel failed: {panic}")
+
+    try:
+        await wait_for_liveness(machine.liveness_socket, timeout, watchdog)
+    except BaseException:
+        await machine.stop()
+        raise
+    took = time.monotonic() - start
+    log.info("guest is live after %.1fs", took)
+    return took
+
+
+def _console_panic(console_log: Path) -> str | None:
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Kernel panic" in line or "Out of memory" in line:
+            return line.strip()
+    return None
+
+
+async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = None) -> None:
+    """BeforeSuspend, pause, save device state to ``state``, sync guest memory to disk."""
+    t = timings or Timings()
+    start = time.monotonic()
+    async with AgentClient(machine.agent_socket) as agent:
+        await agent.before_suspend()
+    t.before_suspend = time.monotonic() - start
+    start = time.monotonic()
+    await machine.pause()
+    await machine.save_state(state)
+    _fsync(Path(machine.config.memory))
+    t.pause_and_save = time.monotonic() - start
+    log.debug("suspended: %s", t)
+
+
+async def resume(machine: QemuMachine, state: Path, timings: Timings | None = None) -> None:
+    """Restore ``machine`` from ``state`` and its memory file, resume, AfterResume."""
+    t = timings or Timings()
+    start = time.monotonic()
+    await machine.restore(state)
+    await machine.resume()
+    t.restore = time.monotonic() - start
+    start = time.monotonic()
+    try:
+        async with AgentClient(machine.agent_socket) as agent:
+            await agent.after_resume()
+    except BaseException:
+        await machine.stop()
+        raise
+    t.after_resume = time.monotonic() - start
+    log.debug("resumed: %s", t)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,237 @@
+"""QEMU ``microvm`` driven over QMP with QEMU's own client (``qemu.qmp``).
+
+Guest RAM is a file mapped shared (``memory-backend-file,share=on``), so snapshots
+save only device state (migration capability ``x-ignore-shared``) and a restore maps
+the same memory file in a new QEMU process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+from pathlib import Path
+
+from qemu.qmp import QMPClient, QMPError
+
+from drafter.errors import DrafterError
+from drafter.vmm import accel
+from drafter.vmm.base import MIN_MEMORY_MIB, MachineConfig
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = "drafter.agent"
+LIVENESS_PORT = "drafter.liveness"
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise DrafterError(f"{QEMU} is not installed (run scripts/install-deps)")
+    return path
+
+
+class QemuMachine:
+    """One QEMU process running one VM; ``run_dir`` holds its sockets and logs."""
+
+    def __init__(self, config: MachineConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.qmp_socket = run_dir / "qmp.sock"
+        self.agent_socket = run_dir / "agent.sock"
+        self.liveness_socket = run_dir / "liveness.sock"
+        self.console_socket = run_dir / "console.sock"
+        self.console_log = run_dir / "console.log"
+        self.qemu_log = run_dir / "qemu.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _check(self) -> None:
+        c = self.config
+        for what, path in (("kernel", c.kernel), ("initramfs", c.initramfs), ("disk", c.disk)):
+            if not Path(path).is_file():
+                raise DrafterError(f"{what} {path} does not exist")
+        if c.memory_mib < MIN_MEMORY_MIB:
+            raise DrafterError(
+                f"memory size {c.memory_mib} MiB is too small for the kernel "
+                f"(at least {MIN_MEMORY_MIB} MiB)"
+            )
+        if c.cpus < 1:
+            raise DrafterError("cpu count must be at least 1")
+
+    def command(self, incoming: bool = False) -> list[str]:
+        """The QEMU command line for this machine."""
+        c = self.config
+        acc = accel.choose(c.accel)
+        mem = f"{c.memory_mib}M"
+        cmd = [
+            qemu_binary(),
+            "-name", "drafter",
+            "-M", f"microvm,accel={acc},pit=on,pic=on,rtc=on,memory-backend=mem",
+            "-cpu", "host" if acc == "kvm" else "max",
+            "-smp", str(c.cpus),
+            "-m", mem,
+            "-object", f"memory-backend-file,id=mem,size={mem},mem-path={c.memory},share=on",
+            "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+            "-kernel", str(c.kernel),
+            "-initrd", str(c.initramfs),
+            "-append", c.boot_args,
+            "-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off,"
+            f"logfile={self.console_log},logappend=on",
+            "-serial", "chardev:console",
+            "-drive", f"id=disk,file={c.disk},format=raw,if=none,cache=writeback",
+            "-device", "virtio-blk-device,drive=disk",
+            "-device", "virtio-serial-device,max_ports=4",
+            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            "-chardev", f"socket,id=liveness,path={self.liveness_socket},server=on,wait=off",
+            "-device", f"virtserialport,chardev=liveness,name={LIVENESS_PORT}",
+            "-object", "rng-random,id=rng,filename=/dev/urandom",
+            "-device", "virtio-rng-device,rng=rng",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-S",
+        ]  # fmt: skip
+        if c.netns:
+            cmd += [
+                "-netdev", f"tap,id=net,ifname={c.tap},script=no,downscript=no",
+                "-device", f"virtio-net-device,netdev=net,mac={c.mac}",
+            ]  # fmt: skip
+            cmd = ["ip", "netns", "exec", c.netns, *cmd]
+        if incoming:
+            cmd += ["-incoming", "defer"]
+        return cmd
+
+    async def _start(self, incoming: bool) -> None:
+        self._check()
+        if self.config.netns and not Path(f"/run/netns/{self.config.netns}").exists():
+            raise DrafterError(
+                f"network namespace {self.config.netns} does not exist (start drafter-daemon)"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        memory = Path(self.config.memory)
+        size = self.config.memory_mib << 20
+        if not memory.exists():
+            with memory.open("wb") as f:
+                f.truncate(size)
+        elif memory.stat().st_size != size:
+            raise DrafterError(
+                f"memory file {memory} holds {memory.stat().st_size >> 20} MiB, "
+                f"the VM is configured for {self.config.memory_mib} MiB"
+            )
+        cmd = self.command(incoming)
+        log.debug("starting %s", shlex.join(cmd))
+        with self.qemu_log.open("ab") as err:
+            self.process = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err
+            )
+        log.debug("QEMU pid %d", self.process.pid)
+        try:
+            await self._connect_qmp()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _connect_qmp(self, timeout: float = 20.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.qmp_socket.exists():
+            await self.check_alive()
+            if loop.time() > deadline:
+                raise DrafterError("QEMU did not open its QMP socket")
+            await asyncio.sleep(0.02)
+        qmp = QMPClient("drafter")
+        await qmp.connect(str(self.qmp_socket))
+        self.qmp = qmp
+
+    async def check_alive(self) -> None:
+        """Raise DrafterError if the QEMU process has exited."""
+        if self.process is not None and self.process.returncode is not None:
+            raise DrafterError(f"QEMU exited with {self.process.returncode}: {self.last_error()}")
+
+    def last_error(self) -> str:
+        try:
+            lines = self.qemu_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "no output"
+
+    async def boot(self) -> None:
+        await self._start(incoming=False)
+        await self.resume()
+
+    async def restore(self, state: Path) -> None:
+        if not Path(state).is_file():
+            raise DrafterError(f"state file {state} does not exist")
+        await self._start(incoming=True)
+        await self._ignore_shared()
+        await self._execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state))})
+        await self._wait_migration("restore")
+
+    async def pause(self) -> None:
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def save_state(self, state: Path) -> None:
+        tmp = Path(state).with_name(Path(state).name + ".tmp")
+        await self._ignore_shared()
+        await self._execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(tmp))})
+        await self._wait_migration("snapshot")
+        os.replace(tmp, state)
+
+    async def stop(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.qmp.execute("quit"), 5)
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                log.warning("QEMU pid %d did not quit; killing it", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        for sock in (self.qmp_socket, self.agent_socket, self.liveness_socket, self.console_socket):
+            sock.unlink(missing_ok=True)
+
+    # -- QMP helpers -----------------------------------------------------------
+
+    async def _execute(self, command: str, args: dict[str, object] | None = None) -> object:
+        if self.qmp is None:
+            raise DrafterError("the VM is not running")
+        try:
+            return await self.qmp.execute(command, args)
+        except QMPError as e:
+            await self.check_alive()
+            raise DrafterError(f"QEMU refused {command}: {e}") from e
+
+    async def _ignore_shared(self) -> None:
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        await self._execute("migrate-set-capabilities", {"capabilities": caps})
+
+    async def _wait_migration(self, what: str, timeout: float = 120.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            info = await self._execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                detail = info.get("error-desc", status) if isinstance(info, dict) else status
+                raise DrafterError(f"{what} failed: {detail}")
+            if loop.time() > deadline:
+                raise DrafterError(f"{what} did not finish in {timeout:.0f}s")
+            await asyncio.sleep(0.005)

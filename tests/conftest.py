@@ -1,0 +1,172 @@
+"""Fixtures: the blueprints (built once, cached by content), the host network, VMs.
+
+Everything here is real: the blueprint comes from Debian packages, the network from
+``drafter-daemon``, VMs are QEMU processes. Every fixture removes what it made, also
+when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from drafter.blueprint.builder import Blueprint, BlueprintSpec, build
+from drafter.network import NamespaceInfo, namespace_info
+from drafter.vmm import MachineConfig, QemuMachine
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out"
+CACHE = OUT / "cache"
+BIN = Path(sys.executable).parent
+TEST_PREFIX = "dt"  # namespaces dt0..dt3, apart from a user's ark*
+
+
+def command(name: str) -> str:
+    return str(BIN / name)
+
+
+@pytest.fixture(scope="session")
+def redis_blueprint() -> Blueprint:
+    return build(BlueprintSpec(app="redis"), OUT / "test" / "blueprint-redis", CACHE)
+
+
+@pytest.fixture(scope="session")
+def postgresql_blueprint() -> Blueprint:
+    return build(BlueprintSpec(app="postgresql"), OUT / "test" / "blueprint-postgresql", CACHE)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A temporary directory removed after the test (pytest's tmp_path is kept)."""
+    path = Path(tempfile.mkdtemp(prefix="drafter-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class TestNetwork:
+    state_dir: Path
+    prefix: str
+    count: int
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}{index}"
+
+    def info(self, index: int) -> NamespaceInfo:
+        return namespace_info(self.name(index), self.state_dir)
+
+
+def start_daemon(state_dir: Path, prefix: str, count: int, cidr_base: int) -> subprocess.Popen:
+    """Start drafter-daemon and wait for its ready line."""
+    proc = subprocess.Popen(
+        [
+            command("drafter-daemon"),
+            "--namespace-prefix", prefix,
+            "--namespace-count", str(count),
+            "--host-veth-cidr", f"10.{cidr_base}.0.0/24",
+            "--namespace-veth-cidr", f"10.{cidr_base + 1}.0.0/24",
+            "--state-dir", str(state_dir),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line.lower():
+            return proc
+    stop_process(proc)
+    raise RuntimeError("drafter-daemon did not become ready:\n" + "".join(lines))
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+    """Stop a process we started, by its PID: ``sig`` first, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def network() -> Iterator[TestNetwork]:
+    state_dir = Path(tempfile.mkdtemp(prefix="drafter-test-net-"))
+    proc = start_daemon(state_dir, TEST_PREFIX, 4, 230)
+    try:
+        yield TestNetwork(state_dir, TEST_PREFIX, 4)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@dataclass
+class MachineFactory:
+    """Makes QEMU machines for one test and kills whatever is left at the end."""
+
+    root: Path
+    machines: list[QemuMachine] = field(default_factory=list)
+
+    def __call__(
+        self,
+        blueprint: Blueprint,
+        netns: str | None = None,
+        memory_mib: int = 256,
+        memory: Path | None = None,
+        disk: Path | None = None,
+    ) -> QemuMachine:
+        run_dir = self.root / f"vm-{uuid.uuid4().hex[:8]}"
+        run_dir.mkdir(parents=True)
+        if disk is None:  # the VM writes to its disk: give it its own copy
+            disk = self.root / f"disk-{uuid.uuid4().hex[:8]}"
+            subprocess.run(["cp", "--sparse=always", str(blueprint.disk), str(disk)], check=True)
+        config = MachineConfig(
+            kernel=blueprint.kernel,
+            initramfs=blueprint.initramfs,
+            disk=disk,
+            memory=memory or run_dir / "memory",
+            memory_mib=memory_mib,
+            netns=netns,
+        )
+        machine = QemuMachine(config, run_dir)
+        self.machines.append(machine)
+        return machine
+
+    def cleanup(self) -> None:
+        for m in self.machines:
+            if m.process is not None and m.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(m.process.pid, signal.SIGKILL)
+                    os.waitpid(m.process.pid, 0)
+
+
+@pytest.fixture
+def machine_factory(workdir: Path) -> Iterator[Callable[..., QemuMachine]]:
+    factory = MachineFactory(workdir)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
