@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out"
 CACHE = OUT / "cache"
 BIN = Path(sys.executable).parent
-TEST_PREFIX = "dt"  # namespaces dt0..dt3, apart from a user's ark*
+# Namespaces dt0..dt3, apart from a user's ark*; the cleanup test runs an inner
+# session under another prefix.
+TEST_PREFIX = os.environ.get("DRAFTER_TEST_PREFIX", "dt")
+TEST_CIDR_BASE = int(os.environ.get("DRAFTER_TEST_CIDR_BASE", "230"))
 
 
 def command(name: str) -> str:
@@ -75,11 +78,16 @@ def start_daemon(state_dir: Path, prefix: str, count: int, cidr_base: int) -> su
     proc = subprocess.Popen(
         [
             command("drafter-daemon"),
-            "--namespace-prefix", prefix,
-            "--namespace-count", str(count),
-            "--host-veth-cidr", f"10.{cidr_base}.0.0/24",
-            "--namespace-veth-cidr", f"10.{cidr_base + 1}.0.0/24",
-            "--state-dir", str(state_dir),
+            "--namespace-prefix",
+            prefix,
+            "--namespace-count",
+            str(count),
+            "--host-veth-cidr",
+            f"10.{cidr_base}.0.0/24",
+            "--namespace-veth-cidr",
+            f"10.{cidr_base + 1}.0.0/24",
+            "--state-dir",
+            str(state_dir),
         ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -115,7 +123,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
 @pytest.fixture(scope="session")
 def network() -> Iterator[TestNetwork]:
     state_dir = Path(tempfile.mkdtemp(prefix="drafter-test-net-"))
-    proc = start_daemon(state_dir, TEST_PREFIX, 4, 230)
+    proc = start_daemon(state_dir, TEST_PREFIX, 4, TEST_CIDR_BASE)
     try:
         yield TestNetwork(state_dir, TEST_PREFIX, 4)
     finally:
@@ -170,3 +178,45 @@ def machine_factory(workdir: Path) -> Iterator[Callable[..., QemuMachine]]:
         yield factory
     finally:
         factory.cleanup()
+
+
+def run_command(*argv: str, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run one of our commands; return the CompletedProcess (text)."""
+    return subprocess.run(
+        [command(argv[0]), *argv[1:]], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A failed command must say what went wrong in one line, without a traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    # Progress lines may come before it; the error itself is one line, and the last.
+    errors = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def redis_package(redis_blueprint: Blueprint, network: TestNetwork) -> Iterator[Path]:
+    """A packaged Redis VM (256 MiB), made once by drafter-packager."""
+    path = OUT / "test" / "redis.drft"
+    result = run_command(
+        "drafter-packager",
+        "--netns", network.name(0),
+        "--memory-size", "256",
+        "--kernel-path", str(redis_blueprint.kernel),
+        "--initramfs-path", str(redis_blueprint.initramfs),
+        "--disk-path", str(redis_blueprint.disk),
+        "--package-output-path", str(path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    yield path
+
+
+def copy_package(src: Path, dst_dir: Path) -> Path:
+    dst = dst_dir / src.name
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst

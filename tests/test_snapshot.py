@@ -32,7 +32,10 @@ def test_redis_survives_snapshot_and_restore_in_another_namespace(
         # Let the guest clock fall behind: the agent must set it on resume.
         await asyncio.sleep(4)
         second = machine_factory(
-            redis_blueprint, netns=network.name(1), memory=first.config.memory, disk=first.config.disk
+            redis_blueprint,
+            netns=network.name(1),
+            memory=first.config.memory,
+            disk=first.config.disk,
         )
         await snapshot.resume(second, state)
         try:

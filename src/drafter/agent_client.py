@@ -47,7 +47,7 @@ async def wait_for_liveness(
                 raise DrafterError(f"the guest did not signal liveness within {timeout:.0f}s")
             try:
                 line = await asyncio.wait_for(reader.readline(), min(1.0, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if watchdog is not None:
                     await watchdog()
                 continue
@@ -99,7 +99,7 @@ class AgentClient:
                 raise DrafterError(f"the guest agent did not answer {name} in {self.timeout:.0f}s")
             try:
                 line = await asyncio.wait_for(self._reader.readline(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if not line:
                 raise DrafterError(f"the agent channel closed during {name}")

@@ -85,9 +85,7 @@ def _guest_code_hash() -> str:
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    subprocess.run(
-        ["cp", "--reflink=auto", "--sparse=always", str(src), str(tmp)], check=True
-    )
+    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(src), str(tmp)], check=True)
     os.replace(tmp, dst)
 
 
@@ -146,8 +144,13 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
         packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
         net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
         rkey = _key(
-            "rootfs", BUILD_VERSION, packages, asdict(recipe), asdict(net),
-            spec.customize_script, _guest_code_hash(),
+            "rootfs",
+            BUILD_VERSION,
+            packages,
+            asdict(recipe),
+            asdict(net),
+            spec.customize_script,
+            _guest_code_hash(),
         )
         with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, rpresent):
             tree = rdir / "tree"

@@ -138,13 +138,17 @@ def customize(tree: Path, app: AppRecipe, net: GuestNetwork, script: str) -> Non
     wait = f" --wait-tcp {app.port}" if app.port else ""
     _write(
         tree / "etc/init.d/drafter-liveness",
-        _init_script("drafter-liveness", f"/usr/sbin/drafter-liveness{wait}", f"{after} drafter-agent"),
+        _init_script(
+            "drafter-liveness", f"/usr/sbin/drafter-liveness{wait}", f"{after} drafter-agent"
+        ),
         0o755,
     )
     setup = "set -e\necho root:root | chpasswd\n" + app.setup + "\n" + script + "\n"
     setup += "update-rc.d drafter-agent defaults >/dev/null\n"
     setup += "update-rc.d drafter-liveness defaults >/dev/null\n"
-    p = subprocess.run(["chroot", str(tree), "/bin/sh", "-c", setup], capture_output=True, text=True)
+    p = subprocess.run(
+        ["chroot", str(tree), "/bin/sh", "-c", setup], capture_output=True, text=True
+    )
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise DrafterError(f"customizing the root file system failed: {tail}")

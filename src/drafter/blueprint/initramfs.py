@@ -23,7 +23,9 @@ INIT = """#!/bin/busybox sh
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-for m in $(cat /etc/drafter-modules); do insmod "/lib/modules/$m" || echo "initramfs: cannot load $m"; done
+for m in $(cat /etc/drafter-modules); do
+  insmod "/lib/modules/$m" || echo "initramfs: cannot load $m"
+done
 root=/dev/vda
 for i in $(seq 1 200); do [ -b $root ] && break; sleep 0.05; done
 if ! mount -o rw $root /newroot; then
@@ -60,11 +62,11 @@ def module_load_order(modules_dir: Path, wanted: list[str]) -> list[str]:
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name) or by_name.get(name.replace("-", "_"))
-        if path is None:
+        found = by_name.get(name) or by_name.get(name.replace("-", "_"))
+        if found is None:
             log.debug("module %s not found (maybe built in)", name)
             continue
-        visit(path)
+        visit(found)
     return order
 
 

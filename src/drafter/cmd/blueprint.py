@@ -17,13 +17,13 @@ PROG = "drafter-blueprint"
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, "Build a blueprint (kernel, initramfs, disk) from Debian packages.")
     p.add_argument("--app", default="redis", help=f"application: {', '.join(sorted(RECIPES))}")
-    p.add_argument("--disk-size", default="", help="disk image size (default: the app's, e.g. 384M)")
+    p.add_argument(
+        "--disk-size", default="", help="disk image size (default: the app's, e.g. 384M)"
+    )
     p.add_argument("--guest-cidr", default="172.100.100.2/30", help="guest address")
     p.add_argument("--gateway-ip", default="172.100.100.1", help="guest gateway")
     p.add_argument("--kernel-path", default="", help="your own ELF vmlinux instead of Debian's")
-    p.add_argument(
-        "--extra-packages", default="", help="comma-separated Debian packages to add"
-    )
+    p.add_argument("--extra-packages", default="", help="comma-separated Debian packages to add")
     p.add_argument(
         "--customize-script", default="", help="shell script run in the guest tree (chroot)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "drafter.agent"
 LIVENESS_PORT = "drafter.liveness"
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the process that started QEMU dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def qemu_binary() -> str:
@@ -54,6 +62,7 @@ class QemuMachine:
     # -- lifecycle -------------------------------------------------------------
 
     def _check(self) -> None:
+        qemu_binary()
         c = self.config
         for what, path in (("kernel", c.kernel), ("initramfs", c.initramfs), ("disk", c.disk)):
             if not Path(path).is_file():
@@ -129,7 +138,12 @@ class QemuMachine:
         log.debug("starting %s", shlex.join(cmd))
         with self.qemu_log.open("ab") as err:
             self.process = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                # No orphaned VMs: QEMU dies with us, even on SIGKILL.
+                preexec_fn=_die_with_parent,
             )
         log.debug("QEMU pid %d", self.process.pid)
         try:
@@ -198,7 +212,7 @@ class QemuMachine:
         if proc is not None and proc.returncode is None:
             try:
                 await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("QEMU pid %d did not quit; killing it", proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)

@@ -1,0 +1,119 @@
+"""The nftables rules drafter owns, through the ``nft`` command.
+
+The daemon owns exactly one host table (family ``inet``) and one table in each of
+its namespaces; it only ever creates and deletes those whole tables and never
+flushes or edits anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+
+from drafter.errors import DrafterError
+from drafter.network.namespaces import run_in_namespace
+
+log = logging.getLogger(__name__)
+
+FAMILY = "inet"
+
+
+def _nft(argv: list[str], input_text: str | None = None) -> str:
+    if shutil.which("nft") is None:
+        raise DrafterError("the nft command is missing (install the nftables package)")
+    proc = subprocess.run(
+        ["nft", *argv], input=input_text, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise DrafterError(f"nft {' '.join(argv)} failed: {lines[0] if lines else 'error'}")
+    return proc.stdout
+
+
+def table_exists(name: str, family: str = FAMILY) -> bool:
+    """Whether host table ``family name`` exists."""
+    data = json.loads(_nft(["-j", "list", "tables"]) or "{}")
+    for item in data.get("nftables", []):
+        table = item.get("table")
+        if table and table.get("name") == name and table.get("family") == family:
+            return True
+    return False
+
+
+def delete_table(name: str, family: str = FAMILY) -> bool:
+    """Delete host table ``family name`` if it exists; False if it did not."""
+    if not table_exists(name, family):
+        return False
+    log.debug("deleting nft table %s %s", family, name)
+    _nft(["delete", "table", family, name])
+    return True
+
+
+def isolation_ruleset(name: str, host_veths: list[str]) -> str:
+    """The host table: no forwarding between, into or out of the namespaces' veths.
+
+    The host reaches the VMs with its own (locally generated) packets, which never
+    pass the forward hook, so these drops only stop namespaces reaching each other
+    or anything beyond the host.
+    """
+    veths = ", ".join(f'"{v}"' for v in host_veths)
+    return f"""\
+table {FAMILY} {name} {{
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname {{ {veths} }} oifname {{ {veths} }} counter drop comment "isolation"
+    iifname {{ {veths} }} counter drop comment "no forwarding out of namespaces"
+    oifname {{ {veths} }} counter drop comment "no forwarding into namespaces"
+  }}
+}}
+"""
+
+
+def create_host_table(name: str, host_veths: list[str]) -> None:
+    """Create the host table ``inet name`` (error if it already exists)."""
+    if table_exists(name):
+        raise DrafterError(f"nftables table {FAMILY} {name} already exists")
+    log.debug("creating nft table %s %s for %s", FAMILY, name, host_veths)
+    _nft(["-f", "-"], isolation_ruleset(name, host_veths))
+
+
+def nat_ruleset(name: str, veth: str, external: str, guest: str) -> str:
+    """The namespace table: external address <-> guest address."""
+    return f"""\
+table ip {name} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{veth}" ip daddr {external} meta l4proto {{ tcp, udp }} dnat to {guest}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{veth}" ip saddr {guest} snat to {external}
+  }}
+}}
+"""
+
+
+def create_namespace_table(namespace: str, name: str, veth: str, external: str, guest: str) -> None:
+    """Create the NAT table ``ip name`` inside ``namespace``."""
+    log.debug("%s: nft table ip %s: %s <-> %s", namespace, name, external, guest)
+    run_in_namespace(
+        namespace, ["nft", "-f", "-"], input_text=nat_ruleset(name, veth, external, guest)
+    )
+
+
+def table_counters(name: str, family: str = FAMILY) -> dict[str, int]:
+    """Packet counters of the rules of host table ``family name``, keyed by rule comment."""
+    data = json.loads(_nft(["-j", "list", "table", family, name]))
+    counters: dict[str, int] = {}
+    for item in data.get("nftables", []):
+        rule = item.get("rule")
+        if not rule:
+            continue
+        for expr in rule.get("expr", []):
+            if "counter" in expr:
+                counters[rule.get("comment", str(rule.get("handle")))] = int(
+                    expr["counter"]["packets"]
+                )
+    return counters

@@ -1,0 +1,239 @@
+"""The ``.drft`` package: a plain tar of a VM's six resources.
+
+Members carry the seed's names. Each member's data starts on a 4 KiB boundary (a
+PAX comment pads the header), so a member can be read in place by offset; holes in
+the resources are written as holes, so sparse memory and disks stay sparse on disk.
+A package is only ever written to a temporary file that is renamed over the target
+once complete and synced: readers see the old package or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from drafter.errors import DrafterError
+
+FORMAT_VERSION = 1
+ALIGN = 4096
+RESOURCES = ("config", "state", "memory", "kernel", "initramfs", "disk")
+
+
+def member_name(resource: str) -> str:
+    return f"drafter.drft{resource}"
+
+
+@dataclass
+class PackageConfig:
+    """What the package's config member records."""
+
+    memory_mib: int
+    cpus: int
+    boot_args: str
+    mac: str
+    format_version: int = FORMAT_VERSION
+    sizes: dict[str, int] = field(default_factory=dict)  # resource -> bytes
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, origin: str) -> PackageConfig:
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            raise DrafterError(f"{origin}: the config is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise DrafterError(f"{origin}: the config is not a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DrafterError(
+                f"{origin}: package format version {version!r} is not supported "
+                f"(this drafter reads version {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                memory_mib=int(raw["memory_mib"]),
+                cpus=int(raw["cpus"]),
+                boot_args=str(raw["boot_args"]),
+                mac=str(raw["mac"]),
+                format_version=version,
+                sizes={str(k): int(v) for k, v in raw.get("sizes", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DrafterError(f"{origin}: the config lacks or garbles {e}") from None
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one resource lies inside the package file."""
+
+    resource: str
+    offset: int
+    size: int
+
+
+@dataclass
+class Package:
+    """An opened, validated package: its config and where each resource lies."""
+
+    path: Path
+    config: PackageConfig
+    members: dict[str, Member]
+
+    def read(self, resource: str) -> bytes:
+        m = self.members[resource]
+        with self.path.open("rb") as f:
+            f.seek(m.offset)
+            return f.read(m.size)
+
+
+def open_package(path: Path) -> Package:
+    """Open and check a package; DrafterError with one readable line if it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise DrafterError(f"package {path} does not exist")
+    file_size = path.stat().st_size
+    members: dict[str, Member] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                name = info.name
+                if name.startswith("/") or ".." in name.split("/") or "/" in name:
+                    raise DrafterError(f"{path}: member {name!r} tries to escape the package")
+                resource = name.removeprefix("drafter.drft")
+                if not name.startswith("drafter.drft") or resource not in RESOURCES:
+                    continue  # unknown members are ignored, for forward compatibility
+                if not info.isfile():
+                    raise DrafterError(f"{path}: member {name} is not a regular file")
+                if info.offset_data + info.size > file_size:
+                    raise DrafterError(f"{path}: the package is truncated (in {name})")
+                members[resource] = Member(resource, info.offset_data, info.size)
+    except tarfile.TarError as e:
+        raise DrafterError(f"{path}: not a readable tar package ({e})") from None
+    missing = [r for r in RESOURCES if r not in members]
+    if missing:
+        raise DrafterError(f"{path}: missing member(s) {', '.join(map(member_name, missing))}")
+    pkg = Package(path, PackageConfig(0, 0, "", ""), members)
+    pkg.config = PackageConfig.from_json(pkg.read("config"), str(path))
+    mem = members["memory"].size
+    if mem != pkg.config.memory_mib << 20:
+        raise DrafterError(
+            f"{path}: memory member holds {mem} bytes, the config says {pkg.config.memory_mib} MiB"
+        )
+    for resource, size in pkg.config.sizes.items():
+        if resource in members and members[resource].size != size:
+            raise DrafterError(f"{path}: {member_name(resource)} size differs from the config")
+    return pkg
+
+
+# A source yields the resource's bytes: (size, copy(dst_fd, dst_offset)).
+Source = Callable[[int, int], None]
+
+
+def _header(name: str, size: int, offset: int) -> bytes:
+    """A tar header for ``name`` that makes its data start on an ALIGN boundary."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    buf = info.tobuf(tarfile.GNU_FORMAT)
+    pad = 0
+    while (offset + len(buf)) % ALIGN:
+        pad += 1
+        info.pax_headers = {"comment": "x" * pad}
+        buf = info.tobuf(tarfile.PAX_FORMAT)
+    return buf
+
+
+def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset: int) -> None:
+    """Copy ``size`` bytes, skipping holes in the source (they stay holes)."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src_fd, src_offset + pos, os.SEEK_DATA) - src_offset
+        except OSError:  # ENXIO: only a hole remains
+            return
+        if data >= size:
+            return
+        hole = min(os.lseek(src_fd, src_offset + data, os.SEEK_HOLE) - src_offset, size)
+        n = data
+        while n < hole:
+            chunk = min(hole - n, 8 << 20)
+            done = os.copy_file_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)
+            if done == 0:
+                raise DrafterError("short read while copying a resource")
+            n += done
+        pos = hole
+
+
+def copy_file_sparse(src: Path, dst: Path) -> None:
+    """Copy a whole file, keeping its holes."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(sfd).st_size
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(dfd, size)
+            copy_sparse(sfd, 0, size, dfd, 0)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def write_package(
+    path: Path, config: PackageConfig, files: dict[str, Path | tuple[Path, int, int]]
+) -> None:
+    """Write a package atomically from resource files (or (file, offset, size) ranges)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ranges: dict[str, tuple[Path, int, int]] = {}
+    for resource in RESOURCES[1:]:
+        src = files[resource]
+        if isinstance(src, tuple):
+            ranges[resource] = src
+        else:
+            if not Path(src).is_file():
+                raise DrafterError(f"{resource} file {src} does not exist")
+            ranges[resource] = (Path(src), 0, Path(src).stat().st_size)
+    config.sizes = {r: ranges[r][2] for r in ranges}
+    config_bytes = config.to_json()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            offset = 0
+            for resource in RESOURCES:
+                size = len(config_bytes) if resource == "config" else ranges[resource][2]
+                head = _header(member_name(resource), size, offset)
+                os.pwrite(fd, head, offset)
+                offset += len(head)
+                if resource == "config":
+                    os.pwrite(fd, config_bytes, offset)
+                else:
+                    src, src_off, _ = ranges[resource]
+                    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        copy_sparse(sfd, src_off, size, fd, offset)
+                    finally:
+                        os.close(sfd)
+                offset += (size + 511) // 512 * 512
+            end = offset + 2 * 512  # two zero blocks end a tar
+            end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

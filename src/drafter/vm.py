@@ -1,0 +1,208 @@
+"""Package a blueprint, resume a package, suspend it back: the library behind the commands.
+
+    async with await package_blueprint(...)   # boot, liveness, snapshot, write .drft
+    async with LocalVM(package_path, netns) as vm:   # resume from a package
+        ...
+        await vm.suspend_and_flush()           # snapshot back into the package
+
+Work files live in a private directory next to the package (same file system, so
+the final rename is atomic); it is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drafter import snapshot
+from drafter.blueprint.builder import Blueprint
+from drafter.errors import DrafterError
+from drafter.package import (
+    Package,
+    PackageConfig,
+    copy_file_sparse,
+    copy_sparse,
+    open_package,
+    write_package,
+)
+from drafter.vmm.base import DEFAULT_BOOT_ARGS, DEFAULT_MAC, MachineConfig
+from drafter.vmm.qemu import QemuMachine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VMShape:
+    memory_mib: int = 512
+    cpus: int = 1
+    boot_args: str = DEFAULT_BOOT_ARGS
+    mac: str = DEFAULT_MAC
+    accel: str = "auto"
+
+
+def _workdir(near: Path) -> Path:
+    """A private work directory beside ``near``; stale ones of dead processes go first."""
+    parent = Path(near).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(parent, Path(near).name)
+    prefix = f".{Path(near).name}.{os.getpid()}."
+    return Path(tempfile.mkdtemp(prefix=prefix, suffix=".work", dir=parent))
+
+
+def remove_stale(parent: Path, name: str) -> None:
+    """Remove work directories and temporary packages left by killed processes."""
+    for entry in parent.glob(f".{name}.*"):
+        parts = entry.name[len(name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit() or not entry.name.endswith((".work", ".tmp")):
+            continue
+        pid = int(parts[0])
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            log.debug("removing %s left by dead process %d", entry, pid)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+async def package_blueprint(
+    blueprint: Blueprint,
+    output: Path,
+    netns: str | None,
+    shape: VMShape,
+    liveness_timeout: float = 300.0,
+) -> snapshot.Timings:
+    """Boot ``blueprint``, wait for liveness, snapshot, write the package ``output``."""
+    for what, path in (("kernel", blueprint.kernel), ("initramfs", blueprint.initramfs),
+                       ("disk", blueprint.disk)):  # fmt: skip
+        if not Path(path).is_file():
+            raise DrafterError(f"{what} {path} does not exist (run drafter-blueprint)")
+    work = _workdir(output)
+    timings = snapshot.Timings()
+    try:
+        disk = work / "disk"
+        copy_file_sparse(Path(blueprint.disk), disk)  # the blueprint stays pristine
+        config = MachineConfig(
+            kernel=blueprint.kernel,
+            initramfs=blueprint.initramfs,
+            disk=disk,
+            memory=work / "memory",
+            memory_mib=shape.memory_mib,
+            cpus=shape.cpus,
+            boot_args=shape.boot_args,
+            netns=netns,
+            mac=shape.mac,
+            accel=shape.accel,
+        )
+        machine = QemuMachine(config, work / "run")
+        try:
+            timings.boot_to_liveness = await snapshot.boot_to_liveness(machine, liveness_timeout)
+            await snapshot.suspend(machine, work / "state", timings)
+        finally:
+            await machine.stop()
+        pkg_config = PackageConfig(shape.memory_mib, shape.cpus, shape.boot_args, shape.mac)
+        write_package(
+            output,
+            pkg_config,
+            {
+                "state": work / "state",
+                "memory": work / "memory",
+                "kernel": Path(blueprint.kernel),
+                "initramfs": Path(blueprint.initramfs),
+                "disk": disk,
+            },
+        )
+        return timings
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class LocalVM:
+    """A VM resumed from a local package; ``suspend_and_flush`` writes it back."""
+
+    package_path: Path
+    netns: str | None
+    persist: bool = True
+    accel: str = "auto"
+    timings: snapshot.Timings = field(default_factory=snapshot.Timings)
+    package: Package | None = None
+    machine: QemuMachine | None = None
+    _work: Path | None = None
+
+    async def __aenter__(self) -> LocalVM:
+        await self.resume()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def resume(self) -> None:
+        """Resume the VM from the package and call AfterResume."""
+        start = time.monotonic()
+        pkg = open_package(self.package_path)
+        self.package = pkg
+        self._work = work = _workdir(self.package_path)
+        try:
+            fd = os.open(pkg.path, os.O_RDONLY)
+            try:
+                for resource in ("state", "memory", "kernel", "initramfs", "disk"):
+                    m = pkg.members[resource]
+                    dst = os.open(work / resource, os.O_WRONLY | os.O_CREAT, 0o600)
+                    try:
+                        os.ftruncate(dst, m.size)
+                        copy_sparse(fd, m.offset, m.size, dst, 0)
+                    finally:
+                        os.close(dst)
+            finally:
+                os.close(fd)
+            config = MachineConfig(
+                kernel=work / "kernel",
+                initramfs=work / "initramfs",
+                disk=work / "disk",
+                memory=work / "memory",
+                memory_mib=pkg.config.memory_mib,
+                cpus=pkg.config.cpus,
+                boot_args=pkg.config.boot_args,
+                netns=self.netns,
+                mac=pkg.config.mac,
+                accel=self.accel,
+            )
+            self.machine = QemuMachine(config, work / "run")
+            await snapshot.resume(self.machine, work / "state", self.timings)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("resumed %s in %.2fs", self.package_path, time.monotonic() - start)
+
+    async def suspend_and_flush(self) -> float:
+        """BeforeSuspend, snapshot, and (with persist) replace the package atomically."""
+        if self.machine is None or self._work is None or self.package is None:
+            raise DrafterError("the VM is not running")
+        start = time.monotonic()
+        work = self._work
+        await snapshot.suspend(self.machine, work / "state", self.timings)
+        await self.machine.stop()
+        if self.persist:
+            write_package(
+                self.package_path,
+                self.package.config,
+                {r: work / r for r in ("state", "memory", "kernel", "initramfs", "disk")},
+            )
+        took = time.monotonic() - start
+        log.info("flushed the snapshot to %s in %.2fs", self.package_path, took)
+        return took
+
+    async def close(self) -> None:
+        """Stop the VM (without saving) and remove the work files."""
+        if self.machine is not None:
+            await self.machine.stop()
+        if self._work is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._work)
+            self._work = None
