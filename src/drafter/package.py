@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from drafter.device import FileRange, copy_sparse
 from drafter.errors import DrafterError
 
 FORMAT_VERSION = 1
@@ -85,6 +86,10 @@ class Package:
     config: PackageConfig
     members: dict[str, Member]
 
+    def range(self, resource: str) -> FileRange:
+        m = self.members[resource]
+        return FileRange(self.path, m.offset, m.size)
+
     def read(self, resource: str) -> bytes:
         m = self.members[resource]
         with self.path.open("rb") as f:
@@ -131,10 +136,6 @@ def open_package(path: Path) -> Package:
     return pkg
 
 
-# A source yields the resource's bytes: (size, copy(dst_fd, dst_offset)).
-Source = Callable[[int, int], None]
-
-
 def _header(name: str, size: int, offset: int) -> bytes:
     """A tar header for ``name`` that makes its data start on an ALIGN boundary."""
     info = tarfile.TarInfo(name)
@@ -148,27 +149,6 @@ def _header(name: str, size: int, offset: int) -> bytes:
         info.pax_headers = {"comment": "x" * pad}
         buf = info.tobuf(tarfile.PAX_FORMAT)
     return buf
-
-
-def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset: int) -> None:
-    """Copy ``size`` bytes, skipping holes in the source (they stay holes)."""
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(src_fd, src_offset + pos, os.SEEK_DATA) - src_offset
-        except OSError:  # ENXIO: only a hole remains
-            return
-        if data >= size:
-            return
-        hole = min(os.lseek(src_fd, src_offset + data, os.SEEK_HOLE) - src_offset, size)
-        n = data
-        while n < hole:
-            chunk = min(hole - n, 8 << 20)
-            done = os.copy_file_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)
-            if done == 0:
-                raise DrafterError("short read while copying a resource")
-            n += done
-        pos = hole
 
 
 def copy_file_sparse(src: Path, dst: Path) -> None:
@@ -186,41 +166,38 @@ def copy_file_sparse(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
-def write_package(
-    path: Path, config: PackageConfig, files: dict[str, Path | tuple[Path, int, int]]
-) -> None:
-    """Write a package atomically from resource files (or (file, offset, size) ranges)."""
+class Source(Protocol):
+    """A resource's bytes: a plain file range or a device."""
+
+    @property
+    def size(self) -> int: ...
+
+    def copy_to(self, dst_fd: int, dst_offset: int) -> None: ...
+
+
+def write_package(path: Path, config: PackageConfig, sources: dict[str, Source | Path]) -> None:
+    """Write a package atomically from its resources (files or devices)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ranges: dict[str, tuple[Path, int, int]] = {}
+    ranges: dict[str, Source] = {}
     for resource in RESOURCES[1:]:
-        src = files[resource]
-        if isinstance(src, tuple):
-            ranges[resource] = src
-        else:
-            if not Path(src).is_file():
-                raise DrafterError(f"{resource} file {src} does not exist")
-            ranges[resource] = (Path(src), 0, Path(src).stat().st_size)
-    config.sizes = {r: ranges[r][2] for r in ranges}
+        src = sources[resource]
+        ranges[resource] = FileRange.whole(src) if isinstance(src, Path) else src
+    config.sizes = {r: ranges[r].size for r in ranges}
     config_bytes = config.to_json()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             offset = 0
             for resource in RESOURCES:
-                size = len(config_bytes) if resource == "config" else ranges[resource][2]
+                size = len(config_bytes) if resource == "config" else ranges[resource].size
                 head = _header(member_name(resource), size, offset)
                 os.pwrite(fd, head, offset)
                 offset += len(head)
                 if resource == "config":
                     os.pwrite(fd, config_bytes, offset)
                 else:
-                    src, src_off, _ = ranges[resource]
-                    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        copy_sparse(sfd, src_off, size, fd, offset)
-                    finally:
-                        os.close(sfd)
+                    ranges[resource].copy_to(fd, offset)
                 offset += (size + 511) // 512 * 512
             end = offset + 2 * 512  # two zero blocks end a tar
             end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
@@ -229,7 +206,7 @@ def write_package(
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:

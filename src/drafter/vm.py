@@ -11,6 +11,7 @@ the final rename is atomic); it is removed whatever happens.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,12 +23,14 @@ from pathlib import Path
 
 from drafter import snapshot
 from drafter.blueprint.builder import Blueprint
+from drafter.device import Device
+from drafter.devicefs import Mount, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.package import (
     Package,
     PackageConfig,
+    Source,
     copy_file_sparse,
-    copy_sparse,
     open_package,
     write_package,
 )
@@ -65,6 +68,7 @@ def remove_stale(parent: Path, name: str) -> None:
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             log.debug("removing %s left by dead process %d", entry, pid)
             if entry.is_dir():
+                unmount_stale_under(entry)
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
@@ -124,7 +128,14 @@ async def package_blueprint(
 
 @dataclass
 class LocalVM:
-    """A VM resumed from a local package; ``suspend_and_flush`` writes it back."""
+    """A VM resumed from a local package; ``suspend_and_flush`` writes it back.
+
+    The package is not copied: each resource becomes a copy-on-write device over its
+    member (see :mod:`drafter.device`) served to QEMU through FUSE, so resume time
+    does not depend on the package size and the package is never written in place.
+    A flush composes a new package from the members and the changed chunks and
+    renames it over the old one.
+    """
 
     package_path: Path
     netns: str | None
@@ -133,6 +144,7 @@ class LocalVM:
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
     machine: QemuMachine | None = None
+    mount: Mount | None = None
     _work: Path | None = None
 
     async def __aenter__(self) -> LocalVM:
@@ -149,23 +161,18 @@ class LocalVM:
         self.package = pkg
         self._work = work = _workdir(self.package_path)
         try:
-            fd = os.open(pkg.path, os.O_RDONLY)
-            try:
-                for resource in ("state", "memory", "kernel", "initramfs", "disk"):
-                    m = pkg.members[resource]
-                    dst = os.open(work / resource, os.O_WRONLY | os.O_CREAT, 0o600)
-                    try:
-                        os.ftruncate(dst, m.size)
-                        copy_sparse(fd, m.offset, m.size, dst, 0)
-                    finally:
-                        os.close(dst)
-            finally:
-                os.close(fd)
+            (work / "state").write_bytes(pkg.read("state"))
+            devices = [
+                Device(r, pkg.members[r].size, pkg.range(r), work / f"{r}.overlay",
+                       writable=r in ("memory", "disk"))
+                for r in ("memory", "disk", "kernel", "initramfs")
+            ]  # fmt: skip
+            self.mount = Mount(devices, work / "devices").open()
             config = MachineConfig(
-                kernel=work / "kernel",
-                initramfs=work / "initramfs",
-                disk=work / "disk",
-                memory=work / "memory",
+                kernel=self.mount.path("kernel"),
+                initramfs=self.mount.path("initramfs"),
+                disk=self.mount.path("disk"),
+                memory=self.mount.path("memory"),
                 memory_mib=pkg.config.memory_mib,
                 cpus=pkg.config.cpus,
                 boot_args=pkg.config.boot_args,
@@ -184,24 +191,29 @@ class LocalVM:
         """BeforeSuspend, snapshot, and (with persist) replace the package atomically."""
         if self.machine is None or self._work is None or self.package is None:
             raise DrafterError("the VM is not running")
+        if self.mount is None:
+            raise DrafterError("the VM's devices are not mounted")
         start = time.monotonic()
         work = self._work
         await snapshot.suspend(self.machine, work / "state", self.timings)
         await self.machine.stop()
         if self.persist:
-            write_package(
-                self.package_path,
-                self.package.config,
-                {r: work / r for r in ("state", "memory", "kernel", "initramfs", "disk")},
-            )
+            devices = self.mount.devices
+            sources: dict[str, Source | Path] = {"state": work / "state", **devices}
+            await asyncio.to_thread(write_package, self.package_path, self.package.config, sources)
         took = time.monotonic() - start
         log.info("flushed the snapshot to %s in %.2fs", self.package_path, took)
         return took
 
     async def close(self) -> None:
-        """Stop the VM (without saving) and remove the work files."""
+        """Stop the VM (without saving), unmount, and remove the work files."""
         if self.machine is not None:
             await self.machine.stop()
+        if self.mount is not None:
+            self.mount.close()
+            for device in self.mount.devices.values():
+                device.close()
+            self.mount = None
         if self._work is not None:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._work)

@@ -1,0 +1,172 @@
+"""Devices: each resource of a VM as a chunked, copy-on-write file.
+
+A device has an optional read-only *base* (a byte range of a package) and a local
+sparse *overlay* file. Per chunk it knows whether the bytes are still the base's or
+live in the overlay; a write copies the rest of its chunk from the base first, then
+marks the chunk dirty. The base is never written, so a package stays untouched until
+a new one is composed from base plus overlay (see :meth:`Device.copy_to`).
+
+Devices reach the VMM as files through FUSE (:mod:`drafter.devicefs`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from drafter.errors import DrafterError
+
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``size`` bytes of ``path`` from ``offset``: a resource that is a plain file."""
+
+    path: Path
+    offset: int
+    size: int
+
+    @classmethod
+    def whole(cls, path: Path) -> FileRange:
+        if not Path(path).is_file():
+            raise DrafterError(f"{path} does not exist")
+        return cls(Path(path), 0, Path(path).stat().st_size)
+
+    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            copy_sparse(fd, self.offset, self.size, dst_fd, dst_offset)
+        finally:
+            os.close(fd)
+
+
+class Device:
+    """One resource: base range + overlay, chunk by chunk. Thread-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        base: FileRange | None,
+        overlay: Path,
+        writable: bool = True,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        if base is not None and base.size != size:
+            raise DrafterError(f"device {name}: base holds {base.size} bytes, not {size}")
+        self.name = name
+        self.size = size
+        self.base = base
+        self.writable = writable
+        self.chunk_size = chunk_size
+        self.chunks = (size + chunk_size - 1) // chunk_size
+        self.local = bytearray(self.chunks)  # 1: the chunk lives in the overlay
+        self.dirty: set[int] = set()  # chunks written since the last sync point
+        self._lock = threading.Lock()
+        self._base_fd = os.open(base.path, os.O_RDONLY | os.O_CLOEXEC) if base else -1
+        self.overlay = overlay
+        self._overlay_fd = os.open(overlay, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._overlay_fd, size)
+
+    def close(self) -> None:
+        for fd in (self._base_fd, self._overlay_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._base_fd = self._overlay_fd = -1
+
+    def _read_base(self, offset: int, size: int) -> bytes:
+        if self.base is None:
+            return bytes(size)
+        data = os.pread(self._base_fd, size, self.base.offset + offset)
+        return data + bytes(size - len(data))
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes at ``offset``; short only at the end of the device."""
+        size = max(0, min(size, self.size - offset))
+        out = bytearray()
+        with self._lock:
+            pos = offset
+            end = offset + size
+            while pos < end:
+                index = pos // self.chunk_size
+                # Extend over following chunks of the same kind: fewer syscalls.
+                kind = self.local[index]
+                stop = index + 1
+                while stop < self.chunks and self.local[stop] == kind:
+                    stop += 1
+                run_end = min(end, stop * self.chunk_size)
+                if kind:
+                    out += os.pread(self._overlay_fd, run_end - pos, pos)
+                else:
+                    out += self._read_base(pos, run_end - pos)
+                pos = run_end
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> int:
+        if not self.writable:
+            raise PermissionError(f"device {self.name} is read-only")
+        if offset + len(data) > self.size:
+            raise ValueError("write beyond the end of the device")
+        with self._lock:
+            first = offset // self.chunk_size
+            last = (offset + len(data) - 1) // self.chunk_size if data else first - 1
+            for index in range(first, last + 1):
+                if not self.local[index]:
+                    start = index * self.chunk_size
+                    length = min(self.chunk_size, self.size - start)
+                    covered = offset <= start and offset + len(data) >= start + length
+                    if not covered and self.base is not None:
+                        os.pwrite(self._overlay_fd, self._read_base(start, length), start)
+                    self.local[index] = 1
+                self.dirty.add(index)
+            os.pwrite(self._overlay_fd, data, offset)
+        return len(data)
+
+    def take_dirty(self) -> set[int]:
+        """The chunks written since the last call (a sync point), and reset."""
+        with self._lock:
+            dirty, self.dirty = self.dirty, set()
+        return dirty
+
+    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
+        """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping holes."""
+        with self._lock:
+            index = 0
+            while index < self.chunks:
+                kind = self.local[index]
+                stop = index + 1
+                while stop < self.chunks and self.local[stop] == kind:
+                    stop += 1
+                start = index * self.chunk_size
+                length = min(stop * self.chunk_size, self.size) - start
+                if kind:
+                    copy_sparse(self._overlay_fd, start, length, dst_fd, dst_offset + start)
+                elif self.base is not None:
+                    copy_sparse(
+                        self._base_fd, self.base.offset + start, length, dst_fd, dst_offset + start
+                    )
+                index = stop
+
+
+def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset: int) -> None:
+    """Copy ``size`` bytes, skipping holes in the source (they stay holes)."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src_fd, src_offset + pos, os.SEEK_DATA) - src_offset
+        except OSError:  # ENXIO: only a hole remains
+            return
+        if data >= size:
+            return
+        hole = min(os.lseek(src_fd, src_offset + data, os.SEEK_HOLE) - src_offset, size)
+        n = data
+        while n < hole:
+            chunk = min(hole - n, 8 << 20)
+            done = os.copy_file_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)
+            if done == 0:
+                raise DrafterError("short read while copying a resource")
+            n += done
+        pos = hole
