@@ -55,6 +55,10 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
     except DrafterError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an unexpected system error still gets one readable line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

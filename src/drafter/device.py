@@ -11,6 +11,7 @@ Devices reach the VMM as files through FUSE (:mod:`drafter.devicefs`).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -165,8 +166,19 @@ def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset
         n = data
         while n < hole:
             chunk = min(hole - n, 8 << 20)
-            done = os.copy_file_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)
+            done = _copy_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)
             if done == 0:
                 raise DrafterError("short read while copying a resource")
             n += done
         pos = hole
+
+
+def _copy_range(src_fd: int, dst_fd: int, size: int, src_off: int, dst_off: int) -> int:
+    """copy_file_range, or read and write where the kernel cannot (across file systems)."""
+    try:
+        return os.copy_file_range(src_fd, dst_fd, size, src_off, dst_off)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src_fd, min(size, 1 << 20), src_off)
+    return os.pwrite(dst_fd, data, dst_off) if data else 0

@@ -211,6 +211,9 @@ def write_package(path: Path, config: PackageConfig, sources: dict[str, Source |
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DrafterError(f"cannot write package {path}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
