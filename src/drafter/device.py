@@ -11,15 +11,36 @@ Devices reach the VMM as files through FUSE (:mod:`drafter.devicefs`).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 from drafter.errors import DrafterError
 
 CHUNK_SIZE = 64 * 1024
+
+
+class Priority(IntEnum):
+    """Who waits for a chunk: the VM (demand) or nobody yet (background pull)."""
+
+    DEMAND = 0
+    BACKGROUND = 1
+
+
+# Fetches chunk ``index`` of a device from elsewhere (a registry or a peer).
+Fetcher = Callable[[int, Priority], Awaitable[bytes]]
+
+
+class MissingChunkError(DrafterError):
+    """A chunk was used before it was fetched from the device's remote source."""
+
+    def __init__(self, device: str, index: int) -> None:
+        super().__init__(f"device {device}: chunk {index} is not local yet")
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,12 @@ class FileRange:
 
 
 class Device:
-    """One resource: base range + overlay, chunk by chunk. Thread-safe."""
+    """One resource: base range + overlay, chunk by chunk. Thread-safe.
+
+    With a ``fetcher`` the device has a remote source: a chunk that is not in the
+    overlay is *missing* and must be fetched (:meth:`ensure`) before it is read or
+    partly written. Fetching runs on the event loop that serves the device.
+    """
 
     def __init__(
         self,
@@ -55,6 +81,7 @@ class Device:
         overlay: Path,
         writable: bool = True,
         chunk_size: int = CHUNK_SIZE,
+        fetcher: Fetcher | None = None,
     ) -> None:
         if base is not None and base.size != size:
             raise DrafterError(f"device {name}: base holds {base.size} bytes, not {size}")
@@ -71,6 +98,67 @@ class Device:
         self.overlay = overlay
         self._overlay_fd = os.open(overlay, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._overlay_fd, size)
+        self.fetcher = fetcher
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self.fetched_bytes = 0
+
+    # -- remote source -----------------------------------------------------------
+
+    def missing(self) -> list[int]:
+        """Chunks still to fetch (none without a remote source)."""
+        if self.fetcher is None:
+            return []
+        with self._lock:
+            return [i for i in range(self.chunks) if not self.local[i]]
+
+    def missing_bytes(self) -> int:
+        return sum(self._chunk_length(i) for i in self.missing())
+
+    def _chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    async def ensure_chunk(self, index: int, priority: Priority) -> None:
+        """Make chunk ``index`` local, fetching it once however many ask."""
+        if self.fetcher is None or self.local[index]:
+            return
+        future = self._inflight.get(index)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(index, priority))
+            self._inflight[index] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(index, None))
+        await asyncio.shield(future)
+
+    async def _fetch(self, index: int, priority: Priority) -> None:
+        assert self.fetcher is not None
+        data = await self.fetcher(index, priority)
+        if len(data) != self._chunk_length(index):
+            raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
+        with self._lock:
+            if not self.local[index]:  # a whole-chunk write may have landed meanwhile
+                os.pwrite(self._overlay_fd, data, index * self.chunk_size)
+                self.local[index] = 1
+                self.fetched_bytes += len(data)
+
+    async def ensure(
+        self, offset: int, size: int, priority: Priority, partial_only: bool = False
+    ) -> None:
+        """Fetch the chunks under ``[offset, offset+size)``; with ``partial_only`` just the
+        ones the range does not cover whole (what a write needs)."""
+        if self.fetcher is None or size <= 0:
+            return
+        first = offset // self.chunk_size
+        last = (min(offset + size, self.size) - 1) // self.chunk_size
+        waits = []
+        for index in range(first, last + 1):
+            if self.local[index]:
+                continue
+            start = index * self.chunk_size
+            whole = offset <= start and offset + size >= start + self._chunk_length(index)
+            if partial_only and whole:
+                continue
+            waits.append(self.ensure_chunk(index, priority))
+        if waits:
+            await asyncio.gather(*waits)
 
     def close(self) -> None:
         for fd in (self._base_fd, self._overlay_fd):
@@ -101,6 +189,8 @@ class Device:
                 run_end = min(end, stop * self.chunk_size)
                 if kind:
                     out += os.pread(self._overlay_fd, run_end - pos, pos)
+                elif self.fetcher is not None:
+                    raise MissingChunkError(self.name, index)  # never hand out guesses
                 else:
                     out += self._read_base(pos, run_end - pos)
                 pos = run_end
@@ -119,6 +209,8 @@ class Device:
                     start = index * self.chunk_size
                     length = min(self.chunk_size, self.size - start)
                     covered = offset <= start and offset + len(data) >= start + length
+                    if not covered and self.fetcher is not None:
+                        raise MissingChunkError(self.name, index)
                     if not covered and self.base is not None:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
                     self.local[index] = 1

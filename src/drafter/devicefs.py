@@ -10,6 +10,7 @@ itself. pyfuse3 allows one mount per process.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -17,17 +18,21 @@ import os
 import stat
 import subprocess
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyfuse3
 import pyfuse3.asyncio
 
-from drafter.device import Device
+from drafter.device import Device, Priority
 from drafter.errors import DrafterError
 
 log = logging.getLogger(__name__)
 
 pyfuse3.asyncio.enable()
+
+T = TypeVar("T")
 
 
 class DeviceFS(pyfuse3.Operations):
@@ -89,16 +94,22 @@ class DeviceFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
+        device = self.by_inode[fh]
         try:
-            return self.by_inode[fh].read(off, size)
-        except OSError as e:
-            log.error("read of %s failed: %s", self.by_inode[fh].name, e)
+            await device.ensure(off, size, Priority.DEMAND)
+            return device.read(off, size)
+        except (OSError, DrafterError) as e:
+            log.error("read of %s failed: %s", device.name, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
         device = self.by_inode[fh]
         try:
+            await device.ensure(off, len(buf), Priority.DEMAND, partial_only=True)
             return device.write(off, buf)
+        except DrafterError as e:
+            log.error("write to %s failed: %s", device.name, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except PermissionError:
             raise pyfuse3.FUSEError(errno.EROFS) from None
         except ValueError:
@@ -132,65 +143,106 @@ class DeviceFS(pyfuse3.Operations):
         return s
 
 
+class DeviceHost:
+    """A thread with its own event loop: serves devices through FUSE, fetches chunks.
+
+    Other threads hand it coroutines with :meth:`run` (from an event loop) or
+    :meth:`run_sync`.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="drafter-devices", daemon=True)
+        self._thread.start()
+        self._fuse_task: asyncio.Task[None] | None = None
+        self.mountpoint: Path | None = None
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the device loop and await it from another loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def mount(self, devices: list[Device], mountpoint: Path) -> None:
+        """Serve ``devices`` as files under ``mountpoint`` (one mount per process)."""
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        fs = DeviceFS(devices)
+
+        async def start() -> None:
+            options = set(pyfuse3.default_options) | {"fsname=drafter"}
+            options.discard("default_permissions")
+            pyfuse3.init(fs, str(mountpoint), options)
+            self._fuse_task = asyncio.ensure_future(pyfuse3.main())
+
+        try:
+            self.run_sync(start(), 30)
+        except Exception as e:
+            raise DrafterError(f"cannot mount devices at {mountpoint}: {e}") from None
+        self.mountpoint = mountpoint
+        log.debug("devices mounted at %s", mountpoint)
+
+    def close(self) -> None:
+        """Unmount, stop the loop and the thread; safe to call more than once."""
+        if not self._thread.is_alive():
+            return
+
+        async def stop() -> None:
+            if self._fuse_task is not None:
+                pyfuse3.terminate()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._fuse_task, 10)
+                with contextlib.suppress(Exception):
+                    pyfuse3.close(unmount=True)
+                self._fuse_task = None
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        try:
+            self.run_sync(stop(), 30)
+        except Exception as e:
+            log.warning("unmounting %s: %s", self.mountpoint, e)
+            if self.mountpoint is not None:
+                lazy_unmount(self.mountpoint)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if self.mountpoint is not None:
+            with contextlib.suppress(OSError):
+                self.mountpoint.rmdir()
+
+
 class Mount:
-    """Serve ``devices`` as files under ``mountpoint`` until :meth:`close`."""
+    """Local devices served as files under ``mountpoint`` until :meth:`close`."""
 
     def __init__(self, devices: list[Device], mountpoint: Path) -> None:
         self.devices = {d.name: d for d in devices}
         self.mountpoint = Path(mountpoint)
-        self._fs = DeviceFS(devices)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self.host: DeviceHost | None = None
 
     def path(self, name: str) -> Path:
         return self.mountpoint / name
 
     def open(self) -> Mount:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._serve, name="drafter-fuse", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise DrafterError(f"cannot mount devices at {self.mountpoint}: {self._error}")
-        log.debug("devices mounted at %s", self.mountpoint)
+        self.host = DeviceHost()
+        try:
+            self.host.mount(list(self.devices.values()), self.mountpoint)
+        except BaseException:
+            self.host.close()
+            raise
         return self
 
-    def _serve(self) -> None:
-        options = set(pyfuse3.default_options) | {"fsname=drafter"}
-        options.discard("default_permissions")
-        try:
-            pyfuse3.init(self._fs, str(self.mountpoint), options)
-        except Exception as e:  # reported to open()
-            self._error = e
-            self._ready.set()
-            return
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._ready.set()
-        try:
-            loop.run_until_complete(pyfuse3.main())
-        except Exception:
-            log.exception("FUSE server failed")
-        finally:
-            with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=True)
-            loop.close()
-
     def close(self) -> None:
-        """Stop serving and unmount; safe to call more than once."""
-        if self._thread is None:
-            return
-        if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(pyfuse3.terminate)
-        self._thread.join(30)
-        if self._thread.is_alive():
-            lazy_unmount(self.mountpoint)
-            self._thread.join(10)
-        self._thread = None
-        with contextlib.suppress(OSError):
-            self.mountpoint.rmdir()
+        if self.host is not None:
+            self.host.close()
+            self.host = None
 
     def __enter__(self) -> Mount:
         return self.open()
