@@ -1,0 +1,152 @@
+"""drafter-peer: start a VM from a registry without downloading it first."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from drafter import cli, console
+from drafter.errors import DrafterError
+from drafter.peer import Peer, PeerOptions, PullProgress
+
+PROG = "drafter-peer"
+log = logging.getLogger("drafter")
+
+
+def read_token(token_file: str) -> str | None:
+    """The shared token: from --token-file, else $DRAFTER_TOKEN, else none."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise DrafterError(f"cannot read --token-file: {e.strerror}") from None
+        if not token:
+            raise DrafterError(f"--token-file {token_file} is empty")
+        return token
+    return os.environ.get("DRAFTER_TOKEN") or None
+
+
+def progress_reporter(peer: Peer) -> tuple[object, contextlib.AbstractContextManager[object]]:
+    """A rich progress bar on a terminal, plain log lines every 25 % otherwise."""
+    if sys.stderr.isatty():
+        bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            transient=False,
+        )
+        task = bar.add_task("pulling", total=1)
+
+        def update(p: PullProgress) -> None:
+            bar.update(task, total=p.total, completed=p.done)
+
+        peer.on_progress = update
+        return bar, bar
+    marks = {25, 50, 75, 100}
+
+    def log_line(p: PullProgress) -> None:
+        if not p.total:
+            return
+        pct = p.done * 100 // p.total
+        for m in sorted(marks):
+            if pct >= m:
+                marks.discard(m)
+                log.info("pulled %d%% (%d of %d MiB)", m, p.done >> 20, p.total >> 20)
+
+    peer.on_progress = log_line
+    return None, contextlib.nullcontext()
+
+
+async def run(a: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    options = PeerOptions(
+        raddr=a.raddr,
+        netns=a.netns or None,
+        token=read_token(a.token_file),
+        tls_ca=a.tls_ca or None,
+        pull_workers=a.pull_workers,
+        resume_threshold=a.resume_threshold,
+        resume_timeout=a.resume_timeout,
+        retry_timeout=a.retry_timeout,
+        accel=a.accel,
+        work_root=Path(a.work_dir),
+    )
+    peer = Peer(options)
+    _, bar = progress_reporter(peer)
+    try:
+        with bar:
+            took = await peer.start()
+            print(f"resumed the VM from {a.raddr} in {took * 1000:.0f} ms", flush=True)
+            assert peer.machine is not None
+            attach = asyncio.create_task(
+                console.attach(peer.machine.console_socket, a.enable_input, a.enable_output)
+            )
+            pulled = asyncio.ensure_future(peer.wait_pulled())
+            stopped = asyncio.ensure_future(stop.wait())
+            raw = console.raw_terminal(sys.stdin.fileno()) if a.enable_input else None
+            with raw or contextlib.nullcontext():
+                done, _ = await asyncio.wait({pulled, stopped}, return_when="FIRST_COMPLETED")
+                if pulled in done:
+                    pulled.result()  # raises if the pull failed
+                    p = peer.progress
+                    log.info("all %d MiB local after %.1fs", p.total >> 20,
+                             (p.finished or p.started) - p.started)  # fmt: skip
+                    await stopped
+            attach.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None)  # finish stopping first
+        if a.package_output_path:
+            await peer.write_package(Path(a.package_output_path))
+            print(f"package written to {a.package_output_path}", flush=True)
+    finally:
+        await peer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(PROG, __doc__.split(": ", 1)[1])
+    p.add_argument("--netns", default="ark0", help="network namespace for the VM")
+    p.add_argument("--raddr", default="localhost:1337", help="registry to start from")
+    p.add_argument("--token-file", default="", help="shared token (else $DRAFTER_TOKEN)")
+    p.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
+    p.add_argument("--pull-workers", type=int, default=4, help="background pull workers")
+    p.add_argument(
+        "--resume-threshold", type=float, default=1.0,
+        help="fraction of the VM's data that may still be missing at resume "
+        "(1: resume at once; 0: only once everything is local)",
+    )  # fmt: skip
+    p.add_argument("--resume-timeout", type=float, default=60, help="seconds for the resume")
+    p.add_argument("--retry-timeout", type=float, default=30,
+                   help="seconds to keep retrying a lost connection")  # fmt: skip
+    p.add_argument("--package-output-path", default="",
+                   help="on Ctrl-C, write the VM to this package first")  # fmt: skip
+    p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--enable-input", action="store_true", help="terminal input to the console")
+    p.add_argument("--enable-output", action="store_true", help="console output to stdout")
+    args = p.parse_args(argv)
+    cli.setup_logging(args.verbose)
+    if not 0.0 <= args.resume_threshold <= 1.0:
+        p.error("--resume-threshold must be between 0 and 1")
+
+    def body() -> int:
+        cli.require_root(PROG)
+        return asyncio.run(run(args))
+
+    return cli.run(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""A peer: start a VM from a remote package (registry) without downloading it first.
+
+The peer learns the resources from the remote, fetches the small ``state`` whole,
+then resumes the VM at once: ``memory``, ``disk``, ``kernel`` and ``initramfs`` are
+devices whose chunks come on demand (the VM waits on a page fault or disk read)
+while background workers pull the rest. Every write stays in the peer's own
+copy-on-write cache; nothing goes back to the remote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drafter import snapshot
+from drafter.device import Device, Priority
+from drafter.devicefs import DeviceHost, unmount_stale_under
+from drafter.errors import DrafterError
+from drafter.package import PackageConfig, Source, write_package
+from drafter.remote import RemoteSource
+from drafter.vmm.base import MachineConfig
+from drafter.vmm.qemu import QemuMachine
+
+log = logging.getLogger(__name__)
+
+# Pulled first: QEMU reads the kernel and initramfs whole when it starts.
+PULL_ORDER = ("kernel", "initramfs", "memory", "disk")
+WRITABLE = ("memory", "disk")
+
+
+@dataclass
+class PeerOptions:
+    raddr: str
+    netns: str | None
+    token: str | None = None
+    tls_ca: str | None = None
+    pull_workers: int = 4
+    # Fraction of the VM's bytes that may still be missing when the VM resumes:
+    # 1 resumes at once (everything lazily), 0 waits until everything is local.
+    resume_threshold: float = 1.0
+    resume_timeout: float = 60.0
+    retry_timeout: float = 30.0
+    accel: str = "auto"
+    work_root: Path = Path("out/vms")
+
+
+@dataclass
+class PullProgress:
+    total: int = 0
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+
+class Peer:
+    """One VM started from a remote source. ``start``, then ``stop``."""
+
+    def __init__(self, options: PeerOptions) -> None:
+        self.options = options
+        self.host: DeviceHost | None = None
+        self.remote: RemoteSource | None = None
+        self.devices: dict[str, Device] = {}
+        self.config: PackageConfig | None = None
+        self.machine: QemuMachine | None = None
+        self.work: Path | None = None
+        self.progress = PullProgress()
+        self.resume_seconds = 0.0
+        self._pull: asyncio.Future[None] | None = None
+        self.on_progress: Callable[[PullProgress], None] | None = None
+
+    # -- start -----------------------------------------------------------------
+
+    async def start(self) -> float:
+        """Connect, resume the VM, call AfterResume; return seconds from start to resumed."""
+        start = time.monotonic()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        self.resume_seconds = time.monotonic() - start
+        return self.resume_seconds
+
+    async def _start(self) -> None:
+        o = self.options
+        root = Path(o.work_root)
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_peers(root)
+        self.work = work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
+        self.host = host = DeviceHost()
+        self.remote = remote = RemoteSource(
+            o.raddr, token=o.token, tls_ca=o.tls_ca, retry_timeout=o.retry_timeout
+        )
+        await host.run(remote.connect())
+        self.config = PackageConfig.from_json(remote.config, o.raddr)
+        manifest = remote.manifest
+        for name in (*PULL_ORDER, "state"):
+            if name not in manifest:
+                raise DrafterError(f"{o.raddr} does not offer the {name} resource")
+        if manifest["memory"] != self.config.memory_mib << 20:
+            raise DrafterError(f"{o.raddr}: memory size differs from its config")
+
+        def fetcher(resource: str):  # type: ignore[no-untyped-def]
+            async def fetch(index: int, priority: Priority) -> bytes:
+                return await remote.fetch(resource, index, priority)
+
+            return fetch
+
+        for name in PULL_ORDER:
+            self.devices[name] = Device(
+                name,
+                manifest[name],
+                None,
+                work / f"{name}.cache",
+                writable=name in WRITABLE,
+                chunk_size=remote.chunk_size,
+                fetcher=fetcher(name),
+            )
+        state = Device(
+            "state",
+            manifest["state"],
+            None,
+            work / "state",
+            writable=False,
+            chunk_size=remote.chunk_size,
+            fetcher=fetcher("state"),
+        )
+        await host.run(state.ensure(0, state.size, Priority.DEMAND))
+        state.close()
+        self.progress.total = sum(d.size for d in self.devices.values())
+        host.mount(list(self.devices.values()), work / "devices")
+        self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
+        if o.resume_threshold < 1.0:
+            await self._wait_until_missing_at_most(o.resume_threshold)
+        mount = work / "devices"
+        self.machine = QemuMachine(
+            MachineConfig(
+                kernel=mount / "kernel",
+                initramfs=mount / "initramfs",
+                disk=mount / "disk",
+                memory=mount / "memory",
+                memory_mib=self.config.memory_mib,
+                cpus=self.config.cpus,
+                boot_args=self.config.boot_args,
+                netns=o.netns,
+                mac=self.config.mac,
+                accel=o.accel,
+            ),
+            work / "run",
+        )
+        try:
+            await asyncio.wait_for(snapshot.resume(self.machine, work / "state"), o.resume_timeout)
+        except TimeoutError:
+            raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
+
+    async def _wait_until_missing_at_most(self, fraction: float) -> None:
+        assert self._pull is not None
+        while True:
+            missing = self.progress.total - self.progress.done
+            if missing <= fraction * self.progress.total:
+                return
+            if self._pull.done():
+                self._pull.result()  # raises the pull's error
+                return
+            await asyncio.sleep(0.02)
+
+    async def _pull_all(self) -> None:
+        """Background workers: every missing chunk, in PULL_ORDER (runs on the device loop)."""
+        queue: asyncio.Queue[tuple[Device, int]] = asyncio.Queue()
+        for name in PULL_ORDER:
+            device = self.devices[name]
+            self.progress.done += device.size - device.missing_bytes()
+            for index in device.missing():
+                queue.put_nowait((device, index))
+        self._report()
+
+        async def worker() -> None:
+            while True:
+                try:
+                    device, index = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await device.ensure_chunk(index, Priority.BACKGROUND)
+                self.progress.done += min(
+                    device.chunk_size, device.size - index * device.chunk_size
+                )
+                self._report()
+
+        workers = [
+            asyncio.ensure_future(worker()) for _ in range(max(1, self.options.pull_workers))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+        self.progress.done = self.progress.total
+        self.progress.finished = time.monotonic()
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    async def wait_pulled(self) -> None:
+        """Wait until every chunk is local; raises if pulling failed."""
+        if self._pull is not None:
+            await asyncio.shield(self._pull)
+
+    def pull_failed(self) -> BaseException | None:
+        if self._pull is not None and self._pull.done() and not self._pull.cancelled():
+            return self._pull.exception()
+        return None
+
+    # -- stop ------------------------------------------------------------------
+
+    async def write_package(self, output: Path) -> None:
+        """Snapshot the VM into a package ``drafter-runner`` can resume (VM stops)."""
+        if self.machine is None or self.work is None or self.config is None:
+            raise DrafterError("the VM is not running")
+        await self.wait_pulled()
+        await snapshot.suspend(self.machine, self.work / "state")
+        await self.machine.stop()
+        sources: dict[str, Source | Path] = {"state": self.work / "state", **self.devices}
+        await asyncio.to_thread(write_package, output, self.config, sources)
+
+    async def close(self) -> None:
+        """Stop the VM, unmount, drop the cache; safe to call more than once."""
+        if self.machine is not None:
+            await self.machine.stop()
+        if self.host is not None:
+            if self.remote is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.host.run(self.remote.close()), 5)
+            self.host.close()
+            self.host = None
+        for device in self.devices.values():
+            device.close()
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+
+def _remove_stale_peers(root: Path) -> None:
+    """Work directories of peers that were killed: unmount and remove them."""
+    for entry in root.glob("peer.*"):
+        pid = entry.name.split(".")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            unmount_stale_under(entry)
+            shutil.rmtree(entry, ignore_errors=True)
