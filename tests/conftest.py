@@ -223,3 +223,19 @@ def copy_package(src: Path, dst_dir: Path) -> Path:
     dst = dst_dir / src.name
     subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def seeded_package(redis_package, network) -> Iterator[Path]:
+    """The Redis package with one key written into it (through drafter-runner)."""
+    directory = Path(tempfile.mkdtemp(prefix="drafter-test-seeded-"))
+    package = copy_package(redis_package, directory)
+    from test_runner import ctrl_c, runner, wait_for_redis
+
+    with runner(package, network.name(0)) as proc:
+        assert wait_for_redis(network.info(0).external_address).set("from", "the package")
+        ctrl_c(proc)
+    try:
+        yield package
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

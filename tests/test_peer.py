@@ -10,9 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from conftest import command, copy_package, stop_process
+from conftest import command, stop_process
 from test_runner import ctrl_c, free_port, runner, wait_for_redis
 
 
@@ -36,9 +34,11 @@ def registry(package: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str
 
 
 @contextlib.contextmanager
-def peer(raddr: str, netns: str, workdir: Path, *extra: str) -> Iterator[subprocess.Popen]:
+def peer(
+    raddr: str, netns: str, workdir: Path, *extra: str, laddr: str = ""
+) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(
-        [command("drafter-peer"), "--netns", netns, "--raddr", raddr,
+        [command("drafter-peer"), "--netns", netns, "--raddr", raddr, "--laddr", laddr,
          "--work-dir", str(workdir / "vms"), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -55,19 +55,6 @@ def wait_resumed(proc: subprocess.Popen) -> str:
     line = proc.stdout.readline()
     assert "resumed the VM" in line, line + (proc.stderr.read() if proc.stderr else "")
     return line
-
-
-@pytest.fixture(scope="module")
-def seeded_package(redis_package, network, tmp_path_factory) -> Iterator[Path]:
-    """The Redis package with one key written into it (through drafter-runner)."""
-    directory = tmp_path_factory.mktemp("seeded")
-    package = copy_package(redis_package, directory)
-    with runner(package, network.name(0)) as proc:
-        assert wait_for_redis(network.info(0).external_address).set("from", "the package")
-        ctrl_c(proc)
-    yield package
-    for p in directory.iterdir():
-        p.unlink()
 
 
 def test_peer_serves_the_package_data_and_takes_writes(seeded_package, network, workdir) -> None:

@@ -218,6 +218,19 @@ class Device:
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
 
+    def invalidate(self, indices: list[int]) -> None:
+        """Forget local copies of these chunks: they changed at the remote (migration).
+        Only while nothing uses them (no fetch in flight, the VM not started)."""
+        if self.fetcher is None:
+            raise DrafterError(f"device {self.name} has no remote to fetch chunks again from")
+        with self._lock:
+            for index in indices:
+                if not 0 <= index < self.chunks:
+                    raise DrafterError(f"device {self.name}: no chunk {index}")
+                if self.local[index]:
+                    self.local[index] = 0
+                    self.dirty.discard(index)
+
     def take_dirty(self) -> set[int]:
         """The chunks written since the last call (a sync point), and reset."""
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,14 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drafter import snapshot
+from drafter import snapshot, wire
+from drafter.agent_client import AgentClient
 from drafter.device import Device, Priority
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
+from drafter.migration import TRACKED, MigrationSource, VMControl, decode_suspended
 from drafter.package import PackageConfig, Source, write_package
 from drafter.remote import RemoteSource
+from drafter.server import ChunkServer
 from drafter.vmm.base import MachineConfig
 from drafter.vmm.qemu import QemuMachine
+from drafter.wire import MsgType
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,38 @@ class PeerOptions:
     retry_timeout: float = 30.0
     accel: str = "auto"
     work_root: Path = Path("out/vms")
+    # Serve this VM here once it runs, so the next peer can migrate it ("" = don't).
+    laddr: str = ""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Pre-copy (migration from a peer): at most this many rounds of re-pulling dirtied
+    # chunks; they end early once a round's dirty chunks total at most precopy_bytes.
+    precopy_rounds: int = 5
+    precopy_bytes: int = 8 << 20
+    # After switch-over, how long a source waits for a lost destination to come back
+    # before it resumes the VM itself.
+    grace: float = 30.0
+
+
+@dataclass
+class MigrationSummary:
+    """What one start or migration cost."""
+
+    source: str = ""
+    migrated: bool = False
+    rounds: int = 0
+    total_s: float = 0.0
+    downtime_s: float = 0.0  # switch-over requested to AfterResume done
+    moved: dict[str, int] = field(default_factory=dict)  # resource -> bytes fetched
+
+    def line(self) -> str:
+        moved = ", ".join(f"{k} {v / (1 << 20):.1f} MiB" for k, v in self.moved.items())
+        if not self.migrated:
+            return f"started from {self.source} in {self.total_s * 1000:.0f} ms; moved {moved}"
+        return (
+            f"migrated from {self.source}: total {self.total_s:.2f}s, downtime "
+            f"{self.downtime_s * 1000:.0f} ms, {self.rounds} pre-copy round(s), moved {moved}"
+        )
 
 
 @dataclass
@@ -75,6 +112,11 @@ class Peer:
         self.resume_seconds = 0.0
         self._pull: asyncio.Future[None] | None = None
         self.on_progress: Callable[[PullProgress], None] | None = None
+        self.summary = MigrationSummary(source=options.raddr)
+        self.server: ChunkServer | None = None
+        self.migrated_away = asyncio.Event()
+        self.source: MigrationSource | None = None
+        self._done: asyncio.Future[None] | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -87,6 +129,7 @@ class Peer:
             await self.close()
             raise
         self.resume_seconds = time.monotonic() - start
+        self.summary.total_s = self.resume_seconds
         return self.resume_seconds
 
     async def _start(self) -> None:
@@ -102,7 +145,7 @@ class Peer:
         await host.run(remote.connect())
         self.config = PackageConfig.from_json(remote.config, o.raddr)
         manifest = remote.manifest
-        for name in (*PULL_ORDER, "state"):
+        for name in PULL_ORDER:
             if name not in manifest:
                 raise DrafterError(f"{o.raddr} does not offer the {name} resource")
         if manifest["memory"] != self.config.memory_mib << 20:
@@ -124,19 +167,24 @@ class Peer:
                 chunk_size=remote.chunk_size,
                 fetcher=fetcher(name),
             )
-        state = Device(
-            "state",
-            manifest["state"],
-            None,
-            work / "state",
-            writable=False,
-            chunk_size=remote.chunk_size,
-            fetcher=fetcher("state"),
-        )
-        await host.run(state.ensure(0, state.size, Priority.DEMAND))
-        state.close()
         self.progress.total = sum(d.size for d in self.devices.values())
         host.mount(list(self.devices.values()), work / "devices")
+        switched_at: float | None = None
+        if "state" in manifest:  # a registry: the snapshot is at rest
+            state = Device(
+                "state",
+                manifest["state"],
+                None,
+                work / "state",
+                writable=False,
+                chunk_size=remote.chunk_size,
+                fetcher=fetcher("state"),
+            )
+            await host.run(state.ensure(0, state.size, Priority.DEMAND))
+            state.close()
+        else:  # a running peer: migrate its VM here
+            self.summary.migrated = True
+            switched_at = await host.run(self._precopy_and_switch(work / "state"))
         self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
         if o.resume_threshold < 1.0:
             await self._wait_until_missing_at_most(o.resume_threshold)
@@ -160,6 +208,78 @@ class Peer:
             await asyncio.wait_for(snapshot.resume(self.machine, work / "state"), o.resume_timeout)
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
+        if switched_at is not None:
+            self.summary.downtime_s = time.monotonic() - switched_at
+            self._done = asyncio.ensure_future(self._tell_done())
+        if o.laddr:
+            await self._serve(mount / "memory")
+
+    async def _precopy_and_switch(self, state_file: Path) -> float:
+        """Pre-copy rounds then switch-over (device loop); returns when it was asked."""
+        assert self.remote is not None
+        o = self.options
+        await self.remote.call(MsgType.MIGRATE_OFFER)
+        tracked = [self.devices[name] for name in TRACKED]
+        for _ in range(max(0, o.precopy_rounds)):  # 0 rounds: pure post-copy
+            await self._pull_missing()
+            dirty = json.loads(await self.remote.call(MsgType.DIRTY_LIST))
+            self.summary.rounds += 1
+            dirty_bytes = 0
+            for device in tracked:
+                device.invalidate(dirty.get(device.name, []))
+                dirty_bytes += len(dirty.get(device.name, [])) * device.chunk_size
+            log.debug("pre-copy round %d: %d KiB dirtied", self.summary.rounds, dirty_bytes >> 10)
+            if dirty_bytes <= o.precopy_bytes:
+                break
+        if o.precopy_rounds > 0:
+            await self._pull_missing()
+        switched_at = time.monotonic()
+        body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
+        dirty, state = decode_suspended(body)
+        for device in tracked:
+            device.invalidate(dirty.get(device.name, []))
+        state_file.write_bytes(state)
+        return switched_at
+
+    async def _pull_missing(self) -> None:
+        """Fetch every missing chunk now, with the pull workers (device loop)."""
+        queue: asyncio.Queue[tuple[Device, int]] = asyncio.Queue()
+        for name in PULL_ORDER:
+            for index in self.devices[name].missing():
+                queue.put_nowait((self.devices[name], index))
+
+        async def worker() -> None:
+            while not queue.empty():
+                device, index = queue.get_nowait()
+                await device.ensure_chunk(index, Priority.BACKGROUND)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, self.options.pull_workers))))
+
+    async def _serve(self, memory_file: Path) -> None:
+        """Serve this VM on ``laddr`` so another peer can migrate it away."""
+        assert self.host is not None and self.remote is not None and self.machine is not None
+        o = self.options
+        loop = asyncio.get_running_loop()
+        machine = self.machine
+        state_file = machine.run_dir.parent / "state"
+
+        async def suspend() -> bytes:
+            await snapshot.suspend(machine, state_file)
+            return state_file.read_bytes()
+
+        async def resume_here() -> None:
+            await machine.resume()
+            async with AgentClient(machine.agent_socket) as agent:
+                await agent.after_resume()
+
+        control = VMControl(loop, suspend, resume_here, self.migrated_away.set)
+        self.source = MigrationSource(self.devices, self.remote.config, memory_file, control,
+                                      grace=o.grace)  # fmt: skip
+        self.server = ChunkServer(self.source)
+        host, port = wire.parse_addr(o.laddr, "--laddr")
+        ssl = wire.server_ssl_context(o.tls_cert, o.tls_key) if o.tls_cert and o.tls_key else None
+        await self.host.run(self.server.start(host or None, port, ssl=ssl, token=o.token))
+        log.info("serving this VM for migration on %s", ", ".join(self.server.addresses))
 
     async def _wait_until_missing_at_most(self, fraction: float) -> None:
         assert self._pull is not None
@@ -204,7 +324,17 @@ class Peer:
                 w.cancel()
         self.progress.done = self.progress.total
         self.progress.finished = time.monotonic()
+        self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
         self._report()
+
+    async def _tell_done(self) -> None:
+        """Once the VM runs here and every chunk is local, the source may stop."""
+        assert self.host is not None and self.remote is not None
+        await self.wait_pulled()
+        try:
+            await self.host.run(self.remote.call(MsgType.MIGRATE_DONE))
+        except DrafterError as e:
+            log.warning("could not tell the source the migration is done: %s", e)
 
     def _report(self) -> None:
         if self.on_progress is not None:
@@ -236,6 +366,10 @@ class Peer:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
         if self.machine is not None:
             await self.machine.stop()
+        if self.host is not None and self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.host.run(self.server.close()), 5)
+            self.server = None
         if self.host is not None:
             if self.remote is not None:
                 with contextlib.suppress(Exception):

@@ -85,6 +85,7 @@ class RemoteSource:
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._pending: dict[int, _Pending] = {}
+        self._calls: dict[int, asyncio.Future[bytes]] = {}
         self._next_id = 1
         self._conn: _Conn | None = None
         self._failed: DrafterError | None = None
@@ -150,6 +151,31 @@ class RemoteSource:
             return await pending.future
         finally:
             self._pending.pop(request_id, None)
+
+    async def call(self, kind: MsgType, body: bytes = b"", timeout: float = 60.0) -> bytes:
+        """A control call (dirty lists, migration): send it, return the answer's body.
+
+        Not retried across reconnects: the call fails if the connection drops.
+        """
+        if self._failed is not None:
+            raise DrafterError(str(self._failed))
+        conn = self._conn
+        if conn is None or conn.dead:
+            raise DrafterError(f"not connected to {self.raddr}")
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        request_id = self._next_id
+        self._next_id = request_id % 0xFFFFFFFF + 1
+        self._calls[request_id] = future
+        conn.writer.write(wire.frame(kind, body, request_id))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DrafterError(
+                f"{self.raddr} did not answer {kind.name} in {timeout:g} s"
+            ) from None
+        finally:
+            self._calls.pop(request_id, None)
 
     async def close(self) -> None:
         """Drop the connection; pending fetches fail."""
@@ -316,6 +342,10 @@ class RemoteSource:
                     self.zero_chunks += 1
                     p.future.set_result(bytes(length))
                     self._lost_since = None
+                elif wire.is_control(kind):
+                    call = self._calls.get(request_id)
+                    if call is not None and not call.done():
+                        call.set_result(body)
                 elif kind == MsgType.ERROR:
                     code, message = wire.decode_error(body)
                     if code in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN):
@@ -348,6 +378,9 @@ class RemoteSource:
 
     def _drop(self, conn: _Conn) -> None:
         conn.dead = True
+        for call in self._calls.values():  # control calls die with their connection
+            if not call.done():
+                call.set_exception(DrafterError(f"lost the connection to {self.raddr}"))
         if self._conn is conn:
             self._conn = None
         me = asyncio.current_task()
@@ -411,6 +444,9 @@ class RemoteSource:
     def _fail(self, error: DrafterError) -> None:
         """Give up for good: every pending and future fetch raises ``error``."""
         self._failed = error
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(DrafterError(str(error)))
         if self._conn is not None:
             self._drop(self._conn)
         task, self._reconnecting = self._reconnecting, None

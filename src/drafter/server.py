@@ -299,7 +299,7 @@ class ChunkServer:
         """Run the reader and the sender until either ends; a problem line or None."""
         conn = _Connection()
         writer.transport.set_write_buffer_limits(high=2 * self.chunk_size)
-        receiving = asyncio.create_task(self._receive(reader, conn))
+        receiving = asyncio.create_task(self._receive(reader, writer, conn))
         sending = asyncio.create_task(self._send(writer, conn))
         try:
             done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
@@ -307,6 +307,9 @@ class ChunkServer:
             for t in (receiving, sending):
                 t.cancel()
             await asyncio.gather(receiving, sending, return_exceptions=True)
+            closed = getattr(self.provider, "connection_closed", None)
+            if closed is not None:
+                closed(conn)
         first = receiving if receiving in done else sending
         exc = first.exception()
         if exc is not None:
@@ -316,7 +319,9 @@ class ChunkServer:
             return f"closed the connection with {conn.outstanding} request(s) unanswered"
         return None
 
-    async def _receive(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
+    async def _receive(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
+    ) -> None:
         stats = self.stats
         while True:
             try:
@@ -352,6 +357,15 @@ class ChunkServer:
             elif kind == MsgType.ERROR:
                 code, message = wire.decode_error(body)
                 raise _Gone(f"reported {wire.error_name(code)}: {message}")
+            elif wire.is_control(kind):
+                control = getattr(self.provider, "control", None)
+                if control is None:
+                    raise ProtocolError(
+                        ErrorCode.REFUSED, f"this server takes no control call {kind}"
+                    )
+                # Answered inline: one control call at a time per connection.
+                reply = await control(conn, kind, body)
+                writer.write(wire.frame(kind, reply, request_id))
             else:
                 raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
 

@@ -59,13 +59,23 @@ class MsgType(IntEnum):
     CHUNK = 6
     ZERO = 7
     ERROR = 8
-    # Reserved, not implemented yet (see docs/wire.md):
-    DIRTY_LIST = 16
-    DIRTY_ACK = 17
-    MIGRATE_OFFER = 32
-    MIGRATE_ACCEPT = 33
-    MIGRATE_SUSPENDED = 34
-    MIGRATE_DONE = 35
+    # Control calls (16-47): the client sends one with a request id, the server
+    # answers with a frame of the same type and id (or an ERROR). See docs/wire.md.
+    DIRTY_LIST = 16  # -> JSON {"memory": [chunk, ...], "disk": [...]} dirtied since last
+    DIRTY_ACK = 17  # reserved
+    MIGRATE_OFFER = 32  # -> empty: the server accepts and starts tracking dirty chunks
+    MIGRATE_ACCEPT = 33  # reserved
+    MIGRATE_SUSPENDED = 34  # switch-over -> header length, JSON (final dirty lists), state
+    MIGRATE_DONE = 35  # the client holds everything and runs the VM -> empty
+
+    @property
+    def is_control(self) -> bool:
+        return 16 <= self.value <= 47
+
+
+def is_control(kind: int) -> bool:
+    """Whether frame type ``kind`` is a control call (16-47)."""
+    return 16 <= kind <= 47
 
 
 class ErrorCode(IntEnum):
@@ -78,6 +88,8 @@ class ErrorCode(IntEnum):
     INTERNAL = 5  # the server could not read the chunk
     SHUTTING_DOWN = 6  # the server is stopping; reconnecting may work later
     TOO_MANY = 7  # too many outstanding requests on one connection
+    BUSY = 9  # a migration is already in progress
+    REFUSED = 10  # the server cannot do what the control call asks
 
     @property
     def transient(self) -> bool:

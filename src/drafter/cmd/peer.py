@@ -82,6 +82,12 @@ async def run(a: argparse.Namespace) -> int:
         retry_timeout=a.retry_timeout,
         accel=a.accel,
         work_root=Path(a.work_dir),
+        laddr=a.laddr,
+        tls_cert=a.tls_cert or None,
+        tls_key=a.tls_key or None,
+        precopy_rounds=a.precopy_rounds,
+        precopy_bytes=int(a.precopy_threshold * (1 << 20)),
+        grace=a.rescue_timeout,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -89,22 +95,32 @@ async def run(a: argparse.Namespace) -> int:
         with bar:
             took = await peer.start()
             print(f"resumed the VM from {a.raddr} in {took * 1000:.0f} ms", flush=True)
+            if peer.server is not None:
+                print(f"serving the VM on {', '.join(peer.server.addresses)}", flush=True)
             assert peer.machine is not None
             attach = asyncio.create_task(
                 console.attach(peer.machine.console_socket, a.enable_input, a.enable_output)
             )
             pulled = asyncio.ensure_future(peer.wait_pulled())
             stopped = asyncio.ensure_future(stop.wait())
+            away = asyncio.ensure_future(peer.migrated_away.wait())
             raw = console.raw_terminal(sys.stdin.fileno()) if a.enable_input else None
             with raw or contextlib.nullcontext():
-                done, _ = await asyncio.wait({pulled, stopped}, return_when="FIRST_COMPLETED")
-                if pulled in done:
-                    pulled.result()  # raises if the pull failed
-                    p = peer.progress
-                    log.info("all %d MiB local after %.1fs", p.total >> 20,
-                             (p.finished or p.started) - p.started)  # fmt: skip
-                    await stopped
+                waiting = {pulled, stopped, away}
+                while not (stopped.done() or away.done()):
+                    done, waiting = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
+                    if pulled in done:
+                        pulled.result()  # raises if the pull failed
+                        p = peer.progress
+                        log.info("all %d MiB local after %.1fs", p.total >> 20,
+                                 (p.finished or p.started) - p.started)  # fmt: skip
+                        print(peer.summary.line(), flush=True)
             attach.cancel()
+            for task in (pulled, stopped, away):
+                task.cancel()
+        if away.done():
+            print("the VM migrated away; stopping here", flush=True)
+            return 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)  # finish stopping first
         if a.package_output_path:
@@ -118,7 +134,19 @@ async def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
-    p.add_argument("--raddr", default="localhost:1337", help="registry to start from")
+    p.add_argument("--raddr", default="localhost:1337",
+                   help="registry to start from, or peer to migrate the VM from")  # fmt: skip
+    p.add_argument("--laddr", default=":1338",
+                   help="serve the VM here for the next migration ('' = don't)")  # fmt: skip
+    p.add_argument("--tls-cert", default="", help="serve with TLS: certificate (PEM)")
+    p.add_argument("--tls-key", default="", help="serve with TLS: private key (PEM)")
+    p.add_argument(
+        "--precopy-rounds", type=int, default=5, help="most pre-copy rounds (0: pure post-copy)"
+    )
+    p.add_argument("--precopy-threshold", type=float, default=8,
+                   help="MiB dirtied in a round that ends pre-copy")  # fmt: skip
+    p.add_argument("--rescue-timeout", type=float, default=30,
+                   help="seconds a source waits for a lost destination")  # fmt: skip
     p.add_argument("--token-file", default="", help="shared token (else $DRAFTER_TOKEN)")
     p.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
     p.add_argument("--pull-workers", type=int, default=4, help="background pull workers")

@@ -1,0 +1,200 @@
+"""Live migration between peers: the source side, and the wire format of its answers.
+
+The destination drives (see :meth:`drafter.peer.Peer`): it offers a migration, pulls
+every chunk while the source VM keeps running, asks for the chunks dirtied since
+(pre-copy rounds), then asks the source to switch over: BeforeSuspend, pause, save
+state, flush memory, final dirty list. It resumes its VM at once and fetches what is
+left on demand and in the background (post-copy), then says it is done and the
+source stops. Until switch-over the source VM runs as if nothing happened; a
+destination that leaves early costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from drafter.device import Device, Priority
+from drafter.wire import ErrorCode, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+TRACKED = ("memory", "disk")  # the resources a running VM changes
+_SUSPENDED_HEAD = struct.Struct(">I")  # length of the JSON part; the state follows
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    PRECOPY = "pre-copy"
+    SUSPENDED = "suspended"
+    DONE = "done"
+
+
+def encode_suspended(dirty: dict[str, list[int]], state: bytes) -> bytes:
+    head = json.dumps({"dirty": dirty}).encode()
+    return _SUSPENDED_HEAD.pack(len(head)) + head + state
+
+
+def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], bytes]:
+    (length,) = _SUSPENDED_HEAD.unpack_from(body)
+    head = json.loads(body[4 : 4 + length])
+    return {k: [int(i) for i in v] for k, v in head["dirty"].items()}, body[4 + length :]
+
+
+def fsync_file(path: Path) -> None:
+    """Push the pages QEMU dirtied in its shared mapping of ``path`` to the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VMControl:
+    """What the source needs from the VM, as coroutines on the VM's own event loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        suspend: Callable[[], Awaitable[bytes]],
+        resume_here: Callable[[], Awaitable[None]],
+        finished: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.suspend = suspend
+        self.resume_here = resume_here
+        self.finished = finished
+
+    async def run(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        async def call() -> Any:
+            return await make()
+
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        return await asyncio.wrap_future(future)
+
+
+class MigrationSource:
+    """A ChunkProvider over a running peer's devices that one destination at a time
+    can migrate the VM away from. Runs on the device loop."""
+
+    def __init__(
+        self,
+        devices: dict[str, Device],
+        config: bytes,
+        memory_file: Path,
+        vm: VMControl,
+        grace: float = 30.0,
+    ) -> None:
+        self.devices = devices
+        self._config = config
+        self.memory_file = memory_file
+        self.vm = vm
+        self.grace = grace
+        self.chunk_size = next(iter(devices.values())).chunk_size
+        self.phase = Phase.IDLE
+        self.migrating: object | None = None  # the destination's connection
+        self.paused_at: float | None = None
+        self._grace_task: asyncio.Task[None] | None = None
+
+    # -- ChunkProvider -------------------------------------------------------------
+
+    def manifest(self) -> dict[str, int]:
+        # No "state": it only exists at switch-over. That tells clients "a peer".
+        return {name: d.size for name, d in self.devices.items()}
+
+    def config(self) -> bytes:
+        return self._config
+
+    async def read_chunk(self, resource: str, index: int) -> bytes:
+        device = self.devices[resource]
+        await device.ensure_chunk(index, Priority.DEMAND)  # a chain: may still be pulling
+        start = index * device.chunk_size
+        return device.read(start, min(device.chunk_size, device.size - start))
+
+    # -- control calls ---------------------------------------------------------------
+
+    async def _collect_dirty(self) -> dict[str, list[int]]:
+        await asyncio.to_thread(fsync_file, self.memory_file)
+        return {name: sorted(self.devices[name].take_dirty()) for name in TRACKED}
+
+    async def control(self, conn: object, kind: int, body: bytes) -> bytes:
+        if kind == MsgType.MIGRATE_OFFER:
+            if self.phase is not Phase.IDLE:
+                raise ProtocolError(ErrorCode.BUSY, f"a migration is already {self.phase.value}")
+            self.phase = Phase.PRECOPY
+            self.migrating = conn
+            await self._collect_dirty()  # from now on, dirty means "since the offer"
+            log.info("migration offered: pre-copy starts; the VM keeps running")
+            return b""
+        if kind == MsgType.DIRTY_LIST:
+            self._expect(conn, Phase.PRECOPY)
+            return json.dumps(await self._collect_dirty()).encode()
+        if kind == MsgType.MIGRATE_SUSPENDED:
+            self._expect(conn, Phase.PRECOPY)
+            try:
+                state = await self.vm.run(self.vm.suspend)
+            except Exception as e:
+                log.error("switch-over failed, the VM keeps running here: %s", e)
+                self.phase = Phase.IDLE
+                self.migrating = None
+                raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+            self.phase = Phase.SUSPENDED
+            self.paused_at = time.monotonic()
+            dirty = await self._collect_dirty()
+            log.info("switched over: the VM is paused here, the destination resumes it")
+            return encode_suspended(dirty, state)
+        if kind == MsgType.MIGRATE_DONE:
+            if self.phase is not Phase.SUSPENDED:
+                raise ProtocolError(ErrorCode.REFUSED, "no switched-over migration to finish")
+            self.phase = Phase.DONE
+            if self._grace_task is not None:
+                self._grace_task.cancel()
+            log.info("the destination holds everything and runs the VM")
+            self.vm.loop.call_soon_threadsafe(self.vm.finished)
+            return b""
+        raise ProtocolError(ErrorCode.REFUSED, f"unknown control call {kind}")
+
+    def _expect(self, conn: object, phase: Phase) -> None:
+        if self.phase is not phase or conn is not self.migrating:
+            raise ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
+
+    def connection_closed(self, conn: object) -> None:
+        if conn is not self.migrating:
+            return
+        if self.phase is Phase.PRECOPY:
+            log.warning("the destination left before switch-over; the VM keeps running here")
+            self.phase = Phase.IDLE
+            self.migrating = None
+        elif self.phase is Phase.SUSPENDED and self._grace_task is None:
+            log.warning(
+                "lost the destination after switch-over; waiting %.0fs for it to come back",
+                self.grace,
+            )
+            self._grace_task = asyncio.ensure_future(self._rescue())
+
+    async def _rescue(self) -> None:
+        """After switch-over, a destination that never comes back: resume here."""
+        await asyncio.sleep(self.grace)
+        if self.phase is not Phase.SUSPENDED:
+            return
+        log.error(
+            "the destination did not finish the migration: resuming the VM here from its "
+            "paused state; writes the destination took after switch-over are lost"
+        )
+        try:
+            await self.vm.run(self.vm.resume_here)
+        except Exception as e:
+            log.error("could not resume the VM here either: %s", e)
+            return
+        self.phase = Phase.IDLE
+        self.migrating = None
+        self._grace_task = None

@@ -1,0 +1,263 @@
+"""Live migration between peers while a Redis client keeps writing."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from test_peer import peer, registry, wait_resumed
+from test_runner import free_port, wait_for_redis
+
+
+class Writer(threading.Thread):
+    """Appends 1, 2, 3, ... to a Redis list, following the VM to wherever it runs.
+
+    A write counts once Redis acknowledged it; after a failure the writer checks
+    whether the write landed anyway (a command the guest received just before
+    switch-over is answered on the destination), so nothing is counted twice.
+    """
+
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.addresses = addresses
+        self.acked: list[int] = []
+        self.gaps: list[float] = []
+        self.stop = threading.Event()
+        self.errors = 0
+
+    def client(self, address: str) -> redis.Redis:
+        return redis.Redis(host=address, socket_timeout=1, socket_connect_timeout=0.3)
+
+    def run(self) -> None:
+        value = 1
+        current = 0
+        client = self.client(self.addresses[current])
+        last_ack = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                client.rpush("log", value)
+            except redis.RedisError:
+                self.errors += 1
+                landed = self.find(value)
+                if landed is None:
+                    current = (current + 1) % len(self.addresses)
+                    client = self.client(self.addresses[current])
+                    continue
+                client = landed
+            now = time.monotonic()
+            self.gaps.append(now - last_ack)
+            last_ack = now
+            self.acked.append(value)
+            value += 1
+            time.sleep(0.005)
+
+    def find(self, value: int) -> redis.Redis | None:
+        """The client of the VM if ``value`` is already its list's last element."""
+        for address in self.addresses:
+            client = self.client(address)
+            try:
+                if client.lindex("log", -1) == str(value).encode():
+                    return client
+            except redis.RedisError:
+                continue
+        return None
+
+
+@contextlib.contextmanager
+def writing(addresses: list[str]) -> Iterator[Writer]:
+    writer = Writer(addresses)
+    writer.start()
+    try:
+        yield writer
+    finally:
+        writer.stop.set()
+        writer.join(30)
+
+
+def check_no_loss(address: str, writer: Writer) -> None:
+    log = [int(x) for x in wait_for_redis(address).lrange("log", 0, -1)]
+    assert writer.acked, "the writer never got an acknowledgement"
+    assert log[: len(writer.acked)] == writer.acked, "acknowledged writes lost or reordered"
+    assert log == sorted(set(log)), "duplicated or out-of-order writes"
+
+
+def migrate(raddr: str, netns: str, workdir: Path, laddr: str, *extra: str):
+    return peer(raddr, netns, workdir, *extra, laddr=laddr)
+
+
+def finish_source(source: subprocess.Popen) -> str:
+    out, err = source.communicate(timeout=180)
+    assert source.returncode == 0, err
+    assert "migrated away" in out, out
+    return out
+
+
+def run_chain(seeded_package, network, workdir: Path, *extra: str) -> list[str]:
+    """ns0 → ns1 → ns2 → ns0 under a writer; returns the destinations' summaries."""
+    hops = [0, 1, 2, 0]
+    addresses = [network.info(i).external_address for i in range(3)]
+    summaries = []
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        ports = [free_port() for _ in hops]
+        first = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{ports[0]}")
+        )
+        wait_resumed(first)
+        wait_for_redis(addresses[0]).delete("log")
+        source = first
+        with writing(addresses) as writer:
+            time.sleep(1)
+            for hop in range(1, len(hops)):
+                dest = stack.enter_context(
+                    migrate(
+                        f"127.0.0.1:{ports[hop - 1]}",
+                        network.name(hops[hop]),
+                        workdir,
+                        f"127.0.0.1:{ports[hop]}",
+                        *extra,
+                    )  # fmt: skip
+                )
+                wait_resumed(dest)
+                finish_source(source)
+                assert dest.stdout is not None
+                for line in iter(dest.stdout.readline, ""):
+                    if line.startswith("migrated from"):
+                        summaries.append(line.strip())
+                        break
+                source = dest
+                time.sleep(1)
+        assert writer.errors < 1000
+        check_no_loss(addresses[0], writer)
+        source.send_signal(signal.SIGINT)
+        source.communicate(timeout=60)
+        assert source.returncode == 0
+    return summaries
+
+
+def test_chain_keeps_every_acknowledged_write(seeded_package, network, workdir) -> None:
+    summaries = run_chain(seeded_package, network, workdir)
+    assert len(summaries) == 3, summaries
+    assert all("downtime" in s for s in summaries)
+
+
+def test_chain_with_resume_threshold_zero(seeded_package, network, workdir) -> None:
+    summaries = run_chain(seeded_package, network, workdir, "--resume-threshold", "0")
+    assert len(summaries) == 3, summaries
+
+
+def test_chain_with_pure_post_copy(seeded_package, network, workdir) -> None:
+    summaries = run_chain(seeded_package, network, workdir, "--precopy-rounds", "0")
+    assert all("0 pre-copy round(s)" in s for s in summaries), summaries
+
+
+def test_rollback_when_the_destination_dies_in_precopy(seeded_package, network, workdir) -> None:
+    address = network.info(0).external_address
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}"))
+        wait_resumed(source)
+        with writing([address]) as writer:
+            dest = stack.enter_context(
+                migrate(f"127.0.0.1:{port}", network.name(1), workdir, "", "--pull-workers", "1")
+            )
+            time.sleep(0.7)  # pre-copy is under way
+            assert dest.poll() is None
+            dest.kill()
+            dest.wait()
+            time.sleep(2)
+            acked = len(writer.acked)
+            time.sleep(1)
+            assert len(writer.acked) > acked, "the source VM stopped answering"
+            assert source.poll() is None
+            # A second migration to a new destination then succeeds.
+            second = stack.enter_context(migrate(f"127.0.0.1:{port}", network.name(2), workdir, ""))
+            wait_resumed(second)
+            finish_source(source)
+            writer.addresses = [network.info(2).external_address]
+            time.sleep(1)
+        check_no_loss(network.info(2).external_address, writer)
+        assert max(writer.gaps) < 10
+
+
+def test_source_death_after_switch_over_with_threshold_zero(
+    seeded_package,
+    network,
+    workdir,
+) -> None:
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}"))
+        wait_resumed(source)
+        assert wait_for_redis(network.info(0).external_address).set("before", "move")
+        dest = stack.enter_context(
+            migrate(f"127.0.0.1:{port}", network.name(1), workdir, "", "--resume-threshold", "0")
+        )
+        wait_resumed(dest)
+        source.kill()
+        source.wait()
+        client = wait_for_redis(network.info(1).external_address)
+        for i in range(20):
+            assert client.set(f"after{i}", i)
+            time.sleep(0.1)
+        assert client.get("before") == b"move"
+        assert dest.poll() is None
+        dest.send_signal(signal.SIGINT)
+        dest.communicate(timeout=60)
+        assert dest.returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["garbage", "wrong version", "second migration"])
+def test_bad_destinations_are_refused_without_disturbing_the_vm(
+    seeded_package,
+    network,
+    workdir,
+    bad: str,
+) -> None:
+    address = network.info(0).external_address
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}"))
+        wait_resumed(source)
+        with writing([address]) as writer:
+            if bad == "garbage":
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(b"\x00\x00\xff\xffGARBAGE" * 100)
+                    time.sleep(0.5)
+            elif bad == "wrong version":
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(b"\x00\x00\x00\x28\x01\x00\x00\x00\x00\x00\x00\x00DRFT\x00\x63")
+                    s.sendall(b"\x00" * 36)
+                    time.sleep(0.5)
+            else:
+                first = stack.enter_context(
+                    migrate(
+                        f"127.0.0.1:{port}", network.name(1), workdir, "", "--pull-workers", "1"
+                    )  # fmt: skip
+                )
+                time.sleep(0.5)
+                second = stack.enter_context(
+                    migrate(f"127.0.0.1:{port}", network.name(2), workdir, "")
+                )
+                _, err = second.communicate(timeout=60)
+                assert second.returncode != 0
+                assert "already" in err.strip().splitlines()[-1]
+                first.kill()
+                first.wait()
+            time.sleep(1)
+            acked = len(writer.acked)
+            time.sleep(1)
+            assert len(writer.acked) > acked
+        assert source.poll() is None
+        check_no_loss(address, writer)
+        source.send_signal(signal.SIGINT)
+        source.communicate(timeout=60)
+        assert source.returncode == 0
