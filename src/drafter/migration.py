@@ -16,7 +16,6 @@ import concurrent.futures
 import enum
 import json
 import logging
-import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from drafter.device import Device, Priority
+from drafter.snapshot import fsync_file
 from drafter.wire import ErrorCode, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], bytes]:
     (length,) = _SUSPENDED_HEAD.unpack_from(body)
     head = json.loads(body[4 : 4 + length])
     return {k: [int(i) for i in v] for k, v in head["dirty"].items()}, body[4 + length :]
-
-
-def fsync_file(path: Path) -> None:
-    """Push the pages QEMU dirtied in its shared mapping of ``path`` to the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VMControl:

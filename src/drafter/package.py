@@ -18,6 +18,7 @@ from typing import Protocol
 
 from drafter.device import FileRange, copy_sparse
 from drafter.errors import DrafterError
+from drafter.vmm.base import MachineConfig
 
 FORMAT_VERSION = 1
 ALIGN = 4096
@@ -38,6 +39,21 @@ class PackageConfig:
     mac: str
     format_version: int = FORMAT_VERSION
     sizes: dict[str, int] = field(default_factory=dict)  # resource -> bytes
+
+    def machine(self, resources: Path, netns: str | None, accel: str = "auto") -> MachineConfig:
+        """The VM shape recorded here, with its resources as files in ``resources``."""
+        return MachineConfig(
+            kernel=resources / "kernel",
+            initramfs=resources / "initramfs",
+            disk=resources / "disk",
+            memory=resources / "memory",
+            memory_mib=self.memory_mib,
+            cpus=self.cpus,
+            boot_args=self.boot_args,
+            netns=netns,
+            mac=self.mac,
+            accel=accel,
+        )
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"

@@ -30,7 +30,6 @@ from drafter.migration import TRACKED, MigrationSource, VMControl, decode_suspen
 from drafter.package import PackageConfig, Source, write_package
 from drafter.remote import RemoteSource
 from drafter.server import ChunkServer
-from drafter.vmm.base import MachineConfig
 from drafter.vmm.qemu import QemuMachine
 from drafter.wire import MsgType
 
@@ -189,21 +188,7 @@ class Peer:
         if o.resume_threshold < 1.0:
             await self._wait_until_missing_at_most(o.resume_threshold)
         mount = work / "devices"
-        self.machine = QemuMachine(
-            MachineConfig(
-                kernel=mount / "kernel",
-                initramfs=mount / "initramfs",
-                disk=mount / "disk",
-                memory=mount / "memory",
-                memory_mib=self.config.memory_mib,
-                cpus=self.config.cpus,
-                boot_args=self.config.boot_args,
-                netns=o.netns,
-                mac=self.config.mac,
-                accel=o.accel,
-            ),
-            work / "run",
-        )
+        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
         try:
             await asyncio.wait_for(snapshot.resume(self.machine, work / "state"), o.resume_timeout)
         except TimeoutError:

@@ -72,7 +72,7 @@ async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = N
     start = time.monotonic()
     await machine.pause()
     await machine.save_state(state)
-    _fsync(Path(machine.config.memory))
+    fsync_file(Path(machine.config.memory))
     t.pause_and_save = time.monotonic() - start
     log.debug("suspended: %s", t)
 
@@ -95,7 +95,9 @@ async def resume(machine: QemuMachine, state: Path, timings: Timings | None = No
     log.debug("resumed: %s", t)
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Sync ``path``; for the memory file this pushes the pages the guest dirtied in
+    QEMU's shared mapping down to the file (or device) below."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

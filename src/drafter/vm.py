@@ -168,18 +168,7 @@ class LocalVM:
                 for r in ("memory", "disk", "kernel", "initramfs")
             ]  # fmt: skip
             self.mount = Mount(devices, work / "devices").open()
-            config = MachineConfig(
-                kernel=self.mount.path("kernel"),
-                initramfs=self.mount.path("initramfs"),
-                disk=self.mount.path("disk"),
-                memory=self.mount.path("memory"),
-                memory_mib=pkg.config.memory_mib,
-                cpus=pkg.config.cpus,
-                boot_args=pkg.config.boot_args,
-                netns=self.netns,
-                mac=pkg.config.mac,
-                accel=self.accel,
-            )
+            config = pkg.config.machine(self.mount.mountpoint, self.netns, self.accel)
             self.machine = QemuMachine(config, work / "run")
             await snapshot.resume(self.machine, work / "state", self.timings)
         except BaseException:

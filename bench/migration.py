@@ -1,0 +1,286 @@
+"""Live migration of a 512 MiB Redis VM under a steady write load, ours beside QEMU's.
+
+Ours: a registry and a chain of drafter-peer hops between two namespaces (at least
+10 migrations). QEMU's: the same guest migrated by QEMU's built-in live migration
+(pre-copy, then post-copy) between two QEMU processes over a unix socket, with guest
+RAM in files on /dev/shm (post-copy needs shared memory userfaultfd can serve).
+
+For every migration: downtime as the VMM sees it (ours: switch-over asked → the VM
+resumed and AfterResume answered; QEMU: its own "downtime" figure) and as the client
+sees it (longest gap between acknowledged writes during the migration), total
+migration time and bytes moved. Prints JSON with p50/p95 of each.
+Run as root: .venv/bin/python bench/migration.py [--migrations 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from drafter import snapshot
+from drafter.network import Network, NetworkConfig
+from drafter.vmm import MachineConfig, QemuMachine
+
+BIN = Path(sys.executable).parent
+MEMORY_MIB = 512
+
+
+class Writer(threading.Thread):
+    """RPUSH 1, 2, 3, ... every few ms to whichever address answers; records ack times."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.addresses = addresses
+        self.acks: list[float] = []
+        self.stop = threading.Event()
+
+    @staticmethod
+    def client(address: str) -> redis.Redis:
+        # No retries inside redis-py: every failure shows as a gap.
+        return redis.Redis(host=address, socket_timeout=0.5, socket_connect_timeout=0.2,
+                           retry=Retry(NoBackoff(), 0))  # fmt: skip
+
+    def run(self) -> None:
+        value, current = 1, 0
+        client = self.client(self.addresses[0])
+        while not self.stop.is_set():
+            try:
+                client.rpush("log", value)
+            except redis.RedisError:
+                current = (current + 1) % len(self.addresses)
+                client = self.client(self.addresses[current])
+                continue
+            self.acks.append(time.monotonic())
+            value += 1
+            time.sleep(0.002)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        times = [t for t in self.acks if start <= t <= end]
+        if len(times) < 2:
+            return end - start
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"migrations": len(runs)}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = {"p50": round(pct(values, 0.5), 4), "p95": round(pct(values, 0.95), 4)}
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_redis(address: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if redis.Redis(host=address, socket_timeout=1, socket_connect_timeout=0.3).ping():
+                return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# -- ours --------------------------------------------------------------------------
+
+
+def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, Any]:
+    package = work / "redis.drft"
+    subprocess.run(
+        [BIN / "drafter-packager", "--netns", nets[0].namespace, "--memory-size", str(MEMORY_MIB),
+         "--kernel-path", str(bp / "drafter.drftkernel"),
+         "--initramfs-path", str(bp / "drafter.drftinitramfs"),
+         "--disk-path", str(bp / "drafter.drftdisk"), "--package-output-path", str(package)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    reg_port = free_port()
+    registry = subprocess.Popen(
+        [BIN / "drafter-registry", "--package-path", str(package),
+         "--laddr", f"127.0.0.1:{reg_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert registry.stdout is not None
+    registry.stdout.readline()
+    procs: list[subprocess.Popen[str]] = []
+
+    def peer(raddr: str, ns: str, laddr: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [BIN / "drafter-peer", "--netns", ns, "--raddr", raddr, "--laddr", laddr,
+             "--work-dir", str(work / "vms")],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    runs: list[dict[str, float]] = []
+    writer = Writer([n.external_address for n in nets])
+    try:
+        port = free_port()
+        source = peer(f"127.0.0.1:{reg_port}", nets[0].namespace, f"127.0.0.1:{port}")
+        assert source.stdout is not None
+        source.stdout.readline()
+        wait_redis(nets[0].external_address)
+        writer.start()
+        time.sleep(2)
+        for hop in range(1, migrations + 1):
+            next_port = free_port()
+            start = time.monotonic()
+            dest = peer(f"127.0.0.1:{port}", nets[hop % 2].namespace, f"127.0.0.1:{next_port}")
+            source.communicate(timeout=300)  # exits once the destination holds everything
+            end = time.monotonic()
+            assert dest.stdout is not None
+            summary = ""
+            for line in iter(dest.stdout.readline, ""):
+                if line.startswith("migrated from"):
+                    summary = line
+                    break
+            downtime = re.search(r"downtime (\d+) ms", summary)
+            moved = sum(float(m) for m in re.findall(r"([0-9.]+) MiB", summary))
+            total = re.search(r"total ([0-9.]+)s", summary)
+            time.sleep(1.5)  # steady state before the next hop; the gap window ends here
+            runs.append({
+                "vmm_downtime_s": int(downtime.group(1)) / 1000 if downtime else float("nan"),
+                "client_downtime_s": writer.longest_gap(start, time.monotonic()),
+                "total_s": float(total.group(1)) if total else end - start,
+                "moved_MiB": moved,
+            })  # fmt: skip
+            source, port = dest, next_port
+    finally:
+        writer.stop.set()
+        writer.join(10)
+        for proc in procs + [registry]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return summarize(runs)
+
+
+# -- QEMU's own --------------------------------------------------------------------
+
+
+class RunningQemu(QemuMachine):
+    """A QEMU that starts running as soon as an incoming migration lets it (no -S)."""
+
+    def command(self, incoming: bool = False) -> list[str]:
+        return [arg for arg in super().command(incoming) if arg != "-S"]
+
+
+async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
+                       postcopy: bool) -> dict[str, Any]:  # fmt: skip
+    shm = Path(tempfile.mkdtemp(prefix="drafter-bench-", dir="/dev/shm"))
+    disk = work / "qemu-disk"
+    subprocess.run(["cp", "--sparse=always", str(bp / "drafter.drftdisk"), str(disk)], check=True)
+
+    def machine(index: int, netns: str) -> QemuMachine:
+        config = MachineConfig(
+            kernel=bp / "drafter.drftkernel", initramfs=bp / "drafter.drftinitramfs", disk=disk,
+            memory=shm / f"memory-{index}", memory_mib=MEMORY_MIB, netns=netns,
+        )  # fmt: skip
+        return RunningQemu(config, work / f"qemu-run-{index}")
+
+    caps = [{"capability": "postcopy-ram", "state": postcopy}]
+    runs: list[dict[str, float]] = []
+    source = machine(0, nets[0].namespace)
+    writer = Writer([n.external_address for n in nets])
+    try:
+        await snapshot.boot_to_liveness(source, 300)
+        wait_redis(nets[0].external_address)
+        writer.start()
+        await asyncio.sleep(2)
+        for hop in range(1, migrations + 1):
+            dest = machine(hop, nets[hop % 2].namespace)
+            sock = work / f"migrate-{hop}.sock"
+            await dest._start(incoming=True)
+            await dest._execute("migrate-set-capabilities", {"capabilities": caps})
+            await source._execute("migrate-set-capabilities", {"capabilities": caps})
+            await dest._execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            start = time.monotonic()
+            await source._execute("migrate", {"uri": f"unix:{sock}"})
+            if postcopy:
+                await asyncio.sleep(0.2)
+                await source._execute("migrate-start-postcopy")
+            while True:
+                info: Any = await source._execute("query-migrate")
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.01)
+            end = time.monotonic()
+            if info.get("status") != "completed":
+                raise RuntimeError(f"QEMU migration {info.get('status')}")
+            await source.stop()
+            Path(source.config.memory).unlink(missing_ok=True)
+            await asyncio.sleep(1.5)
+            ram = info.get("ram", {})
+            runs.append({
+                "vmm_downtime_s": info.get("downtime", 0) / 1000,
+                "client_downtime_s": writer.longest_gap(start, time.monotonic()),
+                "total_s": end - start,
+                "moved_MiB": ram.get("transferred", 0) / (1 << 20),
+            })  # fmt: skip
+            source = dest
+    finally:
+        writer.stop.set()
+        writer.join(10)
+        await source.stop()
+        subprocess.run(["rm", "-rf", str(shm)], check=False)
+    return summarize(runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--migrations", type=int, default=10)
+    p.add_argument("--blueprint", default="out/blueprint")
+    args = p.parse_args()
+    bp = Path(args.blueprint)
+    Path("out").mkdir(exist_ok=True)
+    results: dict[str, Any] = {"memory_mib": MEMORY_MIB}
+    with tempfile.TemporaryDirectory(prefix="drafter-bench-", dir="out") as tmp:
+        work = Path(tmp)
+        config = NetworkConfig(
+            namespace_prefix="dbmig", namespace_count=2, host_veth_cidr="10.246.0.0/24",
+            namespace_veth_cidr="10.247.0.0/24", state_dir=str(work / "net"),
+        )  # fmt: skip
+        with Network(config) as net:
+            nets = net.namespaces
+            results["drafter"] = ours(work, bp, nets, args.migrations)
+            results["qemu_precopy"] = asyncio.run(
+                qemu_builtin(work, bp, nets, args.migrations, postcopy=False)
+            )
+            results["qemu_postcopy"] = asyncio.run(
+                qemu_builtin(work, bp, nets, args.migrations, postcopy=True)
+            )
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
