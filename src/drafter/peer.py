@@ -23,7 +23,7 @@ from pathlib import Path
 
 from drafter import snapshot, wire
 from drafter.agent_client import AgentClient
-from drafter.device import Device, Priority
+from drafter.device import Device, Fetcher, Priority
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.migration import TRACKED, MigrationSource, VMControl, decode_suspended
@@ -150,7 +150,7 @@ class Peer:
         if manifest["memory"] != self.config.memory_mib << 20:
             raise DrafterError(f"{o.raddr}: memory size differs from its config")
 
-        def fetcher(resource: str):  # type: ignore[no-untyped-def]
+        def fetcher(resource: str) -> Fetcher:
             async def fetch(index: int, priority: Priority) -> bytes:
                 return await remote.fetch(resource, index, priority)
 
