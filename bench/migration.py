@@ -5,8 +5,9 @@ Ours: a registry and a chain of drafter-peer hops between two namespaces (at lea
 (pre-copy, then post-copy) between two QEMU processes over a unix socket, with guest
 RAM in files on /dev/shm (post-copy needs shared memory userfaultfd can serve).
 
-For every migration: downtime as the VMM sees it (ours: switch-over asked → the VM
-resumed and AfterResume answered; QEMU: its own "downtime" figure) and as the client
+For every migration: downtime as the VMM sees it (pause at the source to running at
+the destination: ours from the peers' wall clocks, QEMU's from its STOP and RESUME
+event timestamps) and as the client
 sees it (longest gap between acknowledged writes during the migration), total
 migration time and bytes moved. Prints JSON with p50/p95 of each.
 Run as root: .venv/bin/python bench/migration.py [--migrations 10]
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from qemu.qmp import EventListener
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -52,7 +54,9 @@ class Writer(threading.Thread):
     @staticmethod
     def client(address: str) -> redis.Redis:
         # No retries inside redis-py: every failure shows as a gap.
-        return redis.Redis(host=address, socket_timeout=0.5, socket_connect_timeout=0.2,
+        # Short timeouts: a stalled connection is noticed within 0.1 s, so the gaps
+        # measure the VM's unavailability, not the client's patience.
+        return redis.Redis(host=address, socket_timeout=0.1, socket_connect_timeout=0.05,
                            retry=Retry(NoBackoff(), 0))  # fmt: skip
 
     def run(self) -> None:
@@ -188,6 +192,10 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, An
 # -- QEMU's own --------------------------------------------------------------------
 
 
+def stamp(event: Any) -> float:
+    return float(event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6)
+
+
 class RunningQemu(QemuMachine):
     """A QEMU that starts running as soon as an incoming migration lets it (no -S)."""
 
@@ -224,6 +232,10 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
             await dest._execute("migrate-set-capabilities", {"capabilities": caps})
             await source._execute("migrate-set-capabilities", {"capabilities": caps})
             await dest._execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            stopped, resumed = EventListener("STOP"), EventListener("RESUME")
+            assert source.qmp is not None and dest.qmp is not None
+            source.qmp.register_listener(stopped)
+            dest.qmp.register_listener(resumed)
             start = time.monotonic()
             await source._execute("migrate", {"uri": f"unix:{sock}"})
             if postcopy:
@@ -237,12 +249,17 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
             end = time.monotonic()
             if info.get("status") != "completed":
                 raise RuntimeError(f"QEMU migration {info.get('status')}")
+            # Pause to resume, from the two QEMUs' own event timestamps.
+            stop_event = await asyncio.wait_for(stopped.get(), 10)
+            resume_event = await asyncio.wait_for(resumed.get(), 10)
+            source.qmp.remove_listener(stopped)
+            dest.qmp.remove_listener(resumed)
             await source.stop()
             Path(source.config.memory).unlink(missing_ok=True)
             await asyncio.sleep(1.5)
             ram = info.get("ram", {})
             runs.append({
-                "vmm_downtime_s": info.get("downtime", 0) / 1000,
+                "vmm_downtime_s": stamp(resume_event) - stamp(stop_event),
                 "client_downtime_s": writer.longest_gap(start, time.monotonic()),
                 "total_s": end - start,
                 "moved_MiB": ram.get("transferred", 0) / (1 << 20),

@@ -155,6 +155,7 @@ class DeviceHost:
         self._thread = threading.Thread(target=self._serve, name="drafter-devices", daemon=True)
         self._thread.start()
         self._fuse_task: asyncio.Task[None] | None = None
+        self._fs: DeviceFS | None = None
         self.mountpoint: Path | None = None
 
     def _serve(self) -> None:
@@ -174,7 +175,7 @@ class DeviceHost:
     def mount(self, devices: list[Device], mountpoint: Path) -> None:
         """Serve ``devices`` as files under ``mountpoint`` (one mount per process)."""
         mountpoint.mkdir(parents=True, exist_ok=True)
-        fs = DeviceFS(devices)
+        fs = self._fs = DeviceFS(devices)
 
         async def start() -> None:
             options = set(pyfuse3.default_options) | {"fsname=drafter"}
@@ -188,6 +189,17 @@ class DeviceHost:
             raise DrafterError(f"cannot mount devices at {mountpoint}: {e}") from None
         self.mountpoint = mountpoint
         log.debug("devices mounted at %s", mountpoint)
+
+    async def drop_cache(self, names: list[str]) -> None:
+        """Drop the kernel's page cache of these devices' files (after their chunks were
+        invalidated, so nothing reads a stale copy). Call on the device loop."""
+        if self._fs is None:
+            return
+        for name in names:
+            inode = self._fs.by_name.get(name.encode())
+            if inode is not None:
+                # Blocking call that may need the loop (writeback): off the loop.
+                await asyncio.to_thread(pyfuse3.invalidate_inode, inode, False)
 
     def close(self) -> None:
         """Unmount, stop the loop and the thread; safe to call more than once."""

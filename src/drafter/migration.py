@@ -39,15 +39,17 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
-def encode_suspended(dirty: dict[str, list[int]], state: bytes) -> bytes:
-    head = json.dumps({"dirty": dirty}).encode()
+def encode_suspended(dirty: dict[str, list[int]], state: bytes, paused_at: float) -> bytes:
+    """The switch-over answer: final dirty lists, when the VM paused (wall clock), state."""
+    head = json.dumps({"dirty": dirty, "paused_at": paused_at}).encode()
     return _SUSPENDED_HEAD.pack(len(head)) + head + state
 
 
-def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], bytes]:
+def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], float, bytes]:
     (length,) = _SUSPENDED_HEAD.unpack_from(body)
     head = json.loads(body[4 : 4 + length])
-    return {k: [int(i) for i in v] for k, v in head["dirty"].items()}, body[4 + length :]
+    dirty = {k: [int(i) for i in v] for k, v in head["dirty"].items()}
+    return dirty, float(head.get("paused_at", 0.0)), body[4 + length :]
 
 
 class VMControl:
@@ -56,7 +58,7 @@ class VMControl:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        suspend: Callable[[], Awaitable[bytes]],
+        suspend: Callable[[], Awaitable[tuple[bytes, float]]],
         resume_here: Callable[[], Awaitable[None]],
         finished: Callable[[], None],
     ) -> None:
@@ -132,7 +134,7 @@ class MigrationSource:
         if kind == MsgType.MIGRATE_SUSPENDED:
             self._expect(conn, Phase.PRECOPY)
             try:
-                state = await self.vm.run(self.vm.suspend)
+                state, paused_at = await self.vm.run(self.vm.suspend)
             except Exception as e:
                 log.error("switch-over failed, the VM keeps running here: %s", e)
                 self.phase = Phase.IDLE
@@ -142,7 +144,7 @@ class MigrationSource:
             self.paused_at = time.monotonic()
             dirty = await self._collect_dirty()
             log.info("switched over: the VM is paused here, the destination resumes it")
-            return encode_suspended(dirty, state)
+            return encode_suspended(dirty, state, paused_at)
         if kind == MsgType.MIGRATE_DONE:
             if self.phase is not Phase.SUSPENDED:
                 raise ProtocolError(ErrorCode.REFUSED, "no switched-over migration to finish")

@@ -75,7 +75,8 @@ class MigrationSummary:
     migrated: bool = False
     rounds: int = 0
     total_s: float = 0.0
-    downtime_s: float = 0.0  # switch-over requested to AfterResume done
+    downtime_s: float = 0.0  # the VM paused at the source to running here (wall clocks)
+    switch_s: float = 0.0  # switch-over asked to AfterResume done
     moved: dict[str, int] = field(default_factory=dict)  # resource -> bytes fetched
 
     def line(self) -> str:
@@ -84,7 +85,8 @@ class MigrationSummary:
             return f"started from {self.source} in {self.total_s * 1000:.0f} ms; moved {moved}"
         return (
             f"migrated from {self.source}: total {self.total_s:.2f}s, downtime "
-            f"{self.downtime_s * 1000:.0f} ms, {self.rounds} pre-copy round(s), moved {moved}"
+            f"{self.downtime_s * 1000:.0f} ms (switch-over to AfterResume "
+            f"{self.switch_s * 1000:.0f} ms), {self.rounds} pre-copy round(s), moved {moved}"
         )
 
 
@@ -116,6 +118,7 @@ class Peer:
         self.migrated_away = asyncio.Event()
         self.source: MigrationSource | None = None
         self._done: asyncio.Future[None] | None = None
+        self._paused_at = 0.0
 
     # -- start -----------------------------------------------------------------
 
@@ -181,20 +184,26 @@ class Peer:
             )
             await host.run(state.ensure(0, state.size, Priority.DEMAND))
             state.close()
-        else:  # a running peer: migrate its VM here
+        mount = work / "devices"
+        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
+        if switched_at is None and "state" not in manifest:  # a running peer: migrate it here
             self.summary.migrated = True
+            # QEMU starts now and waits for the state: its start is not downtime.
+            await self.machine.prepare_incoming()
             switched_at = await host.run(self._precopy_and_switch(work / "state"))
         self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
         if o.resume_threshold < 1.0:
             await self._wait_until_missing_at_most(o.resume_threshold)
-        mount = work / "devices"
-        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
+        timings = snapshot.Timings()
         try:
-            await asyncio.wait_for(snapshot.resume(self.machine, work / "state"), o.resume_timeout)
+            await asyncio.wait_for(
+                snapshot.resume(self.machine, work / "state", timings), o.resume_timeout
+            )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
         if switched_at is not None:
-            self.summary.downtime_s = time.monotonic() - switched_at
+            self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
+            self.summary.switch_s = time.monotonic() - switched_at
             self._done = asyncio.ensure_future(self._tell_done())
         if o.laddr:
             await self._serve(mount / "memory")
@@ -220,9 +229,11 @@ class Peer:
             await self._pull_missing()
         switched_at = time.monotonic()
         body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
-        dirty, state = decode_suspended(body)
+        dirty, self._paused_at, state = decode_suspended(body)
         for device in tracked:
             device.invalidate(dirty.get(device.name, []))
+        assert self.host is not None
+        await self.host.drop_cache(list(TRACKED))  # QEMU is up: no stale cached pages
         state_file.write_bytes(state)
         return switched_at
 
@@ -248,9 +259,10 @@ class Peer:
         machine = self.machine
         state_file = machine.run_dir.parent / "state"
 
-        async def suspend() -> bytes:
-            await snapshot.suspend(machine, state_file)
-            return state_file.read_bytes()
+        async def suspend() -> tuple[bytes, float]:
+            timings = snapshot.Timings()
+            await snapshot.suspend(machine, state_file, timings)
+            return state_file.read_bytes(), timings.paused_at
 
         async def resume_here() -> None:
             await machine.resume()

@@ -28,6 +28,8 @@ class Timings:
     pause_and_save: float = 0.0
     restore: float = 0.0
     after_resume: float = 0.0
+    paused_at: float = 0.0  # wall clock: when the VM stopped running (suspend)
+    resumed_at: float = 0.0  # wall clock: when it ran again (resume)
 
 
 async def boot_to_liveness(machine: QemuMachine, timeout: float = 300.0) -> float:
@@ -71,6 +73,7 @@ async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = N
     t.before_suspend = time.monotonic() - start
     start = time.monotonic()
     await machine.pause()
+    t.paused_at = time.time()
     await machine.save_state(state)
     fsync_file(Path(machine.config.memory))
     t.pause_and_save = time.monotonic() - start
@@ -84,6 +87,7 @@ async def resume(machine: QemuMachine, state: Path, timings: Timings | None = No
     await machine.restore(state)
     await machine.resume()
     t.restore = time.monotonic() - start
+    t.resumed_at = time.time()
     start = time.monotonic()
     try:
         async with AgentClient(machine.agent_socket) as agent:

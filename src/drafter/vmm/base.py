@@ -44,6 +44,9 @@ class Machine(Protocol):
     async def boot(self) -> None:
         """Start the VM from kernel, initramfs and disk."""
 
+    async def prepare_incoming(self) -> None:
+        """Optionally start the VMM early, waiting for the state :meth:`restore` brings."""
+
     async def restore(self, state: Path) -> None:
         """Start a VM paused, from device ``state`` plus the memory file."""
 

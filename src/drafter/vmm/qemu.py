@@ -180,10 +180,16 @@ class QemuMachine:
         await self._start(incoming=False)
         await self.resume()
 
+    async def prepare_incoming(self) -> None:
+        """Start the QEMU process that :meth:`restore` will use, ahead of time (it waits,
+        paused, for the state; this takes the process start out of a migration's downtime)."""
+        if self.process is None or self.process.returncode is not None:
+            await self._start(incoming=True)
+
     async def restore(self, state: Path) -> None:
         if not Path(state).is_file():
             raise DrafterError(f"state file {state} does not exist")
-        await self._start(incoming=True)
+        await self.prepare_incoming()
         await self._ignore_shared()
         await self._execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state))})
         await self._wait_migration("restore")
