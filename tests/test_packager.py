@@ -10,7 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import assert_one_line_error, command, copy_package, stop_process
+from conftest import CACHE, assert_one_line_error, command, copy_package, stop_process
+from drafter.blueprint.builder import BlueprintSpec, build
 from test_crash import children, wait_gone
 from test_errors import packager
 
@@ -56,6 +57,24 @@ def test_no_liveness_within_timeout(redis_blueprint, workdir: Path) -> None:
     result = packager(redis_blueprint, out, "--netns", "", "--liveness-timeout", "3")
     assert_one_line_error(result, "liveness within 3s")
     assert list(workdir.iterdir()) == []
+
+
+def test_agent_error_fails_the_packager_and_leaves_nothing(workdir: Path) -> None:
+    """A guest whose BeforeSuspend hook fails (a blueprint customized for it)."""
+    script = workdir / "failing-hook.sh"
+    script.write_text(
+        r"""sed -i "s|exec /usr/sbin/drafter-agent|exec /usr/sbin/drafter-agent """
+        r"""--before-suspend-cmd 'echo refusing >\&2; exit 3'|" /etc/init.d/drafter-agent"""
+        "\n"
+    )
+    bp_dir = workdir / "bp"
+    spec = BlueprintSpec(app="redis", customize_script=script.read_text())
+    blueprint = build(spec, bp_dir, CACHE)
+    out = workdir / "out.drft"
+    result = packager(blueprint, out, "--netns", "", "--memory-size", "256")
+    assert_one_line_error(result, "before_suspend failed", "exited with 3", "refusing")
+    assert not out.exists()
+    assert sorted(p.name for p in workdir.iterdir()) == ["bp", "failing-hook.sh"]
 
 
 def test_disk_full(redis_blueprint, network, workdir: Path) -> None:

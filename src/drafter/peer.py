@@ -276,7 +276,10 @@ class Peer:
         host, port = wire.parse_addr(o.laddr, "--laddr")
         ssl = wire.server_ssl_context(o.tls_cert, o.tls_key) if o.tls_cert and o.tls_key else None
         await self.host.run(self.server.start(host or None, port, ssl=ssl, token=o.token))
-        log.info("serving this VM for migration on %s", ", ".join(self.server.addresses))
+        where = ", ".join(self.server.addresses)
+        log.info("serving this VM for migration on %s", where)
+        if not o.token:
+            log.warning("no token set: anyone who reaches %s can take this VM", where)
 
     async def _wait_until_missing_at_most(self, fraction: float) -> None:
         assert self._pull is not None
