@@ -113,7 +113,8 @@ class Daemon:
             except queue.Empty:
                 raise AssertionError(f"no {word!r} line in {timeout}s: {self.lines}") from None
             if line is None:
-                raise AssertionError(f"exited before {word!r}: {self.lines}")
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"exited before {word!r}: {self.lines} {err}")
             self.lines.append(line)
             if word in line:
                 return line
