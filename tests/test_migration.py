@@ -105,6 +105,27 @@ def check_no_loss(address: str, writer: Writer) -> None:
     assert writes[: len(writer.acked)] == writer.acked, "acknowledged writes lost"
 
 
+class StderrWatch(threading.Thread):
+    """Collects a process's stderr lines so a test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.proc = proc
+        self.lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in {self.lines}"
+            time.sleep(0.005)
+
+
 def migrate(raddr: str, netns: str, workdir: Path, laddr: str, *extra: str):
     return peer(raddr, netns, workdir, *extra, laddr=laddr)
 
@@ -180,14 +201,16 @@ def test_rollback_when_the_destination_dies_in_precopy(seeded_package, network, 
         port = free_port()
         source = stack.enter_context(migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}"))
         wait_resumed(source)
+        events = StderrWatch(source)
         with writing([address]) as writer:
             dest = stack.enter_context(
                 migrate(f"127.0.0.1:{port}", network.name(1), workdir, "", "--pull-workers", "1")
             )
-            time.sleep(0.7)  # pre-copy is under way
-            assert dest.poll() is None
-            dest.kill()
+            events.wait_for("pre-copy starts")  # the source logs the offer
+            dest.kill()  # while it pulls, long before switch-over
             dest.wait()
+            assert not any("switched over" in line for line in events.lines)
+            events.wait_for("left before switch-over")
             time.sleep(2)
             acked = len(writer.acked)
             time.sleep(1)
