@@ -31,6 +31,8 @@ def raw_terminal(fd: int) -> Iterator[None]:
 
 async def attach(socket: Path, enable_input: bool, enable_output: bool) -> None:
     """Copy console output to stdout and stdin to the console until cancelled."""
+    if not (enable_input or enable_output):
+        return  # leave the console free (it takes one client at a time)
     reader, writer = await asyncio.open_unix_connection(str(socket))
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
@@ -52,15 +54,11 @@ async def attach(socket: Path, enable_input: bool, enable_output: bool) -> None:
         finally:
             loop.remove_reader(fd)
 
-    if enable_output or enable_input:
-        tasks.append(asyncio.create_task(pump_out()))
+    tasks.append(asyncio.create_task(pump_out()))
     if enable_input:
         tasks.append(asyncio.create_task(pump_in()))
     try:
-        if tasks:
-            await asyncio.gather(*tasks)
-        else:
-            await asyncio.Event().wait()
+        await asyncio.gather(*tasks)
     finally:
         for t in tasks:
             t.cancel()
