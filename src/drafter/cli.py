@@ -39,8 +39,8 @@ def setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("drafter").setLevel(level)
-    if verbose:
-        logging.getLogger("qemu").setLevel(logging.INFO)
+    # qemu.qmp logs connection attempts we retry on purpose; show them only with -v.
+    logging.getLogger("qemu").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 def require_root(prog: str) -> None:

@@ -155,14 +155,20 @@ class QemuMachine:
     async def _connect_qmp(self, timeout: float = 20.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self.qmp_socket.exists():
+        while True:
             await self.check_alive()
+            if self.qmp_socket.exists():
+                qmp = QMPClient("drafter")
+                try:
+                    # The socket file appears at bind(), a moment before listen().
+                    await qmp.connect(str(self.qmp_socket))
+                    self.qmp = qmp
+                    return
+                except (QMPError, OSError):
+                    pass
             if loop.time() > deadline:
                 raise DrafterError("QEMU did not open its QMP socket")
             await asyncio.sleep(0.02)
-        qmp = QMPClient("drafter")
-        await qmp.connect(str(self.qmp_socket))
-        self.qmp = qmp
 
     async def check_alive(self) -> None:
         """Raise DrafterError if the QEMU process has exited."""
