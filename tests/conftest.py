@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from drafter.blueprint.builder import Blueprint, BlueprintSpec, build
+from drafter.devicefs import unmount_stale_under
 from drafter.network import NamespaceInfo, namespace_info
 from drafter.vmm import MachineConfig, QemuMachine
 
@@ -38,6 +39,18 @@ TEST_CIDR_BASE = int(os.environ.get("DRAFTER_TEST_CIDR_BASE", "230"))
 
 def command(name: str) -> str:
     return str(BIN / name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole session: no FUSE mount of a test remains (fails the run if so)."""
+    yield
+    mounts = [
+        line.split()[1]
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if " fuse" in line and "drafter-test-" in line
+    ]
+    assert mounts == [], f"tests left FUSE mounts behind: {mounts}"
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +70,8 @@ def workdir() -> Iterator[Path]:
     try:
         yield path
     finally:
+        # A process killed on purpose (SIGKILL) leaves its FUSE mount behind.
+        unmount_stale_under(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -47,7 +47,7 @@ def peer(
     try:
         yield proc
     finally:
-        stop_process(proc, signal.SIGKILL if proc.poll() is None else signal.SIGINT)
+        stop_process(proc)  # Ctrl-C first: the peer removes its mount and cache
 
 
 def wait_resumed(proc: subprocess.Popen) -> str:

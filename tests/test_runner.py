@@ -40,7 +40,7 @@ def runner(package: Path, netns: str, *extra: str) -> Iterator[subprocess.Popen]
     try:
         yield proc
     finally:
-        stop_process(proc, signal.SIGKILL if proc.poll() is None else signal.SIGINT)
+        stop_process(proc)  # Ctrl-C first: the runner removes its mount
 
 
 def ctrl_c(proc: subprocess.Popen) -> None:
