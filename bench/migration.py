@@ -20,9 +20,7 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,11 +32,11 @@ from qemu.qmp import EventListener
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common import BIN, first_reply, free_port
 from drafter import snapshot
 from drafter.network import Network, NetworkConfig
 from drafter.vmm import MachineConfig, QemuMachine
 
-BIN = Path(sys.executable).parent
 MEMORY_MIB = 512
 
 
@@ -93,27 +91,6 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_redis(address: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if redis.Redis(host=address, socket_timeout=1, socket_connect_timeout=0.3).ping():
-                return
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-# -- ours --------------------------------------------------------------------------
-
-
 def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, Any]:
     package = work / "redis.drft"
     subprocess.run(
@@ -149,7 +126,7 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, An
         source = peer(f"127.0.0.1:{reg_port}", nets[0].namespace, f"127.0.0.1:{port}")
         assert source.stdout is not None
         source.stdout.readline()
-        wait_redis(nets[0].external_address)
+        first_reply(nets[0].external_address)
         writer.start()
         time.sleep(2)
         for hop in range(1, migrations + 1):
@@ -222,7 +199,7 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
     writer = Writer([n.external_address for n in nets])
     try:
         await snapshot.boot_to_liveness(source, 300)
-        wait_redis(nets[0].external_address)
+        first_reply(nets[0].external_address)
         writer.start()
         await asyncio.sleep(2)
         for hop in range(1, migrations + 1):

@@ -20,40 +20,18 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import redis
-
+from common import BIN, first_reply, free_port
 from drafter.device import Priority
 from drafter.network import Network, NetworkConfig
 from drafter.package import PackageConfig, write_package
 from drafter.remote import RemoteSource
 
-BIN = Path(sys.executable).parent
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def first_reply(address: str, timeout: float = 120) -> None:
-    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.002)
 
 
 def start_registry(package: Path) -> tuple[subprocess.Popen[str], str]:

@@ -14,29 +14,14 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
+from common import BIN, first_reply
 from drafter.network import Network, NetworkConfig
-
-BIN = Path(sys.executable).parent
-
-
-def first_reply(address: str, timeout: float = 60) -> None:
-    client = redis.Redis(host=address, socket_timeout=2, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.002)
 
 
 def measure(package: Path, netns: str, address: str, rounds: int) -> dict[str, object]:

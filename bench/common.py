@@ -1,0 +1,32 @@
+"""Helpers the bench scripts share: our commands, free ports, waiting for Redis."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+BIN = Path(sys.executable).parent  # the venv's bin: drafter-* commands
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def first_reply(address: str, timeout: float = 120) -> None:
+    """Wait until Redis at ``address`` answers PING (polling every 2 ms)."""
+    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
