@@ -24,13 +24,14 @@ from typing import Any
 import pytest
 
 from conftest import assert_one_line_error, command, run_command, stop_process
-from drafter import wire
 from drafter.errors import DrafterError
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
-from drafter.registry import PackageProvider
-from drafter.remote import Priority, RemoteSource
-from drafter.server import ChunkServer
-from drafter.wire import ErrorCode, MsgType
+from drafter.transport import protocol as wire
+from drafter.transport import security
+from drafter.transport.client import Priority, RemoteSource
+from drafter.transport.protocol import ErrorCode, MsgType
+from drafter.transport.registry import PackageProvider
+from drafter.transport.server import ChunkServer
 
 CHUNK = 64 * 1024
 MIB = 1 << 20

@@ -32,8 +32,10 @@ class Priority(IntEnum):
     BACKGROUND = 1
 
 
-# Fetches chunk ``index`` of a device from elsewhere (a registry or a peer).
-Fetcher = Callable[[int, Priority], Awaitable[bytes]]
+# Fetches chunk ``index`` of a device from elsewhere (a registry or a peer), given the
+# hash it must have if known; returns the verified bytes and their hash.
+Fetcher = Callable[[int, Priority, bytes | None], Awaitable[tuple[bytes, bytes]]]
+ZERO_HASH = bytes(32)  # the wire's marker hash of an all-zero chunk
 
 
 class MissingChunkError(DrafterError):
@@ -101,6 +103,34 @@ class Device:
         self.fetcher = fetcher
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self.fetched_bytes = 0
+        # The content hash of each chunk where it is known (from the remote's manifest
+        # or the chunk's verified fetch); None once the chunk changed here.
+        self.hashes: list[bytes | None] = [None] * self.chunks
+        # Chunks read since recording started (what a resumed VM touches first).
+        self.recording: set[int] | None = None
+
+    def expect(self, hashes: list[bytes]) -> None:
+        """The remote's hash of every chunk; all-zero chunks become local at once."""
+        if len(hashes) != self.chunks:
+            raise DrafterError(f"device {self.name}: {len(hashes)} hashes for {self.chunks} chunks")
+        with self._lock:
+            for index, h in enumerate(hashes):
+                if self.local[index]:
+                    continue
+                self.hashes[index] = h
+                if h == ZERO_HASH:  # the overlay is sparse: its bytes are zeros already
+                    self.local[index] = 1
+
+    def fill(self, index: int, data: bytes, digest: bytes) -> None:
+        """Chunk ``index`` is ``data`` (found elsewhere on this host with the same hash)."""
+        with self._lock:
+            if self.local[index]:
+                return
+            if len(data) != self._chunk_length(index):
+                raise DrafterError(f"device {self.name}: chunk {index} of a wrong size")
+            os.pwrite(self._overlay_fd, data, index * self.chunk_size)
+            self.local[index] = 1
+            self.hashes[index] = digest
 
     # -- remote source -----------------------------------------------------------
 
@@ -130,13 +160,14 @@ class Device:
 
     async def _fetch(self, index: int, priority: Priority) -> None:
         assert self.fetcher is not None
-        data = await self.fetcher(index, priority)
+        data, digest = await self.fetcher(index, priority, self.hashes[index])
         if len(data) != self._chunk_length(index):
             raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
         with self._lock:
             if not self.local[index]:  # a whole-chunk write may have landed meanwhile
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size)
                 self.local[index] = 1
+                self.hashes[index] = digest
                 self.fetched_bytes += len(data)
 
     async def ensure(
@@ -177,6 +208,9 @@ class Device:
         size = max(0, min(size, self.size - offset))
         out = bytearray()
         with self._lock:
+            if self.recording is not None and size:
+                last = (offset + size - 1) // self.chunk_size
+                self.recording.update(range(offset // self.chunk_size, last + 1))
             pos = offset
             end = offset + size
             while pos < end:
@@ -195,6 +229,19 @@ class Device:
                     out += self._read_base(pos, run_end - pos)
                 pos = run_end
         return bytes(out)
+
+    def read_chunk(self, index: int) -> tuple[bytes, bytes | None]:
+        """Chunk ``index`` (local) and its hash if known, read together."""
+        with self._lock:
+            start = index * self.chunk_size
+            length = self._chunk_length(index)
+            if not self.local[index]:
+                if self.fetcher is not None:
+                    raise MissingChunkError(self.name, index)
+                data = self._read_base(start, length)
+            else:
+                data = os.pread(self._overlay_fd, length, start)
+            return data, self.hashes[index]
 
     def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
@@ -215,6 +262,7 @@ class Device:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
                     self.local[index] = 1
                 self.dirty.add(index)
+                self.hashes[index] = None
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
 
@@ -230,6 +278,7 @@ class Device:
                 if self.local[index]:
                     self.local[index] = 0
                     self.dirty.discard(index)
+                self.hashes[index] = None
 
     def take_dirty(self) -> set[int]:
         """The chunks written since the last call (a sync point), and reset."""

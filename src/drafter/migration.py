@@ -24,7 +24,14 @@ from typing import Any
 
 from drafter.device import Device, Priority
 from drafter.snapshot import fsync_file
-from drafter.wire import ErrorCode, MsgType, ProtocolError
+from drafter.transport.hashes import chunk_hash
+from drafter.transport.protocol import (
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    is_chunk_lists,
+    loads_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +53,28 @@ def encode_suspended(dirty: dict[str, list[int]], state: bytes, paused_at: float
 
 
 def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], float, bytes]:
+    """The switch-over answer from a source; ProtocolError if it is malformed."""
+    if len(body) < _SUSPENDED_HEAD.size:
+        raise ProtocolError(ErrorCode.PROTOCOL, "malformed switch-over answer")
     (length,) = _SUSPENDED_HEAD.unpack_from(body)
-    head = json.loads(body[4 : 4 + length])
-    dirty = {k: [int(i) for i in v] for k, v in head["dirty"].items()}
-    return dirty, float(head.get("paused_at", 0.0)), body[4 + length :]
+    head = loads_json(
+        body[4 : 4 + length],
+        "switch-over answer",
+        lambda v: (
+            isinstance(v, dict)
+            and is_chunk_lists(v.get("dirty"), TRACKED)
+            and isinstance(v.get("paused_at", 0.0), (int, float))
+        ),
+    )
+    return head["dirty"], float(head.get("paused_at", 0.0)), body[4 + length :]
+
+
+def decode_dirty(body: bytes) -> dict[str, list[int]]:
+    """A dirty-list answer from a source; ProtocolError if it is malformed."""
+    value: dict[str, list[int]] = loads_json(
+        body, "dirty list", lambda v: is_chunk_lists(v, TRACKED)
+    )
+    return value
 
 
 class VMControl:
@@ -95,6 +120,7 @@ class MigrationSource:
         self.chunk_size = next(iter(devices.values())).chunk_size
         self.phase = Phase.IDLE
         self.migrating: object | None = None  # the destination's connection
+        self.hot_chunks: dict[str, list[int]] = {}  # what the VM touched after its resume
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
 
@@ -107,11 +133,29 @@ class MigrationSource:
     def config(self) -> bytes:
         return self._config
 
-    async def read_chunk(self, resource: str, index: int) -> bytes:
+    async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
         device = self.devices[resource]
         await device.ensure_chunk(index, Priority.DEMAND)  # a chain: may still be pulling
-        start = index * device.chunk_size
-        return device.read(start, min(device.chunk_size, device.size - start))
+        return device.read_chunk(index)
+
+    async def hashes(self, resource: str) -> list[bytes]:
+        """Every chunk's hash; chunks changed here since they were hashed are read again."""
+        device = self.devices[resource]
+
+        def compute() -> list[bytes]:
+            out = []
+            for index, known in enumerate(device.hashes):
+                if known is None:
+                    data, known = device.read_chunk(index)
+                    if known is None:
+                        known = chunk_hash(data)
+                out.append(known)
+            return out
+
+        return await asyncio.to_thread(compute)
+
+    def hot(self) -> dict[str, list[int]]:
+        return dict(self.hot_chunks)
 
     # -- control calls ---------------------------------------------------------------
 
@@ -125,9 +169,11 @@ class MigrationSource:
                 raise ProtocolError(ErrorCode.BUSY, f"a migration is already {self.phase.value}")
             self.phase = Phase.PRECOPY
             self.migrating = conn
-            await self._collect_dirty()  # from now on, dirty means "since the offer"
+            # What changed since it was last collected, the destination's hashes of it
+            # included: it must not trust those. From now on, dirty means "since the offer".
+            dirty = await self._collect_dirty()
             log.info("migration offered: pre-copy starts; the VM keeps running")
-            return b""
+            return json.dumps(dirty).encode()
         if kind == MsgType.DIRTY_LIST:
             self._expect(conn, Phase.PRECOPY)
             return json.dumps(await self._collect_dirty()).encode()

@@ -23,6 +23,9 @@ from drafter.vmm.base import MachineConfig
 FORMAT_VERSION = 1
 ALIGN = 4096
 RESOURCES = ("config", "state", "memory", "kernel", "initramfs", "disk")
+HOT_MEMBER = "drafter.drfthot"  # optional: byte ranges a resumed VM touches first
+MAX_HOT_SIZE = 1 << 20
+HotRanges = dict[str, list[tuple[int, int]]]  # resource -> [(offset, length), ...]
 
 
 def member_name(resource: str) -> str:
@@ -101,6 +104,7 @@ class Package:
     path: Path
     config: PackageConfig
     members: dict[str, Member]
+    hot: HotRanges = field(default_factory=dict)
 
     def range(self, resource: str) -> FileRange:
         m = self.members[resource]
@@ -120,12 +124,18 @@ def open_package(path: Path) -> Package:
         raise DrafterError(f"package {path} does not exist")
     file_size = path.stat().st_size
     members: dict[str, Member] = {}
+    hot_member: Member | None = None
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 name = info.name
                 if name.startswith("/") or ".." in name.split("/") or "/" in name:
                     raise DrafterError(f"{path}: member {name!r} tries to escape the package")
+                if name == HOT_MEMBER:
+                    if not info.isfile() or info.size > MAX_HOT_SIZE:
+                        raise DrafterError(f"{path}: member {name} is not a small regular file")
+                    hot_member = Member("hot", info.offset_data, info.size)
+                    continue
                 resource = name.removeprefix("drafter.drft")
                 if not name.startswith("drafter.drft") or resource not in RESOURCES:
                     continue  # unknown members are ignored, for forward compatibility
@@ -149,7 +159,61 @@ def open_package(path: Path) -> Package:
     for resource, size in pkg.config.sizes.items():
         if resource in members and members[resource].size != size:
             raise DrafterError(f"{path}: {member_name(resource)} size differs from the config")
+    if hot_member is not None:
+        if hot_member.offset + hot_member.size > file_size:
+            raise DrafterError(f"{path}: the package is truncated (in {HOT_MEMBER})")
+        with path.open("rb") as f:
+            f.seek(hot_member.offset)
+            pkg.hot = parse_hot(f.read(hot_member.size), {r: m.size for r, m in members.items()})
     return pkg
+
+
+def parse_hot(data: bytes, sizes: dict[str, int]) -> HotRanges:
+    """The hot member: ``{"memory": [[offset, length], ...], ...}`` within the resources."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
+        raise DrafterError(f"{HOT_MEMBER} is not valid JSON") from None
+    hot: HotRanges = {}
+    if not isinstance(raw, dict):
+        raise DrafterError(f"{HOT_MEMBER} is not a JSON object")
+    for resource, ranges in raw.items():
+        if resource not in sizes or resource == "config" or not isinstance(ranges, list):
+            raise DrafterError(f"{HOT_MEMBER}: bad entry {resource!r}")
+        out = []
+        for item in ranges:
+            ok = (
+                isinstance(item, list)
+                and len(item) == 2
+                and all(type(v) is int for v in item)
+                and item[0] >= 0
+                and item[1] > 0
+                and item[0] + item[1] <= sizes[resource]
+            )
+            if not ok:
+                raise DrafterError(f"{HOT_MEMBER}: bad range in {resource}")
+            out.append((item[0], item[1]))
+        hot[resource] = out
+    return hot
+
+
+def hot_ranges(chunks: dict[str, list[int]], chunk_size: int, sizes: dict[str, int]) -> HotRanges:
+    """Chunk indices (of ``chunk_size``) as merged byte ranges, per resource."""
+    hot: HotRanges = {}
+    for resource, indices in chunks.items():
+        ranges: list[tuple[int, int]] = []
+        for index in sorted(set(indices)):
+            start = index * chunk_size
+            length = min(chunk_size, sizes[resource] - start)
+            if length <= 0:
+                continue
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((start, length))
+        if ranges:
+            hot[resource] = ranges
+    return hot
 
 
 def _header(name: str, size: int, offset: int) -> bytes:
@@ -191,8 +255,14 @@ class Source(Protocol):
     def copy_to(self, dst_fd: int, dst_offset: int) -> None: ...
 
 
-def write_package(path: Path, config: PackageConfig, sources: dict[str, Source | Path]) -> None:
-    """Write a package atomically from its resources (files or devices)."""
+def write_package(
+    path: Path,
+    config: PackageConfig,
+    sources: dict[str, Source | Path],
+    hot: HotRanges | None = None,
+) -> None:
+    """Write a package atomically from its resources (files or devices), with the
+    ranges a resumed VM touches first when ``hot`` is given."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     ranges: dict[str, Source] = {}
@@ -215,6 +285,11 @@ def write_package(path: Path, config: PackageConfig, sources: dict[str, Source |
                 else:
                     ranges[resource].copy_to(fd, offset)
                 offset += (size + 511) // 512 * 512
+            if hot:
+                body = json.dumps({r: [list(x) for x in v] for r, v in hot.items()}).encode()
+                head = _header(HOT_MEMBER, len(body), offset)
+                os.pwrite(fd, head + body, offset)
+                offset += len(head) + (len(body) + 511) // 512 * 512
             end = offset + 2 * 512  # two zero blocks end a tar
             end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
             os.ftruncate(fd, end)

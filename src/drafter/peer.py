@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -21,17 +20,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drafter import snapshot, wire
+from drafter import snapshot
 from drafter.agent_client import AgentClient
 from drafter.device import Device, Fetcher, Priority
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
-from drafter.migration import TRACKED, MigrationSource, VMControl, decode_suspended
-from drafter.package import PackageConfig, Source, write_package
-from drafter.remote import RemoteSource
-from drafter.server import ChunkServer
+from drafter.migration import (
+    TRACKED,
+    MigrationSource,
+    VMControl,
+    decode_dirty,
+    decode_suspended,
+)
+from drafter.package import PackageConfig, Source, hot_ranges, open_package, write_package
+from drafter.transport import protocol as wire
+from drafter.transport import security
+from drafter.transport.client import RemoteSource
+from drafter.transport.hashes import file_hashes
+from drafter.transport.protocol import MsgType
+from drafter.transport.server import ChunkServer
 from drafter.vmm.qemu import QemuMachine
-from drafter.wire import MsgType
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,14 @@ class PeerOptions:
     netns: str | None
     token: str | None = None
     tls_ca: str | None = None
-    pull_workers: int = 4
+    # Most background chunks requested at once; the client's window bounds the bytes.
+    pull_workers: int = 512
+    compress: str = "auto"  # zstd on long links ("auto"), always ("zstd") or never
+    # A package on this host: chunks whose hash matches are taken from it, not moved.
+    local_package: Path | None = None
+    # Seconds after the resume during which the chunks the VM reads are recorded as
+    # its hot set (sent first to the next host).
+    hot_window: float = 3.0
     # Fraction of the VM's bytes that may still be missing when the VM resumes:
     # 1 resumes at once (everything lazily), 0 waits until everything is local.
     resume_threshold: float = 1.0
@@ -78,9 +93,14 @@ class MigrationSummary:
     downtime_s: float = 0.0  # the VM paused at the source to running here (wall clocks)
     switch_s: float = 0.0  # switch-over asked to AfterResume done
     moved: dict[str, int] = field(default_factory=dict)  # resource -> bytes fetched
+    reused: int = 0  # bytes taken from a local package instead of moved
+    wire_bytes: int = 0  # chunk payload bytes that crossed the network (compressed)
 
     def line(self) -> str:
         moved = ", ".join(f"{k} {v / (1 << 20):.1f} MiB" for k, v in self.moved.items())
+        moved += f"; {self.wire_bytes / (1 << 20):.1f} MiB on the wire"
+        if self.reused:
+            moved += f", {self.reused / (1 << 20):.1f} MiB reused from a local package"
         if not self.migrated:
             return f"started from {self.source} in {self.total_s * 1000:.0f} ms; moved {moved}"
         return (
@@ -119,6 +139,7 @@ class Peer:
         self.source: MigrationSource | None = None
         self._done: asyncio.Future[None] | None = None
         self._paused_at = 0.0
+        self.hot: dict[str, list[int]] = {}  # chunks the VM read after its resume
 
     # -- start -----------------------------------------------------------------
 
@@ -142,7 +163,11 @@ class Peer:
         self.work = work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
         self.host = host = DeviceHost()
         self.remote = remote = RemoteSource(
-            o.raddr, token=o.token, tls_ca=o.tls_ca, retry_timeout=o.retry_timeout
+            o.raddr,
+            token=o.token,
+            tls_ca=o.tls_ca,
+            retry_timeout=o.retry_timeout,
+            compress=o.compress,
         )
         await host.run(remote.connect())
         self.config = PackageConfig.from_json(remote.config, o.raddr)
@@ -154,8 +179,10 @@ class Peer:
             raise DrafterError(f"{o.raddr}: memory size differs from its config")
 
         def fetcher(resource: str) -> Fetcher:
-            async def fetch(index: int, priority: Priority) -> bytes:
-                return await remote.fetch(resource, index, priority)
+            async def fetch(
+                index: int, priority: Priority, expected: bytes | None
+            ) -> tuple[bytes, bytes]:
+                return await remote.fetch_chunk(resource, index, priority, expected)
 
             return fetch
 
@@ -169,6 +196,9 @@ class Peer:
                 chunk_size=remote.chunk_size,
                 fetcher=fetcher(name),
             )
+            self.devices[name].expect(remote.hashes[name])
+        if o.local_package is not None:
+            await asyncio.to_thread(self._take_local_chunks, o.local_package)
         self.progress.total = sum(d.size for d in self.devices.values())
         host.mount(list(self.devices.values()), work / "devices")
         switched_at: float | None = None
@@ -182,7 +212,10 @@ class Peer:
                 chunk_size=remote.chunk_size,
                 fetcher=fetcher("state"),
             )
-            await host.run(state.ensure(0, state.size, Priority.DEMAND))
+            state.expect(remote.hashes["state"])
+            # The state and the chunks a resumed VM touches first, all at once: one
+            # round trip, not one per page fault after the resume.
+            await host.run(self._fetch_first(state))
             state.close()
         mount = work / "devices"
         self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
@@ -201,6 +234,7 @@ class Peer:
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
+        self._record_hot()
         if switched_at is not None:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at
@@ -208,15 +242,68 @@ class Peer:
         if o.laddr:
             await self._serve(mount / "memory")
 
+    def _record_hot(self) -> None:
+        """Record what the VM reads in its first moments: the next host's hot set."""
+        for name in ("memory", "disk"):
+            self.devices[name].recording = set()
+
+        def stop() -> None:
+            for name in ("memory", "disk"):
+                device = self.devices[name]
+                touched, device.recording = device.recording or set(), None
+                self.hot[name] = sorted(touched)
+            if self.source is not None:
+                self.source.hot_chunks = dict(self.hot)
+            log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
+
+        asyncio.get_running_loop().call_later(self.options.hot_window, stop)
+
+    async def _fetch_first(self, state: Device) -> None:
+        """The state and the remote's hot chunks, in parallel, on demand (device loop)."""
+        assert self.remote is not None
+        waits = [state.ensure(0, state.size, Priority.DEMAND)]
+        for name, indices in self.remote.hot.items():
+            device = self.devices.get(name)
+            if device is not None:
+                waits += [device.ensure_chunk(i, Priority.DEMAND) for i in indices]
+        await asyncio.gather(*waits)
+        hot = sum(len(v) for v in self.remote.hot.values())
+        log.debug("state and %d hot chunk(s) are local", hot)
+
+    def _take_local_chunks(self, path: Path) -> None:
+        """Chunks of a local package whose hashes match the remote's: copied, not moved."""
+        package = open_package(path)
+        taken = 0
+        fd = os.open(package.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for name, device in self.devices.items():
+                member = package.members.get(name)
+                if member is None or member.size != device.size:
+                    continue
+                local = file_hashes(fd, member.offset, member.size, device.chunk_size)
+                for index, (mine, theirs) in enumerate(zip(local, device.hashes, strict=True)):
+                    if mine == theirs and mine != wire.ZERO_HASH and not device.local[index]:
+                        start = index * device.chunk_size
+                        length = min(device.chunk_size, device.size - start)
+                        device.fill(index, os.pread(fd, length, member.offset + start), mine)
+                        taken += length
+        finally:
+            os.close(fd)
+        self.summary.reused = taken
+        log.info("took %d MiB from %s instead of moving them", taken >> 20, path)
+
     async def _precopy_and_switch(self, state_file: Path) -> float:
         """Pre-copy rounds then switch-over (device loop); returns when it was asked."""
         assert self.remote is not None
         o = self.options
-        await self.remote.call(MsgType.MIGRATE_OFFER)
         tracked = [self.devices[name] for name in TRACKED]
+        # What changed at the source since it hashed the chunks for us: fetch it again.
+        changed = decode_dirty(await self.remote.call(MsgType.MIGRATE_OFFER))
+        for device in tracked:
+            device.invalidate(changed.get(device.name, []))
         for _ in range(max(0, o.precopy_rounds)):  # 0 rounds: pure post-copy
             await self._pull_missing()
-            dirty = json.loads(await self.remote.call(MsgType.DIRTY_LIST))
+            dirty = decode_dirty(await self.remote.call(MsgType.DIRTY_LIST))
             self.summary.rounds += 1
             dirty_bytes = 0
             for device in tracked:
@@ -249,7 +336,8 @@ class Peer:
                 device, index = queue.get_nowait()
                 await device.ensure_chunk(index, Priority.BACKGROUND)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, self.options.pull_workers))))
+        workers = min(queue.qsize(), max(1, self.options.pull_workers))
+        await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def _serve(self, memory_file: Path) -> None:
         """Serve this VM on ``laddr`` so another peer can migrate it away."""
@@ -274,12 +362,10 @@ class Peer:
                                       grace=o.grace)  # fmt: skip
         self.server = ChunkServer(self.source)
         host, port = wire.parse_addr(o.laddr, "--laddr")
-        ssl = wire.server_ssl_context(o.tls_cert, o.tls_key) if o.tls_cert and o.tls_key else None
+        ssl = security.tls_server_options(o.tls_cert, o.tls_key)
         await self.host.run(self.server.start(host or None, port, ssl=ssl, token=o.token))
         where = ", ".join(self.server.addresses)
         log.info("serving this VM for migration on %s", where)
-        if not o.token:
-            log.warning("no token set: anyone who reaches %s can take this VM", where)
 
     async def _wait_until_missing_at_most(self, fraction: float) -> None:
         assert self._pull is not None
@@ -314,9 +400,8 @@ class Peer:
                 )
                 self._report()
 
-        workers = [
-            asyncio.ensure_future(worker()) for _ in range(max(1, self.options.pull_workers))
-        ]
+        count = min(queue.qsize(), max(1, self.options.pull_workers))
+        workers = [asyncio.ensure_future(worker()) for _ in range(count)]
         try:
             await asyncio.gather(*workers)
         finally:
@@ -325,6 +410,8 @@ class Peer:
         self.progress.done = self.progress.total
         self.progress.finished = time.monotonic()
         self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
+        assert self.remote is not None
+        self.summary.wire_bytes = self.remote.stats.wire_bytes
         self._report()
 
     async def _tell_done(self) -> None:
@@ -360,7 +447,9 @@ class Peer:
         await snapshot.suspend(self.machine, self.work / "state")
         await self.machine.stop()
         sources: dict[str, Source | Path] = {"state": self.work / "state", **self.devices}
-        await asyncio.to_thread(write_package, output, self.config, sources)
+        sizes = {name: d.size for name, d in self.devices.items()}
+        hot = hot_ranges(self.hot, self.devices["memory"].chunk_size, sizes)
+        await asyncio.to_thread(write_package, output, self.config, sources, hot)
 
     async def close(self) -> None:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""

@@ -27,10 +27,12 @@ from drafter.device import Device
 from drafter.devicefs import Mount, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.package import (
+    HotRanges,
     Package,
     PackageConfig,
     Source,
     copy_file_sparse,
+    hot_ranges,
     open_package,
     write_package,
 )
@@ -80,8 +82,14 @@ async def package_blueprint(
     netns: str | None,
     shape: VMShape,
     liveness_timeout: float = 300.0,
+    hot_window: float = 2.0,
 ) -> snapshot.Timings:
-    """Boot ``blueprint``, wait for liveness, snapshot, write the package ``output``."""
+    """Boot ``blueprint``, wait for liveness, snapshot, write the package ``output``.
+
+    With ``hot_window`` > 0 the package is then resumed once for that many seconds to
+    record the chunks a resumed VM touches first (its hot set), and snapshotted again
+    with that record, so a peer can fetch them before the resume, all at once.
+    """
     for what, path in (("kernel", blueprint.kernel), ("initramfs", blueprint.initramfs),
                        ("disk", blueprint.disk)):  # fmt: skip
         if not Path(path).is_file():
@@ -121,9 +129,13 @@ async def package_blueprint(
                 "disk": disk,
             },
         )
-        return timings
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if hot_window > 0:
+        async with LocalVM(output, netns, accel=shape.accel, hot_window=hot_window) as vm:
+            await asyncio.sleep(hot_window)
+            await vm.suspend_and_flush()
+    return timings
 
 
 @dataclass
@@ -141,11 +153,15 @@ class LocalVM:
     netns: str | None
     persist: bool = True
     accel: str = "auto"
+    # Seconds after the resume during which reads are recorded as the hot set that
+    # the next flush stores in the package (0: keep the package's hot set).
+    hot_window: float = 3.0
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
     machine: QemuMachine | None = None
     mount: Mount | None = None
     _work: Path | None = None
+    _hot: dict[str, list[int]] | None = None
 
     async def __aenter__(self) -> LocalVM:
         await self.resume()
@@ -170,11 +186,35 @@ class LocalVM:
             self.mount = Mount(devices, work / "devices").open()
             config = pkg.config.machine(self.mount.mountpoint, self.netns, self.accel)
             self.machine = QemuMachine(config, work / "run")
+            if self.hot_window > 0:
+                for device in devices[:2]:  # memory and disk
+                    device.recording = set()
             await snapshot.resume(self.machine, work / "state", self.timings)
+            if self.hot_window > 0:
+                asyncio.get_running_loop().call_later(self.hot_window, self._stop_recording)
         except BaseException:
             await self.close()
             raise
         log.info("resumed %s in %.2fs", self.package_path, time.monotonic() - start)
+
+    def _stop_recording(self) -> None:
+        if self.mount is None or self._hot is not None:
+            return
+        self._hot = {}
+        for name in ("memory", "disk"):
+            device = self.mount.devices[name]
+            touched, device.recording = device.recording, None
+            if touched:
+                self._hot[name] = sorted(touched)
+
+    def hot(self) -> HotRanges:
+        """What the next flush stores as the hot set (the package's, if none recorded)."""
+        self._stop_recording()
+        if not self._hot or self.mount is None or self.package is None:
+            return self.package.hot if self.package is not None else {}
+        devices = self.mount.devices
+        sizes = {name: d.size for name, d in devices.items()}
+        return hot_ranges(self._hot, devices["memory"].chunk_size, sizes)
 
     async def suspend_and_flush(self) -> float:
         """BeforeSuspend, snapshot, and (with persist) replace the package atomically."""
@@ -189,7 +229,9 @@ class LocalVM:
         if self.persist:
             devices = self.mount.devices
             sources: dict[str, Source | Path] = {"state": work / "state", **devices}
-            await asyncio.to_thread(write_package, self.package_path, self.package.config, sources)
+            await asyncio.to_thread(
+                write_package, self.package_path, self.package.config, sources, self.hot()
+            )
         took = time.monotonic() - start
         log.info("flushed the snapshot to %s in %.2fs", self.package_path, took)
         return took

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--liveness-vsock-port", type=int, default=25, help="seed compatibility")
     p.add_argument("--agent-vsock-port", type=int, default=26, help="seed compatibility")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--hot-window", type=float, default=2.0,
+                   help="seconds of a trial resume that record the chunks a resumed VM "
+                   "touches first, for peers to fetch before resuming (0: skip)")  # fmt: skip
     p.add_argument("--enable-input", action="store_true", help="(accepted; console in logs)")
     p.add_argument("--enable-output", action="store_true", help="(accepted; console in logs)")
     args = p.parse_args(argv)
@@ -41,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = VMShape(args.memory_size, args.cpu_count, args.boot_args, accel=args.accel)
         out = Path(args.package_output_path)
         t = asyncio.run(
-            package_blueprint(blueprint, out, args.netns or None, shape, args.liveness_timeout)
+            package_blueprint(
+                blueprint, out, args.netns or None, shape, args.liveness_timeout, args.hot_window
+            )
         )
         print(f"package written to {out} (guest live after {t.boot_to_liveness:.1f}s)")
         return 0

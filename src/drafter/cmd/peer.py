@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -14,24 +13,13 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from drafter import cli, console
-from drafter.errors import DrafterError
 from drafter.peer import Peer, PeerOptions, PullProgress
+from drafter.transport import protocol as wire
+from drafter.transport import security
 
 PROG = "drafter-peer"
+DEFAULT_LADDR = ":1338"
 log = logging.getLogger("drafter")
-
-
-def read_token(token_file: str) -> str | None:
-    """The shared token: from --token-file, else $DRAFTER_TOKEN, else none."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as e:
-            raise DrafterError(f"cannot read --token-file: {e.strerror}") from None
-        if not token:
-            raise DrafterError(f"--token-file {token_file} is empty")
-        return token
-    return os.environ.get("DRAFTER_TOKEN") or None
 
 
 def progress_reporter(peer: Peer) -> tuple[object, contextlib.AbstractContextManager[object]]:
@@ -71,10 +59,16 @@ async def run(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    token = security.load_token(a.token_file)
+    laddr = ""
+    if a.laddr != "":
+        host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
+        laddr = wire.format_addr(host, port)
+    security.tls_server_options(a.tls_cert or None, a.tls_key or None)  # checked up front
     options = PeerOptions(
         raddr=a.raddr,
         netns=a.netns or None,
-        token=read_token(a.token_file),
+        token=token,
         tls_ca=a.tls_ca or None,
         pull_workers=a.pull_workers,
         resume_threshold=a.resume_threshold,
@@ -82,12 +76,14 @@ async def run(a: argparse.Namespace) -> int:
         retry_timeout=a.retry_timeout,
         accel=a.accel,
         work_root=Path(a.work_dir),
-        laddr=a.laddr,
+        laddr=laddr,
         tls_cert=a.tls_cert or None,
         tls_key=a.tls_key or None,
         precopy_rounds=a.precopy_rounds,
         precopy_bytes=int(a.precopy_threshold * (1 << 20)),
         grace=a.rescue_timeout,
+        compress=a.compress,
+        local_package=Path(a.local_package) if a.local_package else None,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -136,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
     p.add_argument("--raddr", default="localhost:1337",
                    help="registry to start from, or peer to migrate the VM from")  # fmt: skip
-    p.add_argument("--laddr", default=":1338",
-                   help="serve the VM here for the next migration ('' = don't)")  # fmt: skip
+    p.add_argument("--laddr", default=None,
+                   help=f"serve the VM here for the next migration ('' = don't; default "
+                   f"{DEFAULT_LADDR}, loopback only without a token)")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback --laddr without a token")  # fmt: skip
     p.add_argument("--tls-cert", default="", help="serve with TLS: certificate (PEM)")
     p.add_argument("--tls-key", default="", help="serve with TLS: private key (PEM)")
     p.add_argument(
@@ -147,9 +146,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="MiB dirtied in a round that ends pre-copy")  # fmt: skip
     p.add_argument("--rescue-timeout", type=float, default=30,
                    help="seconds a source waits for a lost destination")  # fmt: skip
-    p.add_argument("--token-file", default="", help="shared token (else $DRAFTER_TOKEN)")
+    p.add_argument(
+        "--token-file", default="", help="shared token (else $DRAFTER_TOKEN); see drafter-token"
+    )
+    p.add_argument(
+        "--compress", default="auto", choices=["auto", "zstd", "none"],
+        help="compressed chunks (auto: on links with round trips of 2 ms or more)",
+    )  # fmt: skip
+    p.add_argument(
+        "--local-package", default="",
+        help="a package on this host: chunks with the same hash are not moved",
+    )  # fmt: skip
     p.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
-    p.add_argument("--pull-workers", type=int, default=4, help="background pull workers")
+    p.add_argument("--pull-workers", type=int, default=512,
+                   help="most background chunks requested at once")  # fmt: skip
     p.add_argument(
         "--resume-threshold", type=float, default=1.0,
         help="fraction of the VM's data that may still be missing at resume "

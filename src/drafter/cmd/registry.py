@@ -7,15 +7,19 @@ import errno
 import logging
 import signal
 import ssl
+import time
 from pathlib import Path
 
-from drafter import cli, wire
+from drafter import cli
 from drafter.errors import DrafterError
 from drafter.package import open_package
-from drafter.registry import DEFAULT_CHUNK_SIZE, PackageProvider
-from drafter.server import ChunkServer
+from drafter.transport import protocol as wire
+from drafter.transport import security
+from drafter.transport.registry import DEFAULT_CHUNK_SIZE, PackageProvider
+from drafter.transport.server import ChunkServer
 
 PROG = "drafter-registry"
+DEFAULT_LADDR = ":1337"
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +36,11 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     provider = PackageProvider(open_package(package_path), chunk_size)
-    server = ChunkServer(provider)
     try:
+        started = time.monotonic()
+        await asyncio.to_thread(provider.hash_all)
+        log.info("hashed every chunk of %s in %.2fs", package_path, time.monotonic() - started)
+        server = ChunkServer(provider)
         try:
             await server.start(host, port, ssl=tls, token=token)
         except OSError as e:
@@ -41,17 +48,16 @@ async def _serve(
             if e.errno == errno.EADDRINUSE:
                 raise DrafterError(f"cannot listen on {where}: address already in use") from None
             raise DrafterError(f"cannot listen on {where}: {e.strerror or e}") from None
-        shown = wire.format_addr(host or "*", server.port)
-        if token is None:
-            log.warning(
-                "no token given (--token-file or $%s): anyone who can reach %s can read %s",
-                wire.TOKEN_ENV, shown, package_path,
-            )  # fmt: skip
-        print(f"serving {package_path} on {shown}", flush=True)
-        await stop.wait()
-        log.debug("stopping")
+        try:
+            shown = wire.format_addr(host or "*", server.port)
+            if token is None:
+                log.warning("no token: anyone who can reach %s can read %s", shown, package_path)
+            print(f"serving {package_path} on {shown}", flush=True)
+            await stop.wait()
+            log.debug("stopping")
+        finally:
+            await server.close()
     finally:
-        await server.close()
         provider.close()
 
 
@@ -60,11 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, "Serve a package's resources over the network (read-only).")
     p.add_argument("--package-path", default="out/app.drft", help="package to serve")
     p.add_argument(
-        "--laddr", default=":1337", help="address to listen on (HOST:PORT; :PORT = all interfaces)"
+        "--laddr",
+        default=None,
+        help=f"address to listen on (HOST:PORT; :PORT = all interfaces; default {DEFAULT_LADDR}, "
+        "loopback only without a token)",
     )
     p.add_argument(
         "--token-file",
-        help=f"file holding the shared token clients must know (else ${wire.TOKEN_ENV})",
+        help=f"file holding the shared token clients must know (else ${security.TOKEN_ENV}); "
+        "make one with drafter-token",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback address without a token (anyone who connects reads it)",
     )
     p.add_argument("--tls-cert", help="PEM certificate: serve over TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -75,17 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(a.verbose)
 
     def body() -> int:
-        host, port = wire.parse_addr(a.laddr, "--laddr")
         if not 0 < a.chunk_size <= wire.MAX_CHUNK_SIZE or a.chunk_size % 4096:
             raise DrafterError(
                 f"--chunk-size must be a multiple of 4096 up to {wire.MAX_CHUNK_SIZE}"
             )
-        token = wire.load_token(a.token_file)
-        tls = None
-        if a.tls_cert or a.tls_key:
-            if not (a.tls_cert and a.tls_key):
-                raise DrafterError("--tls-cert and --tls-key go together")
-            tls = wire.server_ssl_context(a.tls_cert, a.tls_key)
+        token = security.load_token(a.token_file)
+        host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
+        tls = security.tls_server_options(a.tls_cert, a.tls_key)
         asyncio.run(_serve(Path(a.package_path), host, port, token, tls, a.chunk_size))
         return 0
 

@@ -1,0 +1,659 @@
+"""The client side of the wire protocol: chunks of a remote VM's resources.
+
+One :class:`RemoteSource` keeps one connection to a registry or peer and multiplexes
+any number of concurrent fetches over it by request id. Demand fetches (the VM waits)
+are sent at once; background fetches share a *window* of bytes in flight that grows
+as answers arrive (slow start, up to :data:`MAX_WINDOW`), so a pull keeps a long link
+full instead of waiting a round trip per chunk. Every chunk is verified before it is
+returned: its bytes must match the BLAKE3 hash that came with it, and that hash must
+match the one the manifest (or the caller) expects. A dropped connection is
+re-established with exponential backoff for at most ``retry_timeout`` seconds while
+fetches wait; unanswered requests are sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+
+import zstandard
+
+from drafter.errors import DrafterError
+from drafter.transport import protocol as wire
+from drafter.transport import security
+from drafter.transport.channel import Channel
+from drafter.transport.hashes import digest
+from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, Priority, ProtocolError
+
+__all__ = ["Priority", "RemoteSource", "VerificationError"]
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.05
+_BACKOFF_MAX = 2.0
+INITIAL_WINDOW = 4 << 20
+MAX_WINDOW = 128 << 20
+_MAX_BACKGROUND_REQUESTS = wire.MAX_OUTSTANDING - 64  # room for demand requests
+COMPRESS_RTT = 0.002  # "auto" asks for compressed chunks from this round-trip time on
+PING_INTERVAL = 30.0
+
+
+class VerificationError(DrafterError):
+    """A chunk's bytes did not match its hash: never handed to the VM."""
+
+
+class _Transient(Exception):
+    """A connection problem that reconnecting may cure."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    resource: int
+    index: int
+    priority: int
+    size: int
+    expected: bytes | None
+    future: asyncio.Future[tuple[bytes, bytes]]
+    windowed: bool = False
+
+
+@dataclass(eq=False)
+class _Conn:
+    channel: Channel
+    last_progress: float = 0.0
+    last_sent: float = 0.0
+    dead: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass
+class _Greeting:
+    """What a server says after the hellos: resources, hashes, hot chunks."""
+
+    welcome: wire.Welcome
+    hashes: dict[str, list[bytes]]
+    hot: dict[str, list[int]]
+    rtt: float
+
+
+@dataclass
+class ClientStats:
+    chunks: int = 0  # chunks fetched with data
+    zero_chunks: int = 0  # chunks that arrived as the zero marker
+    bytes: int = 0  # logical bytes of fetched chunks
+    wire_bytes: int = 0  # payload bytes as they came over the wire (compressed)
+    verify_failures: int = 0
+
+
+class RemoteSource:
+    """Chunks of the resources served at ``raddr`` (HOST:PORT).
+
+    ``token`` is the shared secret (never sent; see docs/wire.md), ``tls_ca`` a PEM
+    file with the CA or self-signed certificate to trust; with it the connection uses
+    TLS and the certificate must name the host of ``raddr`` (or ``tls_server_name``).
+    ``compress`` is "auto" (zstd on links with a round trip of 2 ms or more), "zstd"
+    or "none". ``chunk_timeout`` bounds the handshake and how long requests may wait
+    without any of them being answered before the connection counts as lost.
+    """
+
+    def __init__(
+        self,
+        raddr: str,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        retry_timeout: float = 30.0,
+        chunk_timeout: float = 30.0,
+        tls_server_name: str | None = None,
+        compress: str = "auto",
+    ) -> None:
+        host, self.port = wire.parse_addr(raddr, "remote address")
+        self.host = host or "127.0.0.1"
+        self.raddr = wire.format_addr(self.host, self.port)
+        self.token = token or None
+        if compress not in ("auto", "zstd", "none"):
+            raise DrafterError(f"bad compression {compress!r}: auto, zstd or none")
+        self.compress = compress
+        self._ssl = security.client_ssl_context(tls_ca) if tls_ca else None
+        self._server_name = tls_server_name or self.host
+        self.retry_timeout = retry_timeout
+        self.chunk_timeout = chunk_timeout
+        self.manifest: dict[str, int] = {}
+        self.hashes: dict[str, list[bytes]] = {}
+        self.hot: dict[str, list[int]] = {}
+        self.chunk_size = 0
+        self.config = b""
+        self.rtt = 0.0  # of the first handshake
+        self.compressed = False  # whether this connection asked for compressed chunks
+        self.stats = ClientStats()
+        self.reconnects = 0
+        self.window = INITIAL_WINDOW
+        self._in_flight = 0  # bytes of background requests sent and not answered
+        self._in_flight_requests = 0
+        self._window_waiters: deque[asyncio.Future[None]] = deque()
+        self._names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._calls: dict[int, asyncio.Future[bytes]] = {}
+        self._next_id = 1
+        self._conn: _Conn | None = None
+        self._failed: DrafterError | None = None
+        self._closed = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._lost_since: float | None = None
+        self._lost_reason = ""
+        self._dctx = zstandard.ZstdDecompressor()
+
+    @property
+    def zero_chunks(self) -> int:
+        return self.stats.zero_chunks
+
+    # --- public ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect and authenticate; fill ``manifest``, ``hashes``, ``hot``, ``config``.
+
+        Fails at once with a DrafterError (no retry) if the server cannot be reached,
+        refuses the token or speaks another protocol version.
+        """
+        if self._conn is not None:
+            return
+        try:
+            conn, greeting = await self._open()
+        except _Transient as e:
+            raise DrafterError(f"cannot connect to {self.raddr}: {e}") from None
+        welcome = greeting.welcome
+        self.chunk_size = welcome.chunk_size
+        self.manifest = dict(welcome.manifest)
+        self.config = welcome.config
+        self.hashes = greeting.hashes
+        self.hot = greeting.hot
+        self.rtt = greeting.rtt
+        self._names = list(welcome.manifest)
+        self._index = {name: i for i, name in enumerate(self._names)}
+        self._failed = None
+        self._closed = False
+        self._start(conn)
+
+    def chunks(self, resource: str) -> int:
+        """How many chunks ``resource`` has."""
+        return wire.chunk_count(self.manifest[resource], self.chunk_size)
+
+    async def fetch(
+        self, resource: str, index: int, priority: Priority | int = Priority.BACKGROUND
+    ) -> bytes:
+        """Chunk ``index`` of ``resource``, verified against the manifest's hash."""
+        expected = self.hashes.get(resource)
+        want = expected[index] if expected is not None and 0 <= index < len(expected) else None
+        data, _ = await self.fetch_chunk(resource, index, priority, want)
+        return data
+
+    async def fetch_chunk(
+        self,
+        resource: str,
+        index: int,
+        priority: Priority | int = Priority.BACKGROUND,
+        expected: bytes | None = None,
+    ) -> tuple[bytes, bytes]:
+        """``(bytes, hash)`` of chunk ``index``: ``chunk_size`` bytes, fewer only at the
+        end. The bytes match the hash, and the hash is ``expected`` when one is given;
+        otherwise VerificationError. Waits through reconnects; DrafterError once the
+        connection is lost for good (or the server refuses the request)."""
+        if self._failed is not None:
+            raise DrafterError(str(self._failed))
+        if self._closed or not self.chunk_size:
+            raise DrafterError(f"the connection to {self.raddr} is not open")
+        r = self._index.get(resource)
+        if r is None:
+            raise DrafterError(f"{self.raddr} does not offer a resource named {resource!r}")
+        total = self.manifest[resource]
+        start = index * self.chunk_size
+        if index < 0 or start >= total:
+            raise DrafterError(f"chunk {index} is beyond the end of {resource} ({total} bytes)")
+        size = min(self.chunk_size, total - start)
+        if expected == wire.ZERO_HASH:
+            self.stats.zero_chunks += 1
+            return bytes(size), wire.ZERO_HASH
+        loop = asyncio.get_running_loop()
+        pending = _Pending(r, index, int(priority), size, expected, loop.create_future())
+        if priority != Priority.DEMAND:
+            await self._admit(pending)
+        request_id = self._next_id
+        self._next_id = request_id % 0xFFFFFFFF + 1
+        conn = self._conn
+        if conn is not None and not self._pending:
+            conn.last_progress = loop.time()
+        self._pending[request_id] = pending
+        try:
+            if conn is not None:
+                self._send(conn, request_id, pending)
+            return await pending.future
+        finally:
+            self._pending.pop(request_id, None)
+            self._release(pending)
+
+    async def call(self, kind: MsgType, body: bytes = b"", timeout: float = 60.0) -> bytes:
+        """A control call (dirty lists, migration): send it, return the answer's body.
+
+        Not retried across reconnects: the call fails if the connection drops.
+        """
+        if self._failed is not None:
+            raise DrafterError(str(self._failed))
+        conn = self._conn
+        if conn is None or conn.dead:
+            raise DrafterError(f"not connected to {self.raddr}")
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        request_id = self._next_id
+        self._next_id = request_id % 0xFFFFFFFF + 1
+        self._calls[request_id] = future
+        conn.channel.write(kind, body, request_id)
+        conn.last_sent = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DrafterError(
+                f"{self.raddr} did not answer {kind.name} in {timeout:g} s"
+            ) from None
+        finally:
+            self._calls.pop(request_id, None)
+
+    async def close(self) -> None:
+        """Drop the connection; pending fetches fail."""
+        self._closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            self._reconnecting = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.dead = True
+            for task in conn.tasks:
+                task.cancel()
+            writer = conn.channel.writer
+            with contextlib.suppress(Exception):
+                writer.close()
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
+            writer.transport.abort()
+        self._fail_pending(DrafterError(f"the connection to {self.raddr} was closed"))
+
+    # --- the window ----------------------------------------------------------------
+
+    async def _admit(self, pending: _Pending) -> None:
+        """Wait until a background request fits in the window of bytes in flight."""
+        while self._in_flight and (
+            self._in_flight + pending.size > self.window
+            or self._in_flight_requests >= _MAX_BACKGROUND_REQUESTS
+        ):
+            waiter = asyncio.get_running_loop().create_future()
+            self._window_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._wake_window()  # pass the turn on
+                raise
+        self._in_flight += pending.size
+        self._in_flight_requests += 1
+        pending.windowed = True
+
+    def _release(self, pending: _Pending) -> None:
+        if pending.windowed:
+            pending.windowed = False
+            self._in_flight -= pending.size
+            self._in_flight_requests -= 1
+            self._wake_window()
+
+    def _wake_window(self) -> None:
+        while self._window_waiters:
+            waiter = self._window_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # --- connection --------------------------------------------------------------
+
+    async def _open(self) -> tuple[_Conn, _Greeting]:
+        """A new authenticated connection; _Transient or DrafterError (fatal)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_name if self._ssl else None,
+                    limit=wire.MAX_BODY + wire.HEADER_SIZE + 64,
+                ),
+                self.chunk_timeout,
+            )
+        except ssl.SSLCertVerificationError as e:
+            raise DrafterError(
+                f"{self.raddr}: TLS certificate check failed: {e.verify_message}"
+            ) from None
+        except ssl.SSLError as e:
+            raise _Transient(f"TLS handshake failed: {e.reason or e}") from None
+        except TimeoutError:
+            raise _Transient("timed out") from None
+        except OSError as e:
+            raise _Transient(e.strerror or str(e)) from None
+        try:
+            return await asyncio.wait_for(self._handshake(reader, writer), self.chunk_timeout)
+        except BaseException as e:
+            writer.transport.abort()
+            if isinstance(e, TimeoutError):
+                raise _Transient("no answer to the hello") from None
+            if isinstance(e, asyncio.IncompleteReadError):
+                hint = "" if self._ssl else " (does it require TLS?)"
+                raise _Transient(
+                    f"the server closed the connection during the handshake{hint}"
+                ) from None
+            if isinstance(e, ProtocolError):
+                raise DrafterError(
+                    f"{self.raddr} does not speak this protocol: {e.message}"
+                ) from None
+            if isinstance(e, OSError):
+                raise _Transient(e.strerror or str(e)) from None
+            raise
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[_Conn, _Greeting]:
+        loop = asyncio.get_running_loop()
+        flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if self.token else 0)
+        client_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
+        sent = loop.time()
+        writer.write(wire.frame(MsgType.CLIENT_HELLO, client_hello))
+        kind, _, server_hello = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+        rtt = loop.time() - sent
+        self._check_refusal(kind, server_hello)
+        if kind != MsgType.SERVER_HELLO:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"expected a server hello, got type {kind}")
+        try:
+            hello = wire.Hello.decode(server_hello, "server")
+        except ProtocolError as e:
+            if e.code == ErrorCode.VERSION:
+                raise DrafterError(f"{self.raddr}: {e.message}") from None
+            raise
+        if self.token is not None and not hello.flags & wire.HELLO_TOKEN:
+            raise DrafterError(
+                f"{self.raddr} does not ask for a token, but one was given: "
+                "refusing to trust a server that cannot prove it knows the token"
+            )
+        if self.token is None and hello.flags & wire.HELLO_TOKEN:
+            raise DrafterError(f"{self.raddr} requires a token: {security.no_token_hint()}")
+        want_zstd = self.compress == "zstd" or (self.compress == "auto" and rtt >= COMPRESS_RTT)
+        choice_flags = wire.HELLO_ZSTD if want_zstd and hello.flags & wire.HELLO_ZSTD else 0
+        choice = choice_flags.to_bytes(2, "big")
+        proof = bytes(wire.PROOF_SIZE)
+        if self.token is not None:
+            proof = security.client_proof(self.token, client_hello, server_hello + choice)
+        writer.write(wire.frame(MsgType.AUTH, proof + choice))
+        send = recv = None
+        if self.token is not None and self._ssl is None:
+            send, recv = security.seals(self.token, client_hello, server_hello)
+        channel = Channel(reader, writer, send=send, recv=recv)
+        try:
+            kind, _, body = await channel.read()
+        except ProtocolError:
+            # A server that refused us answers with an unsealed ERROR frame.
+            raise DrafterError(f"{self.raddr} refused the connection (wrong token?)") from None
+        self._check_refusal(kind, body)  # a server with another token says so here
+        if kind != MsgType.WELCOME:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"expected a welcome, got type {kind}")
+        welcome = wire.Welcome.decode(body)
+        if self.token is not None:
+            expected = security.server_proof(self.token, client_hello, server_hello + choice)
+            if not security.proof_matches(welcome.proof, expected):
+                raise DrafterError(f"{self.raddr} failed to prove it knows the token")
+        names = list(welcome.manifest)
+        counts = [wire.chunk_count(s, welcome.chunk_size) for s in welcome.manifest.values()]
+        hashes: dict[str, list[bytes]] = {}
+        for r, name in enumerate(names):
+            got: list[bytes] = []
+            while len(got) < counts[r] or (counts[r] == 0 and name not in hashes):
+                kind, _, body = await channel.read()
+                self._check_refusal(kind, body)
+                if kind != MsgType.HASHES:
+                    raise ProtocolError(ErrorCode.PROTOCOL, f"expected hashes, got type {kind}")
+                part = wire.Hashes.decode(body)
+                n = len(part.hashes) // wire.HASH_SIZE
+                if part.resource != r or part.start != len(got) or len(got) + n > counts[r]:
+                    raise ProtocolError(ErrorCode.PROTOCOL, "hash list out of order")
+                got.extend(part.hashes[i : i + wire.HASH_SIZE] for i in range(0, n * 32, 32))
+                hashes[name] = got
+            hashes[name] = got
+        kind, _, body = await channel.read()
+        self._check_refusal(kind, body)
+        if kind != MsgType.HOT:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"expected the hot list, got type {kind}")
+        hot = {names[r]: indices for r, indices in wire.decode_hot(body, counts).items()}
+        self.compressed = bool(choice_flags)
+        greeting = _Greeting(welcome, hashes, hot, rtt)
+        return _Conn(channel), greeting
+
+    def _check_refusal(self, kind: int, body: bytes) -> None:
+        if kind != MsgType.ERROR:
+            return
+        code, message = wire.decode_error(body)
+        if code in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT):
+            raise _Transient(f"the server said: {message}")
+        hint = ""
+        if code == ErrorCode.AUTH:
+            hint = " (set DRAFTER_TOKEN or give the right --token-file)"
+        raise DrafterError(f"{self.raddr} refused the connection: {message}{hint}")
+
+    def _start(self, conn: _Conn) -> None:
+        """Adopt a fresh connection: start its tasks, send what is still unanswered."""
+        loop = asyncio.get_running_loop()
+        conn.last_progress = conn.last_sent = loop.time()
+        self._conn = conn
+        conn.tasks = [
+            asyncio.create_task(self._receive(conn)),
+            asyncio.create_task(self._watch(conn)),
+        ]
+        waiting = sorted(self._pending.items(), key=lambda kv: kv[1].priority)
+        for request_id, pending in waiting:
+            if not pending.future.done():
+                self._send(conn, request_id, pending)
+
+    def _send(self, conn: _Conn, request_id: int, pending: _Pending) -> None:
+        if conn.dead or conn.channel.writer.is_closing():
+            return  # the receiver notices the loss; the request is sent again after it
+        request = wire.Request(pending.priority, pending.resource, pending.index)
+        conn.channel.write(MsgType.REQUEST, request.body(), request_id)
+        conn.last_sent = asyncio.get_running_loop().time()
+
+    def _chunk_data(self, head: ChunkHead, payload: bytes, p: _Pending) -> bytes:
+        """The chunk's bytes from a CHUNK frame answering ``p``, verified."""
+        name = self._names[p.resource]
+        if (head.resource, head.index, head.length) != (p.resource, p.index, p.size):
+            raise ProtocolError(
+                ErrorCode.PROTOCOL, f"answer for another chunk than {name} {p.index}"
+            )
+        if head.flags & wire.CHUNK_ZERO:
+            if payload or head.hash != wire.ZERO_HASH:
+                raise ProtocolError(ErrorCode.PROTOCOL, "malformed zero marker")
+            data = bytes(p.size)
+            self.stats.zero_chunks += 1
+        else:
+            if head.flags & wire.CHUNK_ZSTD:
+                try:
+                    if zstandard.frame_content_size(payload) != p.size:
+                        raise ProtocolError(ErrorCode.PROTOCOL, "compressed chunk of wrong size")
+                    data = self._dctx.decompress(payload)
+                except zstandard.ZstdError:
+                    raise ProtocolError(ErrorCode.PROTOCOL, "malformed compressed chunk") from None
+            else:
+                data = payload
+            if len(data) != p.size:
+                raise ProtocolError(
+                    ErrorCode.PROTOCOL,
+                    f"chunk {p.index} of {name} has {len(data)} bytes, not {p.size}",
+                )
+            if digest(data) != head.hash:
+                self.stats.verify_failures += 1
+                raise VerificationError(
+                    f"chunk {p.index} of {name} from {self.raddr} failed verification "
+                    "(its bytes do not match their hash): refused it"
+                )
+            self.stats.chunks += 1
+            self.stats.bytes += p.size
+            self.stats.wire_bytes += len(payload)
+        if p.expected is not None and head.hash != p.expected:
+            self.stats.verify_failures += 1
+            raise VerificationError(
+                f"chunk {p.index} of {name} from {self.raddr} does not match the hash "
+                "the manifest gave for it: refused it"
+            )
+        return data
+
+    async def _receive(self, conn: _Conn) -> None:
+        """Read answers and hand them to the waiting fetches."""
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        try:
+            while True:
+                kind, request_id, body = await conn.channel.read()
+                if kind == MsgType.CHUNK:
+                    head = ChunkHead.decode(body)
+                    p = pending.get(request_id)
+                    if p is None or p.future.done():
+                        continue  # a fetch that was cancelled meanwhile: no progress
+                    data = self._chunk_data(head, body[wire.CHUNK_FIXED :], p)
+                    p.future.set_result((data, head.hash))
+                    conn.last_progress = loop.time()
+                    if p.windowed and self.window < MAX_WINDOW:
+                        self.window = min(MAX_WINDOW, self.window + p.size)  # slow start
+                    self._lost_since = None
+                elif wire.is_control(kind):
+                    call = self._calls.get(request_id)
+                    if call is not None and not call.done():
+                        call.set_result(body)
+                        conn.last_progress = loop.time()
+                elif kind == MsgType.ERROR:
+                    code, message = wire.decode_error(body)
+                    if code in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT):
+                        raise _Transient(f"the server said: {message}")
+                    raise DrafterError(f"{self.raddr} reported an error: {message}")
+                else:
+                    raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
+        except asyncio.IncompleteReadError:
+            self._lost(conn, "the server closed the connection")
+        except _Transient as e:
+            self._lost(conn, str(e))
+        except ProtocolError as e:
+            with contextlib.suppress(Exception):
+                conn.channel.write(MsgType.ERROR, wire.error_body(e.code, e.message))
+            self._fail(DrafterError(f"{self.raddr} broke the protocol: {e.message}"))
+        except DrafterError as e:
+            self._fail(e)
+        except OSError as e:
+            self._lost(conn, e.strerror or str(e) or type(e).__name__)
+
+    async def _watch(self, conn: _Conn) -> None:
+        """Count a connection as lost when none of our requests is answered in
+        ``chunk_timeout``; ping the server when there is nothing else to say."""
+        loop = asyncio.get_running_loop()
+        period = max(0.05, min(1.0, self.chunk_timeout / 4))
+        while not conn.dead:
+            await asyncio.sleep(period)
+            now = loop.time()
+            if (self._pending or self._calls) and now - conn.last_progress > self.chunk_timeout:
+                self._lost(conn, f"no answer for {self.chunk_timeout:g} s")
+                return
+            if now - conn.last_sent > PING_INTERVAL and not conn.dead:
+                request_id = self._next_id
+                self._next_id = request_id % 0xFFFFFFFF + 1
+                conn.channel.write(MsgType.PING, b"", request_id)
+                conn.last_sent = now
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.dead = True
+        for call in self._calls.values():  # control calls die with their connection
+            if not call.done():
+                call.set_exception(DrafterError(f"lost the connection to {self.raddr}"))
+        if self._conn is conn:
+            self._conn = None
+        me = asyncio.current_task()
+        for task in conn.tasks:
+            if task is not me:
+                task.cancel()
+        conn.channel.writer.transport.abort()
+
+    def _lost(self, conn: _Conn, reason: str) -> None:
+        if conn.dead:
+            return
+        self._drop(conn)
+        if self._closed or self._failed is not None:
+            return
+        if self._lost_since is None:
+            self._lost_since = asyncio.get_running_loop().time()
+            self._lost_reason = reason
+        log.warning("lost the connection to %s (%s); reconnecting", self.raddr, reason)
+        self._reconnecting = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._lost_since is not None
+        deadline = self._lost_since + self.retry_timeout
+        delay = _BACKOFF_START
+        last = self._lost_reason
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                conn, greeting = await asyncio.wait_for(self._open(), remaining)
+            except DrafterError as e:
+                self._fail(e)
+                return
+            except (_Transient, TimeoutError) as e:
+                last = str(e) or "timed out"
+            else:
+                w = greeting.welcome
+                if (w.chunk_size, w.manifest, w.config) != (
+                    self.chunk_size,
+                    self.manifest,
+                    self.config,
+                ):
+                    conn.channel.writer.transport.abort()
+                    self._fail(DrafterError(f"{self.raddr} now serves different resources"))
+                    return
+                self.reconnects += 1
+                self._reconnecting = None
+                if not self._pending:
+                    self._lost_since = None
+                log.info("reconnected to %s", self.raddr)
+                self._start(conn)
+                return
+            await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+            delay = min(delay * 2, _BACKOFF_MAX)
+        self._reconnecting = None
+        self._fail(
+            DrafterError(
+                f"lost the connection to {self.raddr}: {self._lost_reason} "
+                f"(could not reconnect within {self.retry_timeout:g} s: {last})"
+            )
+        )
+
+    def _fail(self, error: DrafterError) -> None:
+        """Give up for good: every pending and future fetch raises ``error``."""
+        if self._failed is None:
+            log.error("%s", error)
+        self._failed = error
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(DrafterError(str(error)))
+        if self._conn is not None:
+            self._drop(self._conn)
+        task, self._reconnecting = self._reconnecting, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._fail_pending(error)
+
+    def _fail_pending(self, error: DrafterError) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(
+                    type(error)(str(error)) if isinstance(error, VerificationError)
+                    else DrafterError(str(error))
+                )  # fmt: skip

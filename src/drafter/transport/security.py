@@ -1,0 +1,195 @@
+"""Who may connect, and frames nobody can change in flight: tokens, proofs, seals, TLS.
+
+The handshake (docs/wire.md) is::
+
+    C -> S  CLIENT_HELLO  version, flags, Nc
+    S -> C  SERVER_HELLO  version, flags, Ns            (nothing derived from the token)
+    C -> S  AUTH          client proof
+    S -> C  WELCOME       server proof, resources, config   (only after the proof checks)
+
+Proofs are HMAC-SHA256 keyed with the token over both hello bodies (a transcript, so
+a changed flag or nonce breaks them). The server sends nothing derived from the token
+before the client has proved it holds it, so a client without the token learns
+nothing it could test guesses against offline. Without TLS, every frame after the
+hellos is *sealed*: a 16-byte keyed BLAKE3 tag over a sequence number, the header
+and the body (for a CHUNK, its fixed part, which holds the payload's hash), with one
+key per direction derived from the token and both hellos.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import ssl
+from hashlib import sha256
+from pathlib import Path
+
+import blake3
+
+from drafter.errors import DrafterError
+
+TOKEN_ENV = "DRAFTER_TOKEN"
+MIN_TOKEN_CHARS = 32  # 128 bits as hex; new_token() gives 256 bits
+TAG_SIZE = 16
+_MAKE_ONE = "make one with `drafter-token FILE`"
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits, URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def check_token(token: str, origin: str) -> str:
+    """``token`` if it is long enough to hold 128 bits of randomness, else DrafterError."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise DrafterError(
+            f"the token from {origin} is too short ({len(token)} characters, at least "
+            f"{MIN_TOKEN_CHARS} needed for 128 bits of randomness): {_MAKE_ONE}"
+        )
+    if not token.isprintable():
+        raise DrafterError(f"the token from {origin} holds unprintable characters: {_MAKE_ONE}")
+    return token
+
+
+def load_token(token_file: str | os.PathLike[str] | None) -> str | None:
+    """The shared token: from ``token_file`` if given, else $DRAFTER_TOKEN, else None.
+
+    Surrounding whitespace (a trailing newline) is ignored; a short token is an error.
+    """
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise DrafterError(f"cannot read the token file {token_file}: {reason}") from None
+        if not token:
+            raise DrafterError(f"the token file {token_file} is empty: {_MAKE_ONE}")
+        return check_token(token, f"the token file {token_file}")
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return check_token(token, f"${TOKEN_ENV}") if token else None
+
+
+def no_token_hint() -> str:
+    return f"give --token-file (or set ${TOKEN_ENV}); {_MAKE_ONE}"
+
+
+def _mac(token: str, label: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(token.encode(), label, sha256)
+    for part in parts:
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def client_proof(token: str, client_hello: bytes, server_hello: bytes) -> bytes:
+    """What a client sends to show it knows the token (the token never travels)."""
+    return _mac(token, b"drafter-v2 client proof\0", client_hello, server_hello)
+
+
+def server_proof(token: str, client_hello: bytes, server_hello: bytes) -> bytes:
+    """What a server sends, once the client proved itself, to show it knows it too."""
+    return _mac(token, b"drafter-v2 server proof\0", client_hello, server_hello)
+
+
+def proof_matches(got: bytes, want: bytes) -> bool:
+    return hmac.compare_digest(got, want)
+
+
+class Seal:
+    """Tags (or checks) the frames of one direction; a sequence number stops replays,
+    drops and reordering."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._seq = 0
+
+    def tag(self, head: bytes, covered: bytes) -> bytes:
+        h = blake3.blake3(self._seq.to_bytes(8, "big"), key=self._key)
+        h.update(head)
+        h.update(covered)
+        self._seq += 1
+        return h.digest(length=TAG_SIZE)
+
+    def check(self, head: bytes, covered: bytes, tag: bytes) -> bool:
+        return hmac.compare_digest(self.tag(head, covered), tag)
+
+
+def seals(token: str, client_hello: bytes, server_hello: bytes) -> tuple[Seal, Seal]:
+    """``(client to server, server to client)`` seals for one connection."""
+    base = _mac(token, b"drafter-v2 seal keys\0", client_hello, server_hello)
+    c2s = hmac.new(base, b"client to server", sha256).digest()
+    s2c = hmac.new(base, b"server to client", sha256).digest()
+    return Seal(c2s), Seal(s2c)
+
+
+# --- TLS -------------------------------------------------------------------------
+
+
+def server_ssl_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A server-side TLS context from PEM certificate and key files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise DrafterError(
+            f"cannot load the TLS certificate: {e.filename} does not exist"
+        ) from None
+    except (OSError, ssl.SSLError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        raise DrafterError(
+            f"cannot load the TLS certificate {cert} and key {key}: {reason}"
+        ) from None
+    return ctx
+
+
+def tls_server_options(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context from ``--tls-cert``/``--tls-key``; half of them is an error."""
+    if bool(cert) != bool(key):
+        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        raise DrafterError(f"{given} needs {missing} too (or give neither to serve without TLS)")
+    if cert and key:
+        return server_ssl_context(cert, key)
+    return None
+
+
+def client_ssl_context(ca: str | os.PathLike[str], check_hostname: bool = True) -> ssl.SSLContext:
+    """A client-side TLS context trusting the CA (or self-signed certificate) in ``ca``."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    except FileNotFoundError:
+        raise DrafterError(f"the TLS CA file {ca} does not exist") from None
+    except (OSError, ssl.SSLError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        raise DrafterError(f"cannot load the TLS CA file {ca}: {reason}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = check_hostname
+    return ctx
+
+
+def new_nonce() -> bytes:
+    """32 fresh random bytes for a hello."""
+    return secrets.token_bytes(32)
+
+
+def listen_address(
+    laddr: str | None, default: str, token: str | None, insecure: bool, flag: str = "--laddr"
+) -> tuple[str, int]:
+    """Where a server may listen, secure by default.
+
+    Without a token, an explicit address that is not loopback is refused (unless
+    ``insecure``); the default address (all interfaces) narrows to loopback.
+    """
+    from drafter.transport.protocol import is_loopback, parse_addr
+
+    host, port = parse_addr(laddr if laddr is not None else default, flag)
+    if token or insecure or is_loopback(host):
+        return host, port
+    if laddr is None:
+        return "127.0.0.1", port
+    where = host or "all interfaces"
+    raise DrafterError(
+        f"refusing to serve on {where} without a token: {no_token_hint()} "
+        "(or pass --insecure to serve anyone who can connect)"
+    )

@@ -1,0 +1,566 @@
+"""A chunk server: one TCP port serving all resources of one VM (protocol v2).
+
+:class:`ChunkServer` serves any :class:`ChunkProvider` (a package for the registry, a
+running VM's devices for a peer). After the handshake it sends the resources, every
+chunk's hash and the hot chunks; then each connection has a reader that queues
+requests and a sender that always answers demand requests before background ones.
+
+The server is meant to be left running on a shared network: it accepts at most
+``limits.max_connections`` clients and pauses accepting (without spinning) when the
+process runs out of descriptors; every connection has a handshake deadline, an idle
+timeout and a write-stall timeout, at most ``MAX_OUTSTANDING`` requests and a small
+send buffer. A misbehaving client costs one warning line and its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+import ssl as ssl_module
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import zstandard
+
+from drafter.errors import DrafterError
+from drafter.transport import protocol as wire
+from drafter.transport import security
+from drafter.transport.channel import Channel
+from drafter.transport.hashes import digest, is_zero
+from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+_READ_LIMIT = wire.MAX_BODY + wire.HEADER_SIZE + 64
+
+
+class ChunkProvider(Protocol):
+    """What a ChunkServer serves: named resources cut into chunks, plus a config."""
+
+    chunk_size: int
+
+    def manifest(self) -> dict[str, int]:
+        """Resource name -> size in bytes, in the order clients should see them."""
+        ...
+
+    def config(self) -> bytes:
+        """The package config (JSON bytes)."""
+        ...
+
+    async def hashes(self, resource: str) -> list[bytes]:
+        """The hash of every chunk of ``resource`` as it is now (ZERO_HASH: all zeros)."""
+        ...
+
+    def hot(self) -> dict[str, list[int]]:
+        """Chunks a resumed VM touches first, per resource (sent before anything else)."""
+        ...
+
+    async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        """Chunk ``index`` of ``resource`` and its hash if known (None: compute it)."""
+        ...
+
+
+@dataclass
+class ServerLimits:
+    """What one client may cost. The defaults suit a server left running."""
+
+    max_connections: int = 256  # lowered to fit the descriptor limit
+    handshake_timeout: float = 10.0  # TLS, hello and proof
+    idle_timeout: float = 120.0  # no frame either way (clients ping every 30 s)
+    write_stall_timeout: float = 30.0  # the client does not read what it asked for
+    max_outstanding: int = wire.MAX_OUTSTANDING
+    send_buffer_chunks: int = 2  # chunks the server buffers per connection
+
+
+@dataclass
+class ServerStats:
+    """Counters over the server's lifetime (tests, benches and metrics read them)."""
+
+    accepted: int = 0  # connections that passed the handshake
+    refused: int = 0  # connections dropped for a protocol, TLS or auth problem
+    auth_failures: int = 0
+    chunks: int = 0  # chunks answered with data
+    zero_chunks: int = 0  # chunks answered with the zero marker
+    compressed_chunks: int = 0
+    bytes: int = 0  # logical chunk bytes sent (zero markers not counted)
+    wire_bytes: int = 0  # chunk payload bytes put on the wire (after compression)
+    requests: dict[int, int] = field(default_factory=lambda: {0: 0, 1: 0})  # by priority
+    connections: int = 0  # open right now
+
+
+class _Gone(Exception):
+    """The client went away or stalled; the message says how."""
+
+
+class Connection:
+    """Per-connection state: request queues and what the client negotiated."""
+
+    def __init__(self, peer: str, compress: bool) -> None:
+        self.peer = peer
+        self.compress = compress
+        self.demand: deque[tuple[int, int, int]] = deque()  # (request id, resource, index)
+        self.background: deque[tuple[int, int, int]] = deque()
+        self.wake = asyncio.Event()
+        self.busy = False
+        self.last_activity = time.monotonic()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.demand) + len(self.background) + int(self.busy)
+
+
+def _descriptor_room() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class ChunkServer:
+    """Serve a ChunkProvider to many clients at once (asyncio).
+
+    ``await start(host, port, ssl=..., token=...)``, read ``port``, ``await close()``.
+    """
+
+    linger_timeout = 1.0  # seconds to let an error frame reach the client before closing
+
+    def __init__(self, provider: ChunkProvider, limits: ServerLimits | None = None) -> None:
+        self.provider = provider
+        self.limits = limits or ServerLimits()
+        # Below the descriptor limit, with room for the provider's own files.
+        self.max_connections = max(1, min(self.limits.max_connections, _descriptor_room() - 64))
+        chunk_size = provider.chunk_size
+        if not 0 < chunk_size <= wire.MAX_CHUNK_SIZE:
+            raise DrafterError(f"chunk size {chunk_size} is not in 1..{wire.MAX_CHUNK_SIZE}")
+        self.chunk_size = chunk_size
+        manifest = provider.manifest()
+        if len(manifest) > wire.MAX_RESOURCES:
+            raise DrafterError(f"at most {wire.MAX_RESOURCES} resources can be served")
+        self._names = list(manifest)
+        self._sizes = [manifest[n] for n in self._names]
+        self._chunks = [wire.chunk_count(s, chunk_size) for s in self._sizes]
+        self._config = provider.config()
+        if len(self._config) > wire.MAX_BODY - 4096:
+            raise DrafterError("the config does not fit in one frame")
+        self._sockets: list[socket.socket] = []
+        self._ssl: ssl_module.SSLContext | None = None
+        self._token: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.max_connections)
+        self._closing = False
+        self._descriptors_warned = 0.0
+        self._compressor = zstandard.ZstdCompressor(level=1)
+        self.stats = ServerStats()
+
+    async def start(
+        self,
+        host: str | None,
+        port: int,
+        ssl: ssl_module.SSLContext | None = None,
+        token: str | None = None,
+    ) -> None:
+        """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free)."""
+        self._ssl = ssl
+        self._token = token or None
+        self._closing = False
+        self._sockets = _listen(host or "", port)
+        for sock in self._sockets:
+            self._track(asyncio.create_task(self._accept(sock)))
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful after ``start(..., 0)``)."""
+        if not self._sockets:
+            raise RuntimeError("the server is not started")
+        return int(self._sockets[0].getsockname()[1])
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every bound address as HOST:PORT."""
+        return [wire.format_addr(*s.getsockname()[:2]) for s in self._sockets]
+
+    async def close(self) -> None:
+        """Stop listening, tell connected clients we are shutting down, drop them."""
+        self._closing = True
+        for sock in self._sockets:
+            sock.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sockets = []
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- accepting -----------------------------------------------------------------
+
+    async def _accept(self, sock: socket.socket) -> None:
+        """Accept while there is a free slot; pause (not spin) when descriptors run out."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await self._slots.acquire()
+            try:
+                client, _addr = await loop.sock_accept(sock)
+            except OSError as e:
+                self._slots.release()
+                if self._closing:
+                    return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    now = time.monotonic()
+                    if now - self._descriptors_warned > 60:
+                        self._descriptors_warned = now
+                        log.warning("out of file descriptors: not accepting for now")
+                    await asyncio.sleep(0.5)
+                else:
+                    log.warning("accept failed: %s", e.strerror or e)
+                    await asyncio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            self._track(asyncio.create_task(self._on_socket(client)))
+
+    async def _on_socket(self, client: socket.socket) -> None:
+        self.stats.connections += 1
+        try:
+            peer = _peer_of(client)
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=_READ_LIMIT)
+            proto = asyncio.StreamReaderProtocol(reader)
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: proto,
+                    client,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=self.limits.handshake_timeout if self._ssl else None,
+                )
+            except asyncio.CancelledError:
+                client.close()
+                raise
+            except (OSError, TimeoutError, ssl_module.SSLError) as e:
+                self.stats.refused += 1
+                client.close()
+                reason = _reason(e)
+                if isinstance(e, (ConnectionResetError, BrokenPipeError)):
+                    reason = "the client dropped the connection (does it trust this certificate?)"
+                log.warning("client %s: TLS handshake failed: %s; dropped it", peer, reason)
+                return
+            writer = asyncio.StreamWriter(transport, proto, reader, loop)
+            await self._on_client(peer, reader, writer)
+        finally:
+            self.stats.connections -= 1
+            self._slots.release()
+
+    # --- one connection ----------------------------------------------------------
+
+    async def _on_client(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        log.debug("client %s connected", peer)
+        problem: str | None = None
+        error: tuple[ErrorCode, str] | None = None
+        channel: Channel | None = None
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                channel, conn = await self._handshake(peer, reader, writer)
+            self.stats.accepted += 1
+            problem = await self._serve(channel, conn)
+        except ProtocolError as e:
+            problem = e.message
+            error = (e.code, e.message)
+            if e.code == ErrorCode.AUTH:
+                self.stats.auth_failures += 1
+        except TimeoutError:
+            problem = "handshake timed out" if channel is None else "timed out"
+            error = (ErrorCode.TIMEOUT, problem)
+        except asyncio.IncompleteReadError as e:
+            problem = "closed the connection mid-frame" if e.partial else "closed the connection"
+            if channel is None:
+                problem += " during the handshake"
+        except (ConnectionError, OSError) as e:
+            problem = f"connection failed: {_reason(e)}"
+        except _Gone as e:
+            problem = str(e)
+        except DrafterError as e:  # the provider could not read a chunk
+            log.error("client %s: cannot serve a chunk: %s", peer, e)
+            error = (ErrorCode.INTERNAL, "the server cannot read that chunk")
+        except asyncio.CancelledError:  # only close() cancels a connection
+            error = (ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        except Exception as e:  # a bug: say so in one line, the server keeps serving
+            log.error("client %s: unexpected %s: %s", peer, type(e).__name__, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+            error = (ErrorCode.INTERNAL, "internal server error")
+        if problem is not None:
+            if channel is None:
+                self.stats.refused += 1
+            log.warning("client %s: %s; dropped it", peer, problem)
+        log.debug("client %s disconnected", peer)
+        try:
+            await self._shut(reader, writer, channel, error)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+
+    async def _shut(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        channel: Channel | None,
+        error: tuple[ErrorCode, str] | None,
+    ) -> None:
+        """Close a connection; an error frame first, given a moment to arrive."""
+        with contextlib.suppress(Exception):
+            if error is not None and not writer.is_closing():
+                body = wire.error_body(*error)
+                if channel is not None:
+                    channel.write(MsgType.ERROR, body)
+                else:
+                    writer.write(wire.frame(MsgType.ERROR, body))
+                if writer.can_write_eof():
+                    writer.write_eof()
+                # Read (and drop) what the client still sends, so closing does not reset
+                # the connection before it has read the error frame.
+                async with asyncio.timeout(self.linger_timeout):
+                    while await reader.read(65536):
+                        pass
+        with contextlib.suppress(Exception):
+            writer.transport.abort() if writer.is_closing() else writer.close()
+            async with asyncio.timeout(self.linger_timeout):
+                await writer.wait_closed()
+        if not writer.is_closing():
+            writer.transport.abort()
+
+    async def _handshake(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[Channel, Connection]:
+        kind, _, client_hello = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+        if kind != MsgType.CLIENT_HELLO:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL, f"expected a client hello, got frame type {kind}"
+            )
+        hello = wire.Hello.decode(client_hello, "client")
+        token = self._token
+        flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if token else 0)
+        server_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
+        writer.write(wire.frame(MsgType.SERVER_HELLO, server_hello))
+        kind, _, auth = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+        if kind != MsgType.AUTH:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"expected auth, got frame type {kind}")
+        proof, choice = auth[: wire.PROOF_SIZE], auth[wire.PROOF_SIZE :]
+        if len(choice) != 2:
+            raise ProtocolError(ErrorCode.PROTOCOL, "malformed auth")
+        server_proof = bytes(wire.PROOF_SIZE)
+        send = recv = None
+        if token:
+            want = security.client_proof(token, client_hello, server_hello + choice)
+            if not security.proof_matches(proof, want):
+                raise ProtocolError(ErrorCode.AUTH, "wrong or missing token")
+            server_proof = security.server_proof(token, client_hello, server_hello + choice)
+            if self._ssl is None:
+                recv, send = security.seals(token, client_hello, server_hello)
+        compress = bool(int.from_bytes(choice, "big") & wire.HELLO_ZSTD & hello.flags)
+        channel = Channel(reader, writer, send=send, recv=recv)
+        conn = Connection(peer, compress)
+        manifest = dict(zip(self._names, self._sizes, strict=True))
+        channel.write(
+            MsgType.WELCOME,
+            wire.Welcome(server_proof, self.chunk_size, manifest, self._config).body(),
+        )
+        for r, name in enumerate(self._names):
+            hashes = await self.provider.hashes(name)
+            if len(hashes) != self._chunks[r]:
+                raise DrafterError(f"{name}: {len(hashes)} hashes for {self._chunks[r]} chunks")
+            step = wire.MAX_HASHES_PER_FRAME
+            for start in range(0, max(1, len(hashes)), step):
+                part = b"".join(hashes[start : start + step])
+                channel.write(MsgType.HASHES, wire.Hashes(r, start, part).body())
+                await self._drain(channel)
+        hot: dict[int, list[int]] = {}
+        for name, indices in self.provider.hot().items():
+            if name in self._names:
+                r = self._names.index(name)
+                hot[r] = [i for i in indices if 0 <= i < self._chunks[r]]
+        channel.write(MsgType.HOT, wire.encode_hot(hot))
+        await self._drain(channel)
+        return channel, conn
+
+    async def _drain(self, channel: Channel) -> None:
+        try:
+            async with asyncio.timeout(self.limits.write_stall_timeout):
+                await channel.drain()
+        except TimeoutError:
+            raise _Gone(
+                f"did not read for {self.limits.write_stall_timeout:g} s (write stalled)"
+            ) from None
+
+    async def _serve(self, channel: Channel, conn: Connection) -> str | None:
+        """Run the reader, the sender and the idle watch until one ends."""
+        channel.writer.transport.set_write_buffer_limits(
+            high=self.limits.send_buffer_chunks * self.chunk_size
+        )
+        receiving = asyncio.create_task(self._receive(channel, conn))
+        sending = asyncio.create_task(self._send(channel, conn))
+        watching = asyncio.create_task(self._watch_idle(conn))
+        tasks = {receiving, sending, watching}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            closed = getattr(self.provider, "connection_closed", None)
+            if closed is not None:
+                closed(conn)
+        first = next(t for t in (receiving, sending, watching) if t in done)
+        exc = first.exception()
+        if exc is not None:
+            raise exc
+        # The client closed its side cleanly.
+        if conn.outstanding:
+            return f"closed the connection with {conn.outstanding} request(s) unanswered"
+        return None
+
+    async def _watch_idle(self, conn: Connection) -> None:
+        idle = self.limits.idle_timeout
+        while True:
+            await asyncio.sleep(max(0.05, min(5.0, idle / 4)))
+            if not conn.outstanding and time.monotonic() - conn.last_activity > idle:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"idle for {idle:g} s")
+
+    async def _receive(self, channel: Channel, conn: Connection) -> None:
+        stats = self.stats
+        while True:
+            try:
+                kind, request_id, body = await channel.read()
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    raise
+                return
+            conn.last_activity = time.monotonic()
+            if kind == MsgType.REQUEST:
+                req = wire.Request.decode(body)
+                if req.resource >= len(self._names):
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST, f"request for unknown resource #{req.resource}"
+                    )
+                if req.index >= self._chunks[req.resource]:
+                    name = self._names[req.resource]
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST,
+                        f"request for chunk {req.index} of {name}, beyond its end "
+                        f"({self._chunks[req.resource]} chunks)",
+                    )
+                if conn.outstanding >= self.limits.max_outstanding:
+                    raise ProtocolError(
+                        ErrorCode.TOO_MANY,
+                        f"more than {self.limits.max_outstanding} outstanding requests",
+                    )
+                item = (request_id, req.resource, req.index)
+                if req.priority == wire.Priority.DEMAND:
+                    conn.demand.append(item)
+                elif req.priority == wire.Priority.BACKGROUND:
+                    conn.background.append(item)
+                else:
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, f"bad priority {req.priority}")
+                stats.requests[req.priority] += 1
+                conn.wake.set()
+            elif kind == MsgType.ERROR:
+                code, message = wire.decode_error(body)
+                raise _Gone(f"reported {wire.error_name(code)}: {message}")
+            elif kind == MsgType.PING:
+                channel.write(MsgType.PING, b"", request_id)
+            elif wire.is_control(kind):
+                control = getattr(self.provider, "control", None)
+                if control is None:
+                    raise ProtocolError(
+                        ErrorCode.REFUSED, f"this server takes no control call {kind}"
+                    )
+                # Answered inline: one control call at a time per connection.
+                reply = await control(conn, kind, body)
+                channel.write(kind, reply, request_id)
+            else:
+                raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
+
+    async def _send(self, channel: Channel, conn: Connection) -> None:
+        provider = self.provider
+        stats = self.stats
+        chunk_size = self.chunk_size
+        while True:
+            if conn.demand:
+                request_id, r, index = conn.demand.popleft()
+            elif conn.background:
+                request_id, r, index = conn.background.popleft()
+            else:
+                conn.wake.clear()
+                await conn.wake.wait()
+                continue
+            conn.busy = True
+            name = self._names[r]
+            expected = min(chunk_size, self._sizes[r] - index * chunk_size)
+            try:
+                data, known = await provider.read_chunk(name, index)
+            except OSError as e:
+                raise DrafterError(f"{name} chunk {index}: {_reason(e)}") from None
+            if len(data) != expected:
+                raise DrafterError(f"{name} chunk {index}: got {len(data)} bytes, not {expected}")
+            if known == wire.ZERO_HASH or (known is None and is_zero(data)):
+                channel.write_chunk(
+                    request_id, ChunkHead(r, wire.CHUNK_ZERO, index, expected, wire.ZERO_HASH)
+                )
+                stats.zero_chunks += 1
+            else:
+                flags = 0
+                payload = data
+                if conn.compress:
+                    packed = self._compressor.compress(data)
+                    if len(packed) < len(data) - len(data) // 8:  # only where it pays
+                        flags, payload = wire.CHUNK_ZSTD, packed
+                        stats.compressed_chunks += 1
+                head = ChunkHead(r, flags, index, expected, known or digest(data))
+                channel.write_chunk(request_id, head, payload)
+                stats.chunks += 1
+                stats.bytes += expected
+                stats.wire_bytes += len(payload)
+            conn.busy = False
+            conn.last_activity = time.monotonic()
+            await self._drain(channel)
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` ("" = every interface, IPv6 too where possible)."""
+    if host == "":
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=128)
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}")
+        family, _, _, _, addr = infos[0]
+        sock = socket.create_server(addr[:2], family=family, backlog=128)
+    sock.setblocking(False)
+    return [sock]
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        peername = sock.getpeername()
+    except OSError:
+        return "?"
+    return wire.format_addr(*peername[:2])
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ssl_module.SSLError):
+        return e.reason or str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
