@@ -16,8 +16,48 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from drafter.transport.client import RemoteSource
+from drafter.transport.protocol import MsgType
 from test_peer import peer, registry, wait_resumed
 from test_runner import free_port, wait_for_redis
+
+
+@contextlib.contextmanager
+def offered_migration(raddr: str) -> Iterator[None]:
+    """A wire client that offers a migration and then holds it in pre-copy."""
+    import asyncio
+
+    ready = threading.Event()
+    release = threading.Event()
+    failure: list[BaseException] = []
+
+    async def hold() -> None:
+        source = RemoteSource(raddr)
+        try:
+            await source.connect()
+            await source.call(MsgType.MIGRATE_OFFER)
+            ready.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+        finally:
+            await source.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as e:
+            failure.append(e)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30), "the offer was not answered"
+        assert not failure, failure
+        yield
+    finally:
+        release.set()
+        thread.join(10)
 
 
 class Writer(threading.Thread):
@@ -272,24 +312,17 @@ def test_bad_destinations_are_refused_without_disturbing_the_vm(
                     time.sleep(0.5)
             elif bad == "wrong version":
                 with socket.create_connection(("127.0.0.1", port)) as s:
-                    s.sendall(b"\x00\x00\x00\x28\x01\x00\x00\x00\x00\x00\x00\x00DRFT\x00\x63")
+                    s.sendall(b"\x00\x00\x00\x28\x01\x00\x00\x00\x00\x00\x00\x00DRFT\x00\x01")
                     s.sendall(b"\x00" * 36)
                     time.sleep(0.5)
             else:
-                first = stack.enter_context(
-                    migrate(
-                        f"127.0.0.1:{port}", network.name(1), workdir, "", "--pull-workers", "1"
-                    )  # fmt: skip
-                )
-                time.sleep(0.5)
-                second = stack.enter_context(
-                    migrate(f"127.0.0.1:{port}", network.name(2), workdir, "")
-                )
-                _, err = second.communicate(timeout=60)
-                assert second.returncode != 0
-                assert "already" in err.strip().splitlines()[-1]
-                first.kill()
-                first.wait()
+                with offered_migration(f"127.0.0.1:{port}"):
+                    second = stack.enter_context(
+                        migrate(f"127.0.0.1:{port}", network.name(2), workdir, "")
+                    )
+                    _, err = second.communicate(timeout=60)
+                    assert second.returncode != 0
+                    assert "already pre-copy" in err.strip().splitlines()[-1]
             time.sleep(1)
             acked = len(writer.acked)
             time.sleep(1)

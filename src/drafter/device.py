@@ -34,7 +34,9 @@ class Priority(IntEnum):
 
 # Fetches chunk ``index`` of a device from elsewhere (a registry or a peer), given the
 # hash it must have if known; returns the verified bytes and their hash.
-Fetcher = Callable[[int, Priority, bytes | None], Awaitable[tuple[bytes, bytes]]]
+Fetcher = Callable[
+    [int, Priority, bytes | None], Awaitable[tuple[bytes | bytearray | memoryview, bytes]]
+]
 ZERO_HASH = bytes(32)  # the wire's marker hash of an all-zero chunk
 
 
@@ -106,11 +108,18 @@ class Device:
         # The content hash of each chunk where it is known (from the remote's manifest
         # or the chunk's verified fetch); None once the chunk changed here.
         self.hashes: list[bytes | None] = [None] * self.chunks
+        self.binding = True  # whether a fetched chunk must match self.hashes
         # Chunks read since recording started (what a resumed VM touches first).
         self.recording: set[int] | None = None
 
-    def expect(self, hashes: list[bytes]) -> None:
-        """The remote's hash of every chunk; all-zero chunks become local at once."""
+    def expect(self, hashes: list[bytes], binding: bool = True) -> None:
+        """The remote's hash of every chunk; all-zero chunks become local at once.
+
+        ``binding``: a fetched chunk must have this hash (a package at rest). A running
+        VM's chunks change after they were hashed (dirty lists say which), so there
+        the hashes only say what is zero and what a local copy may be reused for.
+        """
+        self.binding = binding
         if len(hashes) != self.chunks:
             raise DrafterError(f"device {self.name}: {len(hashes)} hashes for {self.chunks} chunks")
         with self._lock:
@@ -160,7 +169,8 @@ class Device:
 
     async def _fetch(self, index: int, priority: Priority) -> None:
         assert self.fetcher is not None
-        data, digest = await self.fetcher(index, priority, self.hashes[index])
+        expected = self.hashes[index] if self.binding else None
+        data, digest = await self.fetcher(index, priority, expected)
         if len(data) != self._chunk_length(index):
             raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
         with self._lock:

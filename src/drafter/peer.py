@@ -35,7 +35,7 @@ from drafter.migration import (
 from drafter.package import PackageConfig, Source, hot_ranges, open_package, write_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
-from drafter.transport.client import RemoteSource
+from drafter.transport.client import ChunkData, RemoteSource
 from drafter.transport.hashes import file_hashes
 from drafter.transport.protocol import MsgType
 from drafter.transport.server import ChunkServer
@@ -181,7 +181,7 @@ class Peer:
         def fetcher(resource: str) -> Fetcher:
             async def fetch(
                 index: int, priority: Priority, expected: bytes | None
-            ) -> tuple[bytes, bytes]:
+            ) -> tuple[ChunkData, bytes]:
                 return await remote.fetch_chunk(resource, index, priority, expected)
 
             return fetch
@@ -196,7 +196,8 @@ class Peer:
                 chunk_size=remote.chunk_size,
                 fetcher=fetcher(name),
             )
-            self.devices[name].expect(remote.hashes[name])
+            at_rest = "state" in manifest  # a registry's package, not a running VM
+            self.devices[name].expect(remote.hashes[name], binding=at_rest or name not in TRACKED)
         if o.local_package is not None:
             await asyncio.to_thread(self._take_local_chunks, o.local_package)
         self.progress.total = sum(d.size for d in self.devices.values())

@@ -25,11 +25,14 @@ import zstandard
 from drafter.errors import DrafterError
 from drafter.transport import protocol as wire
 from drafter.transport import security
-from drafter.transport.channel import Channel
+from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.hashes import digest
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, Priority, ProtocolError
 
-__all__ = ["Priority", "RemoteSource", "VerificationError"]
+__all__ = ["ChunkData", "Priority", "RemoteSource", "VerificationError"]
+
+# A chunk's bytes as received: a view into the frame it came in (no copy).
+ChunkData = bytes | bytearray | memoryview
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class _Pending:
     priority: int
     size: int
     expected: bytes | None
-    future: asyncio.Future[tuple[bytes, bytes]]
+    future: asyncio.Future[tuple[ChunkData, bytes]]
     windowed: bool = False
 
 
@@ -184,7 +187,7 @@ class RemoteSource:
 
     async def fetch(
         self, resource: str, index: int, priority: Priority | int = Priority.BACKGROUND
-    ) -> bytes:
+    ) -> ChunkData:
         """Chunk ``index`` of ``resource``, verified against the manifest's hash."""
         expected = self.hashes.get(resource)
         want = expected[index] if expected is not None and 0 <= index < len(expected) else None
@@ -197,7 +200,7 @@ class RemoteSource:
         index: int,
         priority: Priority | int = Priority.BACKGROUND,
         expected: bytes | None = None,
-    ) -> tuple[bytes, bytes]:
+    ) -> tuple[ChunkData, bytes]:
         """``(bytes, hash)`` of chunk ``index``: ``chunk_size`` bytes, fewer only at the
         end. The bytes match the hash, and the hash is ``expected`` when one is given;
         otherwise VerificationError. Waits through reconnects; DrafterError once the
@@ -272,12 +275,9 @@ class RemoteSource:
             conn.dead = True
             for task in conn.tasks:
                 task.cancel()
-            writer = conn.channel.writer
             with contextlib.suppress(Exception):
-                writer.close()
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
-            writer.transport.abort()
+                await conn.channel.close(1.0)
+            conn.channel.abort()
         self._fail_pending(DrafterError(f"the connection to {self.raddr} was closed"))
 
     # --- the window ----------------------------------------------------------------
@@ -317,14 +317,15 @@ class RemoteSource:
 
     async def _open(self) -> tuple[_Conn, _Greeting]:
         """A new authenticated connection; _Transient or DrafterError (fatal)."""
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    FrameProtocol,
                     self.host,
                     self.port,
                     ssl=self._ssl,
                     server_hostname=self._server_name if self._ssl else None,
-                    limit=wire.MAX_BODY + wire.HEADER_SIZE + 64,
                 ),
                 self.chunk_timeout,
             )
@@ -338,10 +339,12 @@ class RemoteSource:
             raise _Transient("timed out") from None
         except OSError as e:
             raise _Transient(e.strerror or str(e)) from None
+        assert isinstance(transport, asyncio.Transport)
+        channel = Channel(transport, protocol)
         try:
-            return await asyncio.wait_for(self._handshake(reader, writer), self.chunk_timeout)
+            return await asyncio.wait_for(self._handshake(channel), self.chunk_timeout)
         except BaseException as e:
-            writer.transport.abort()
+            channel.abort()
             if isinstance(e, TimeoutError):
                 raise _Transient("no answer to the hello") from None
             if isinstance(e, asyncio.IncompleteReadError):
@@ -357,16 +360,15 @@ class RemoteSource:
                 raise _Transient(e.strerror or str(e)) from None
             raise
 
-    async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[_Conn, _Greeting]:
+    async def _handshake(self, channel: Channel) -> tuple[_Conn, _Greeting]:
         loop = asyncio.get_running_loop()
         flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if self.token else 0)
         client_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
         sent = loop.time()
-        writer.write(wire.frame(MsgType.CLIENT_HELLO, client_hello))
-        kind, _, server_hello = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+        channel.write(MsgType.CLIENT_HELLO, client_hello)
+        kind, _, body = await channel.read()
         rtt = loop.time() - sent
+        server_hello = bytes(body)
         self._check_refusal(kind, server_hello)
         if kind != MsgType.SERVER_HELLO:
             raise ProtocolError(ErrorCode.PROTOCOL, f"expected a server hello, got type {kind}")
@@ -389,11 +391,11 @@ class RemoteSource:
         proof = bytes(wire.PROOF_SIZE)
         if self.token is not None:
             proof = security.client_proof(self.token, client_hello, server_hello + choice)
-        writer.write(wire.frame(MsgType.AUTH, proof + choice))
+        channel.write(MsgType.AUTH, proof + choice)
         send = recv = None
         if self.token is not None and self._ssl is None:
             send, recv = security.seals(self.token, client_hello, server_hello)
-        channel = Channel(reader, writer, send=send, recv=recv)
+        channel.seal(send, recv)
         try:
             kind, _, body = await channel.read()
         except ProtocolError:
@@ -402,7 +404,7 @@ class RemoteSource:
         self._check_refusal(kind, body)  # a server with another token says so here
         if kind != MsgType.WELCOME:
             raise ProtocolError(ErrorCode.PROTOCOL, f"expected a welcome, got type {kind}")
-        welcome = wire.Welcome.decode(body)
+        welcome = wire.Welcome.decode(bytes(body))
         if self.token is not None:
             expected = security.server_proof(self.token, client_hello, server_hello + choice)
             if not security.proof_matches(welcome.proof, expected):
@@ -417,7 +419,7 @@ class RemoteSource:
                 self._check_refusal(kind, body)
                 if kind != MsgType.HASHES:
                     raise ProtocolError(ErrorCode.PROTOCOL, f"expected hashes, got type {kind}")
-                part = wire.Hashes.decode(body)
+                part = wire.Hashes.decode(bytes(body))
                 n = len(part.hashes) // wire.HASH_SIZE
                 if part.resource != r or part.start != len(got) or len(got) + n > counts[r]:
                     raise ProtocolError(ErrorCode.PROTOCOL, "hash list out of order")
@@ -428,12 +430,12 @@ class RemoteSource:
         self._check_refusal(kind, body)
         if kind != MsgType.HOT:
             raise ProtocolError(ErrorCode.PROTOCOL, f"expected the hot list, got type {kind}")
-        hot = {names[r]: indices for r, indices in wire.decode_hot(body, counts).items()}
+        hot = {names[r]: indices for r, indices in wire.decode_hot(bytes(body), counts).items()}
         self.compressed = bool(choice_flags)
         greeting = _Greeting(welcome, hashes, hot, rtt)
         return _Conn(channel), greeting
 
-    def _check_refusal(self, kind: int, body: bytes) -> None:
+    def _check_refusal(self, kind: int, body: wire.Buffer) -> None:
         if kind != MsgType.ERROR:
             return
         code, message = wire.decode_error(body)
@@ -459,13 +461,13 @@ class RemoteSource:
                 self._send(conn, request_id, pending)
 
     def _send(self, conn: _Conn, request_id: int, pending: _Pending) -> None:
-        if conn.dead or conn.channel.writer.is_closing():
+        if conn.dead or conn.channel.is_closing():
             return  # the receiver notices the loss; the request is sent again after it
         request = wire.Request(pending.priority, pending.resource, pending.index)
         conn.channel.write(MsgType.REQUEST, request.body(), request_id)
         conn.last_sent = asyncio.get_running_loop().time()
 
-    def _chunk_data(self, head: ChunkHead, payload: bytes, p: _Pending) -> bytes:
+    def _chunk_data(self, head: ChunkHead, payload: memoryview, p: _Pending) -> ChunkData:
         """The chunk's bytes from a CHUNK frame answering ``p``, verified."""
         name = self._names[p.resource]
         if (head.resource, head.index, head.length) != (p.resource, p.index, p.size):
@@ -475,7 +477,7 @@ class RemoteSource:
         if head.flags & wire.CHUNK_ZERO:
             if payload or head.hash != wire.ZERO_HASH:
                 raise ProtocolError(ErrorCode.PROTOCOL, "malformed zero marker")
-            data = bytes(p.size)
+            data: ChunkData = bytes(p.size)
             self.stats.zero_chunks += 1
         else:
             if head.flags & wire.CHUNK_ZSTD:
@@ -521,7 +523,7 @@ class RemoteSource:
                     p = pending.get(request_id)
                     if p is None or p.future.done():
                         continue  # a fetch that was cancelled meanwhile: no progress
-                    data = self._chunk_data(head, body[wire.CHUNK_FIXED :], p)
+                    data = self._chunk_data(head, memoryview(body)[wire.CHUNK_FIXED :], p)
                     p.future.set_result((data, head.hash))
                     conn.last_progress = loop.time()
                     if p.windowed and self.window < MAX_WINDOW:
@@ -530,7 +532,7 @@ class RemoteSource:
                 elif wire.is_control(kind):
                     call = self._calls.get(request_id)
                     if call is not None and not call.done():
-                        call.set_result(body)
+                        call.set_result(bytes(body))
                         conn.last_progress = loop.time()
                 elif kind == MsgType.ERROR:
                     code, message = wire.decode_error(body)
@@ -580,7 +582,7 @@ class RemoteSource:
         for task in conn.tasks:
             if task is not me:
                 task.cancel()
-        conn.channel.writer.transport.abort()
+        conn.channel.abort()
 
     def _lost(self, conn: _Conn, reason: str) -> None:
         if conn.dead:
@@ -615,7 +617,7 @@ class RemoteSource:
                     self.manifest,
                     self.config,
                 ):
-                    conn.channel.writer.transport.abort()
+                    conn.channel.abort()
                     self._fail(DrafterError(f"{self.raddr} now serves different resources"))
                     return
                 self.reconnects += 1

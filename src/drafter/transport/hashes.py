@@ -24,7 +24,7 @@ def chunk_hash(data: bytes) -> bytes:
     return ZERO_HASH if is_zero(data) else blake3.blake3(data).digest()
 
 
-def digest(data: bytes) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     """BLAKE3-256 of ``data`` (what a received payload is checked against)."""
     return blake3.blake3(data).digest()
 

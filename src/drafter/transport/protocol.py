@@ -25,6 +25,8 @@ from typing import Any
 from drafter.device import Priority as Priority  # re-exported: one definition, in device
 from drafter.errors import DrafterError
 
+Buffer = bytes | bytearray | memoryview  # a frame body as received
+
 MAGIC = b"DRFT"
 VERSION = 2
 HEADER = struct.Struct(">IBBHI")
@@ -173,7 +175,7 @@ class Hello:
         return _HELLO.pack(MAGIC, self.version, self.flags) + self.nonce
 
     @classmethod
-    def decode(cls, body: bytes, who: str) -> Hello:
+    def decode(cls, body: Buffer, who: str) -> Hello:
         """``who`` is "client" or "server", for the error text."""
         if len(body) < _HELLO.size or body[:4] != MAGIC:
             raise ProtocolError(ErrorCode.PROTOCOL, f"not a drafter {who} (bad magic)")
@@ -186,7 +188,7 @@ class Hello:
             )
         if len(body) != _HELLO.size + NONCE_SIZE:
             raise _bad(f"{who} hello")
-        return cls(version, flags, body[_HELLO.size :])
+        return cls(version, flags, bytes(body[_HELLO.size :]))
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class Welcome:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, body: bytes) -> Welcome:
+    def decode(cls, body: Buffer) -> Welcome:
         try:
             proof = body[:PROOF_SIZE]
             pos = PROOF_SIZE
@@ -220,7 +222,7 @@ class Welcome:
             for _ in range(count):
                 n, size = _RESOURCE.unpack_from(body, pos)
                 pos += _RESOURCE.size
-                name = body[pos : pos + n].decode("ascii")
+                name = bytes(body[pos : pos + n]).decode("ascii")
                 pos += n
                 if len(name) != n or not name.isalnum() or name in manifest:
                     raise _bad("welcome (bad resource name)")
@@ -231,7 +233,7 @@ class Welcome:
             raise _bad("welcome") from None
         if len(proof) != PROOF_SIZE:
             raise _bad("welcome")
-        return cls(proof, chunk_size, manifest, bytes(body[pos:]))
+        return cls(bytes(proof), chunk_size, manifest, bytes(body[pos:]))
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -250,7 +252,7 @@ class Hashes:
         return _HASHES.pack(self.resource, self.start) + self.hashes
 
     @classmethod
-    def decode(cls, body: bytes) -> Hashes:
+    def decode(cls, body: Buffer) -> Hashes:
         if len(body) < _HASHES.size or (len(body) - _HASHES.size) % HASH_SIZE:
             raise _bad("hash list")
         resource, start = _HASHES.unpack_from(body)
@@ -269,7 +271,7 @@ def encode_hot(hot: dict[int, list[int]]) -> bytes:
     return b"".join(parts)
 
 
-def decode_hot(body: bytes, chunks: list[int]) -> dict[int, list[int]]:
+def decode_hot(body: Buffer, chunks: list[int]) -> dict[int, list[int]]:
     """Chunk indices per resource position; each must exist (``chunks``: counts)."""
     hot: dict[int, list[int]] = {}
     pos = 0
@@ -301,7 +303,7 @@ class Request:
         return _REQUEST.pack(self.priority, self.resource, self.index)
 
     @classmethod
-    def decode(cls, body: bytes) -> Request:
+    def decode(cls, body: Buffer) -> Request:
         if len(body) != _REQUEST.size:
             raise _bad("request")
         return cls(*_REQUEST.unpack(body))
@@ -321,7 +323,7 @@ class ChunkHead:
         return _CHUNK.pack(self.resource, self.flags, self.index, self.length, self.hash)
 
     @classmethod
-    def decode(cls, body: bytes) -> ChunkHead:
+    def decode(cls, body: Buffer) -> ChunkHead:
         if len(body) < CHUNK_FIXED:
             raise _bad("chunk")
         head = cls(*_CHUNK.unpack_from(body))
@@ -335,13 +337,13 @@ def error_body(code: ErrorCode, message: str) -> bytes:
     return _ERROR.pack(code) + message.encode()[:MAX_ERROR_TEXT]
 
 
-def decode_error(body: bytes) -> tuple[int, str]:
+def decode_error(body: Buffer) -> tuple[int, str]:
     """``(code, text)`` from an ERROR body; the text is cut and shown with repr()
     quoting removed only for plain printable text, so it cannot forge log lines."""
     if len(body) < _ERROR.size:
         return int(ErrorCode.PROTOCOL), "malformed error frame"
     code = int(_ERROR.unpack_from(body)[0])
-    text = body[_ERROR.size : _ERROR.size + MAX_ERROR_TEXT].decode(errors="replace")
+    text = bytes(body[_ERROR.size : _ERROR.size + MAX_ERROR_TEXT]).decode(errors="replace")
     return code, safe_text(text)
 
 

@@ -104,14 +104,14 @@ class Seal:
         self._key = key
         self._seq = 0
 
-    def tag(self, head: bytes, covered: bytes) -> bytes:
+    def tag(self, head: bytes, covered: bytes | bytearray | memoryview) -> bytes:
         h = blake3.blake3(self._seq.to_bytes(8, "big"), key=self._key)
         h.update(head)
         h.update(covered)
         self._seq += 1
         return h.digest(length=TAG_SIZE)
 
-    def check(self, head: bytes, covered: bytes, tag: bytes) -> bool:
+    def check(self, head: bytes, covered: bytes | bytearray | memoryview, tag: bytes) -> bool:
         return hmac.compare_digest(self.tag(head, covered), tag)
 
 

@@ -31,13 +31,11 @@ import zstandard
 from drafter.errors import DrafterError
 from drafter.transport import protocol as wire
 from drafter.transport import security
-from drafter.transport.channel import Channel
+from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.hashes import digest, is_zero
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
-
-_READ_LIMIT = wire.MAX_BODY + wire.HEADER_SIZE + 64
 
 
 class ChunkProvider(Protocol):
@@ -231,8 +229,7 @@ class ChunkServer:
         try:
             peer = _peer_of(client)
             loop = asyncio.get_running_loop()
-            reader = asyncio.StreamReader(limit=_READ_LIMIT)
-            proto = asyncio.StreamReaderProtocol(reader)
+            proto = FrameProtocol()
             try:
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: proto,
@@ -251,24 +248,23 @@ class ChunkServer:
                     reason = "the client dropped the connection (does it trust this certificate?)"
                 log.warning("client %s: TLS handshake failed: %s; dropped it", peer, reason)
                 return
-            writer = asyncio.StreamWriter(transport, proto, reader, loop)
-            await self._on_client(peer, reader, writer)
+            assert isinstance(transport, asyncio.Transport)
+            await self._on_client(peer, Channel(transport, proto))
         finally:
             self.stats.connections -= 1
             self._slots.release()
 
     # --- one connection ----------------------------------------------------------
 
-    async def _on_client(
-        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _on_client(self, peer: str, channel: Channel) -> None:
         log.debug("client %s connected", peer)
         problem: str | None = None
         error: tuple[ErrorCode, str] | None = None
-        channel: Channel | None = None
+        accepted = False
         try:
             async with asyncio.timeout(self.limits.handshake_timeout):
-                channel, conn = await self._handshake(peer, reader, writer)
+                conn = await self._handshake(peer, channel)
+            accepted = True
             self.stats.accepted += 1
             problem = await self._serve(channel, conn)
         except ProtocolError as e:
@@ -277,11 +273,11 @@ class ChunkServer:
             if e.code == ErrorCode.AUTH:
                 self.stats.auth_failures += 1
         except TimeoutError:
-            problem = "handshake timed out" if channel is None else "timed out"
+            problem = "timed out" if accepted else "handshake timed out"
             error = (ErrorCode.TIMEOUT, problem)
         except asyncio.IncompleteReadError as e:
             problem = "closed the connection mid-frame" if e.partial else "closed the connection"
-            if channel is None:
+            if not accepted:
                 problem += " during the handshake"
         except (ConnectionError, OSError) as e:
             problem = f"connection failed: {_reason(e)}"
@@ -297,48 +293,31 @@ class ChunkServer:
                       exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             error = (ErrorCode.INTERNAL, "internal server error")
         if problem is not None:
-            if channel is None:
+            if not accepted:
                 self.stats.refused += 1
             log.warning("client %s: %s; dropped it", peer, problem)
         log.debug("client %s disconnected", peer)
         try:
-            await self._shut(reader, writer, channel, error)
+            await self._shut(channel, error)
         except asyncio.CancelledError:
-            writer.transport.abort()
+            channel.abort()
 
-    async def _shut(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        channel: Channel | None,
-        error: tuple[ErrorCode, str] | None,
-    ) -> None:
+    async def _shut(self, channel: Channel, error: tuple[ErrorCode, str] | None) -> None:
         """Close a connection; an error frame first, given a moment to arrive."""
         with contextlib.suppress(Exception):
-            if error is not None and not writer.is_closing():
-                body = wire.error_body(*error)
-                if channel is not None:
-                    channel.write(MsgType.ERROR, body)
-                else:
-                    writer.write(wire.frame(MsgType.ERROR, body))
-                if writer.can_write_eof():
-                    writer.write_eof()
-                # Read (and drop) what the client still sends, so closing does not reset
-                # the connection before it has read the error frame.
+            if error is not None and not channel.is_closing():
+                channel.write(MsgType.ERROR, wire.error_body(*error))
+                if channel.transport.can_write_eof():
+                    channel.transport.write_eof()
+                # Drop what the client still sends, so closing does not reset the
+                # connection before it has read the error frame.
                 async with asyncio.timeout(self.linger_timeout):
-                    while await reader.read(65536):
-                        pass
-        with contextlib.suppress(Exception):
-            writer.transport.abort() if writer.is_closing() else writer.close()
-            async with asyncio.timeout(self.linger_timeout):
-                await writer.wait_closed()
-        if not writer.is_closing():
-            writer.transport.abort()
+                    await channel.protocol.until_eof()
+        await channel.close(self.linger_timeout)
 
-    async def _handshake(
-        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[Channel, Connection]:
-        kind, _, client_hello = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+    async def _handshake(self, peer: str, channel: Channel) -> Connection:
+        kind, _, body = await channel.read()
+        client_hello = bytes(body)
         if kind != MsgType.CLIENT_HELLO:
             raise ProtocolError(
                 ErrorCode.PROTOCOL, f"expected a client hello, got frame type {kind}"
@@ -347,8 +326,9 @@ class ChunkServer:
         token = self._token
         flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if token else 0)
         server_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
-        writer.write(wire.frame(MsgType.SERVER_HELLO, server_hello))
-        kind, _, auth = await wire.read_frame(reader, wire.HANDSHAKE_MAX_BODY)
+        channel.write(MsgType.SERVER_HELLO, server_hello)
+        kind, _, body = await channel.read()
+        auth = bytes(body)
         if kind != MsgType.AUTH:
             raise ProtocolError(ErrorCode.PROTOCOL, f"expected auth, got frame type {kind}")
         proof, choice = auth[: wire.PROOF_SIZE], auth[wire.PROOF_SIZE :]
@@ -364,7 +344,7 @@ class ChunkServer:
             if self._ssl is None:
                 recv, send = security.seals(token, client_hello, server_hello)
         compress = bool(int.from_bytes(choice, "big") & wire.HELLO_ZSTD & hello.flags)
-        channel = Channel(reader, writer, send=send, recv=recv)
+        channel.seal(send, recv)
         conn = Connection(peer, compress)
         manifest = dict(zip(self._names, self._sizes, strict=True))
         channel.write(
@@ -387,7 +367,7 @@ class ChunkServer:
                 hot[r] = [i for i in indices if 0 <= i < self._chunks[r]]
         channel.write(MsgType.HOT, wire.encode_hot(hot))
         await self._drain(channel)
-        return channel, conn
+        return conn
 
     async def _drain(self, channel: Channel) -> None:
         try:
@@ -400,7 +380,7 @@ class ChunkServer:
 
     async def _serve(self, channel: Channel, conn: Connection) -> str | None:
         """Run the reader, the sender and the idle watch until one ends."""
-        channel.writer.transport.set_write_buffer_limits(
+        channel.transport.set_write_buffer_limits(
             high=self.limits.send_buffer_chunks * self.chunk_size
         )
         receiving = asyncio.create_task(self._receive(channel, conn))
