@@ -1,0 +1,176 @@
+"""Wire v2 end to end: tokens beyond loopback, refused chunks, chunks not moved twice."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import assert_one_line_error, command, run_command, stop_process
+from test_migration import finish_source, migrate
+from test_peer import registry, wait_resumed
+from test_runner import free_port, wait_for_redis
+
+
+def make_token(workdir: Path) -> Path:
+    path = workdir / "drafter.token"
+    result = run_command("drafter-token", str(path))
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path
+
+
+def wire_mib(summary: str) -> float:
+    match = re.search(r"([\d.]+) MiB on the wire", summary)
+    assert match, summary
+    return float(match.group(1))
+
+
+def summary_of(proc) -> str:
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith("migrated from"):
+            return line.strip()
+    raise AssertionError("no summary line")
+
+
+def test_cluster_walkthrough_with_a_token_and_the_hash_skip_back_home(
+    seeded_package, network, workdir
+) -> None:
+    """The README's cluster commands (all interfaces, a token file on every command);
+    the hop back to a host that holds the registry's package moves fewer bytes."""
+    token = make_token(workdir)
+    tf = ("--token-file", str(token))
+    # Without the token the same all-interfaces address is refused, in one line.
+    refused = run_command("drafter-registry", "--package-path", str(seeded_package),
+                          "--laddr", f":{free_port()}")  # fmt: skip
+    assert_one_line_error(refused, "without a token", "drafter-token")
+    port = free_port()
+    reg = subprocess_start(
+        "drafter-registry", "--package-path", str(seeded_package), "--laddr", f":{port}", *tf
+    )
+    address0 = network.info(0).external_address
+    ports = [free_port() for _ in range(3)]
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop_process, reg)
+        first = stack.enter_context(
+            migrate(f"127.0.0.1:{port}", network.name(0), workdir, f":{ports[0]}", *tf)
+        )
+        wait_resumed(first)
+        assert wait_for_redis(address0).get("from") == b"the package"
+        # A peer without the token is turned away with a hint.
+        refused = run_command("drafter-peer", "--netns", network.name(1), "--raddr",
+                              f"127.0.0.1:{ports[0]}", "--laddr", "",
+                              "--work-dir", str(workdir / "vms"))  # fmt: skip
+        assert_one_line_error(refused, "requires a token")
+        second = stack.enter_context(
+            migrate(f"127.0.0.1:{ports[0]}", network.name(1), workdir, f":{ports[1]}", *tf)
+        )
+        wait_resumed(second)
+        away = summary_of(second)
+        finish_source(first)
+        assert wait_for_redis(network.info(1).external_address).get("from") == b"the package"
+        home = stack.enter_context(
+            migrate(
+                f"127.0.0.1:{ports[1]}",
+                network.name(0),
+                workdir,
+                f":{ports[2]}",
+                *tf,
+                "--local-package",
+                str(seeded_package),
+            )  # fmt: skip
+        )
+        wait_resumed(home)
+        back = summary_of(home)
+        finish_source(second)
+        assert wait_for_redis(address0).get("from") == b"the package"
+        assert "reused from a local package" in back, back
+        assert wire_mib(back) < wire_mib(away) / 2, (away, back)
+        home.send_signal(signal.SIGINT)
+        home.communicate(timeout=60)
+        assert home.returncode == 0
+
+
+def subprocess_start(*argv: str):
+    import subprocess
+
+    proc = subprocess.Popen([command(argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "serving" in line, line + (proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+class FlippingProxy(threading.Thread):
+    """Forwards one TCP connection at a time; flips one bit of the server's bytes at
+    ``offset`` (counted over each connection's server-to-client stream)."""
+
+    def __init__(self, target: int, offset: int) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.offset = offset
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flipped = 0
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+                threading.Thread(
+                    target=self.pipe, args=(client, server, False), daemon=True
+                ).start()
+                threading.Thread(target=self.pipe, args=(server, client, True), daemon=True).start()
+
+    def pipe(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if flip and seen <= self.offset < seen + len(data):
+                    buf = bytearray(data)
+                    buf[self.offset - seen] ^= 0x01
+                    data = bytes(buf)
+                    self.flipped += 1
+                seen += len(data)
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def flipping(target: int, offset: int) -> Iterator[FlippingProxy]:
+    proxy = FlippingProxy(target, offset)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_a_flipped_bit_in_flight_is_refused(seeded_package, network, workdir) -> None:
+    """No TLS, a token: one bit changed on the way makes the peer refuse, and say so."""
+    token = make_token(workdir)
+    with registry(seeded_package, "--token-file", str(token)) as (_, raddr):
+        port = int(raddr.rsplit(":", 1)[1])
+        # 2 MiB into the stream: past the hello, manifest and hashes, inside chunk bytes.
+        with flipping(port, 2 << 20) as proxy:
+            result = run_command("drafter-peer", "--netns", network.name(0), "--raddr",
+                                 f"127.0.0.1:{proxy.port}", "--laddr", "",
+                                 "--token-file", str(token), "--retry-timeout", "2",
+                                 "--work-dir", str(workdir / "vms"), timeout=120)  # fmt: skip
+            assert proxy.flipped == 1
+        assert_one_line_error(result)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "failed verification" in last or "failed authentication" in last, last
+        assert "refused" in last or "failed authentication" in last, last
