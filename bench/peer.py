@@ -4,7 +4,7 @@
    baseline a user would otherwise use: copy the whole package, then start it with
    drafter-runner (copy time + runner start to first reply).
 2. Bulk pull throughput on loopback: RemoteSource pulling a dense 256 MiB resource
-   (512 requests at most in flight, within the client's window)
+   (runs of 16 chunks per request, as a peer pulls, within the client's window)
    from a registry subprocess, beside a plain TCP copy of the same bytes (sendfile
    to recv_into) in the same run.
 
@@ -33,13 +33,14 @@ from drafter.package import PackageConfig, write_package
 from drafter.transport.client import RemoteSource
 
 MIB = 1 << 20
+EXTRA: list[str] = []  # extra drafter-registry arguments
 
 
 def start_registry(package: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     proc = subprocess.Popen(
         [BIN / "drafter-registry", "--package-path", str(package),
-         "--laddr", f"127.0.0.1:{port}"],
+         "--laddr", f"127.0.0.1:{port}", *EXTRA],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -143,20 +144,28 @@ def dense_package(work: Path, mib: int) -> Path:
     return package
 
 
-async def pull(raddr: str, workers: int) -> tuple[float, int]:
+async def pull(raddr: str, workers: int, run: int = 16) -> tuple[float, int]:
+    """Pull the memory resource the way a peer's background pull does: runs of ``run``
+    consecutive chunks per request, at most ``workers`` requests at once, within the
+    client's window; every chunk verified and written to /dev/null."""
     remote = RemoteSource(raddr)
     await remote.connect()
     size = remote.manifest["memory"]
-    chunks = (size + remote.chunk_size - 1) // remote.chunk_size
+    chunks = remote.chunks("memory")
+    hashes = remote.hashes["memory"]
     fd = os.open(os.devnull, os.O_WRONLY)
-    queue = list(range(chunks))
+    queue = [(i, min(run, chunks - i)) for i in range(0, chunks, run)]
+    queue.reverse()
     start = time.monotonic()
+
+    def deliver(_index: int, data: object, _hash: bytes) -> None:
+        os.write(fd, data)  # type: ignore[arg-type]
 
     async def worker() -> None:
         while queue:
-            index = queue.pop()
-            data = await remote.fetch("memory", index, Priority.BACKGROUND)
-            os.write(fd, data)
+            first, count = queue.pop()
+            expected: list[bytes | None] = list(hashes[first : first + count])
+            await remote.fetch_run("memory", first, count, Priority.BACKGROUND, expected, deliver)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     took = time.monotonic() - start

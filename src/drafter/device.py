@@ -37,6 +37,17 @@ class Priority(IntEnum):
 Fetcher = Callable[
     [int, Priority, bytes | None], Awaitable[tuple[bytes | bytearray | memoryview, bytes]]
 ]
+# Fetches ``count`` consecutive chunks from ``start`` with one request, given the hash
+# each must have if known; hands each verified chunk to the callback as it arrives.
+RunFetcher = Callable[
+    [
+        int,
+        int,
+        list[bytes | None],
+        Callable[[int, bytes | bytearray | memoryview, bytes], None],
+    ],
+    Awaitable[None],
+]
 ZERO_HASH = bytes(32)  # the wire's marker hash of an all-zero chunk
 
 
@@ -103,6 +114,7 @@ class Device:
         self._overlay_fd = os.open(overlay, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._overlay_fd, size)
         self.fetcher = fetcher
+        self.run_fetcher: RunFetcher | None = None  # background pulls in runs
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self.fetched_bytes = 0
         # The content hash of each chunk where it is known (from the remote's manifest
@@ -171,6 +183,10 @@ class Device:
         assert self.fetcher is not None
         expected = self.hashes[index] if self.binding else None
         data, digest = await self.fetcher(index, priority, expected)
+        self._store(index, data, digest)
+
+    def _store(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
+        """A verified chunk arrived: keep it unless the chunk became local meanwhile."""
         if len(data) != self._chunk_length(index):
             raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
         with self._lock:
@@ -179,6 +195,23 @@ class Device:
                 self.local[index] = 1
                 self.hashes[index] = digest
                 self.fetched_bytes += len(data)
+
+    async def pull_run(self, start: int, count: int) -> None:
+        """Background: chunks ``start`` .. ``start + count - 1`` with one request (chunks
+        that became local meanwhile arrive again and are dropped)."""
+        while count and self.local[start]:
+            start, count = start + 1, count - 1
+        while count and self.local[start + count - 1]:
+            count -= 1
+        if not count:
+            return
+        if self.run_fetcher is None:
+            await asyncio.gather(
+                *(self.ensure_chunk(i, Priority.BACKGROUND) for i in range(start, start + count))
+            )
+            return
+        expected = [self.hashes[i] if self.binding else None for i in range(start, start + count)]
+        await self.run_fetcher(start, count, expected, self._store)
 
     async def ensure(
         self, offset: int, size: int, priority: Priority, partial_only: bool = False

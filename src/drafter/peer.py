@@ -22,7 +22,7 @@ from pathlib import Path
 
 from drafter import snapshot
 from drafter.agent_client import AgentClient
-from drafter.device import Device, Fetcher, Priority
+from drafter.device import Device, Fetcher, Priority, RunFetcher
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.migration import (
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Pulled first: QEMU reads the kernel and initramfs whole when it starts.
 PULL_ORDER = ("kernel", "initramfs", "memory", "disk")
+PULL_RUN = 16  # consecutive chunks a background request asks for
 WRITABLE = ("memory", "disk")
 
 
@@ -186,6 +187,19 @@ class Peer:
 
             return fetch
 
+        def run_fetcher(resource: str) -> RunFetcher:
+            async def fetch(
+                start: int,
+                count: int,
+                expected: list[bytes | None],
+                deliver: Callable[[int, ChunkData, bytes], None],
+            ) -> None:
+                await remote.fetch_run(
+                    resource, start, count, Priority.BACKGROUND, expected, deliver
+                )
+
+            return fetch
+
         for name in PULL_ORDER:
             self.devices[name] = Device(
                 name,
@@ -196,6 +210,7 @@ class Peer:
                 chunk_size=remote.chunk_size,
                 fetcher=fetcher(name),
             )
+            self.devices[name].run_fetcher = run_fetcher(name)
             at_rest = "state" in manifest  # a registry's package, not a running VM
             self.devices[name].expect(remote.hashes[name], binding=at_rest or name not in TRACKED)
         if o.local_package is not None:
@@ -325,17 +340,31 @@ class Peer:
         state_file.write_bytes(state)
         return switched_at
 
+    def _runs(self) -> asyncio.Queue[tuple[Device, int, int]]:
+        """Every missing chunk, as runs of consecutive chunks, in PULL_ORDER."""
+        queue: asyncio.Queue[tuple[Device, int, int]] = asyncio.Queue()
+        for name in PULL_ORDER:
+            device = self.devices[name]
+            start = count = 0
+            for index in device.missing():
+                if count and index == start + count and count < PULL_RUN:
+                    count += 1
+                    continue
+                if count:
+                    queue.put_nowait((device, start, count))
+                start, count = index, 1
+            if count:
+                queue.put_nowait((device, start, count))
+        return queue
+
     async def _pull_missing(self) -> None:
         """Fetch every missing chunk now, with the pull workers (device loop)."""
-        queue: asyncio.Queue[tuple[Device, int]] = asyncio.Queue()
-        for name in PULL_ORDER:
-            for index in self.devices[name].missing():
-                queue.put_nowait((self.devices[name], index))
+        queue = self._runs()
 
         async def worker() -> None:
             while not queue.empty():
-                device, index = queue.get_nowait()
-                await device.ensure_chunk(index, Priority.BACKGROUND)
+                device, start, count = queue.get_nowait()
+                await device.pull_run(start, count)
 
         workers = min(queue.qsize(), max(1, self.options.pull_workers))
         await asyncio.gather(*(worker() for _ in range(workers)))
@@ -381,24 +410,21 @@ class Peer:
 
     async def _pull_all(self) -> None:
         """Background workers: every missing chunk, in PULL_ORDER (runs on the device loop)."""
-        queue: asyncio.Queue[tuple[Device, int]] = asyncio.Queue()
         for name in PULL_ORDER:
             device = self.devices[name]
             self.progress.done += device.size - device.missing_bytes()
-            for index in device.missing():
-                queue.put_nowait((device, index))
+        queue = self._runs()
         self._report()
 
         async def worker() -> None:
             while True:
                 try:
-                    device, index = queue.get_nowait()
+                    device, start, count = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await device.ensure_chunk(index, Priority.BACKGROUND)
-                self.progress.done += min(
-                    device.chunk_size, device.size - index * device.chunk_size
-                )
+                await device.pull_run(start, count)
+                end = min((start + count) * device.chunk_size, device.size)
+                self.progress.done += end - start * device.chunk_size
                 self._report()
 
         count = min(queue.qsize(), max(1, self.options.pull_workers))

@@ -52,6 +52,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._tag = bytearray()
         self._direct = False
         self._frames: deque[Frame] = deque()
+        self._spare: dict[int, list[bytearray]] = {}  # body buffers given back, by size
         self._queued = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -131,7 +132,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 i += take
                 if len(self._head) == HEADER_SIZE:
                     length, _kind, _id = parse_header(bytes(self._head), self.max_body)
-                    self._body = bytearray(length)
+                    spare = self._spare.get(length)
+                    self._body = spare.pop() if spare else bytearray(length)
                     self._pos = 0
                     if length == 0:
                         self._body_done()
@@ -181,6 +183,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # -- for the Channel ----------------------------------------------------------------
 
+    def recycle(self, body: bytearray) -> None:
+        """A frame body nobody refers to any more: reuse it for a frame of its size
+        (a fresh buffer costs page faults and zeroing on every chunk)."""
+        spare = self._spare.setdefault(len(body), [])
+        if len(spare) < 4:
+            spare.append(body)
+
     async def until_eof(self) -> None:
         """Drop whatever arrives until the other side closes."""
         self.discard = True
@@ -228,6 +237,10 @@ class Channel:
         self.protocol = protocol
         self._send: Seal | None = None
         self._recv: Seal | None = None
+        # Small frames written in one event-loop turn go out in one send (a burst of
+        # requests costs one system call, not one each).
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
 
     def seal(self, send: Seal | None, recv: Seal | None) -> None:
         """From now on, frames out carry tags from ``send``, frames in are checked with
@@ -251,22 +264,42 @@ class Channel:
         return kind, request_id, body
 
     def write(self, kind: int, body: bytes = b"", request_id: int = 0) -> None:
+        """Queue a frame; it goes out at the end of this event-loop turn at the latest."""
         head = header(kind, len(body), request_id)
         tag = self._send.tag(head, body) if self._send is not None else b""
-        self.transport.write(head + body + tag)
+        self._outbox.append(head + body + tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send the queued small frames now."""
+        self._flush_scheduled = False
+        if self._outbox:
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            if not self.transport.is_closing():
+                self.transport.write(data)
 
     def write_chunk(self, request_id: int, chunk: ChunkHead, payload: bytes = b"") -> None:
         """A CHUNK frame: fixed part, then the payload (written without joining it)."""
         fixed = chunk.encode()
         head = header(MsgType.CHUNK, len(fixed) + len(payload), request_id)
         tag = self._send.tag(head, fixed) if self._send is not None else b""
+        self.flush()
+        self.transport.write(head + fixed)
         if payload:
-            self.transport.writelines((head + fixed, payload, tag))
-        else:
-            self.transport.write(head + fixed + tag)
+            self.transport.write(payload)
+        if tag:
+            self.transport.write(tag)
 
     async def drain(self) -> None:
+        self.flush()
         await self.protocol.drain()
+
+    def must_wait(self) -> bool:
+        """Whether a drain would wait (the send buffer is above its high-water mark)."""
+        return self.protocol._write_paused or self.transport.is_closing()
 
     def buffered(self) -> int:
         """Bytes written but not yet handed to the kernel."""
@@ -280,6 +313,7 @@ class Channel:
 
     async def close(self, linger: float = 1.0) -> None:
         """Close (after what is written has gone out); abort after ``linger`` seconds."""
+        self.flush()
         if not self.transport.is_closing():
             self.transport.close()
         try:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -53,15 +54,22 @@ class _Transient(Exception):
     """A connection problem that reconnecting may cure."""
 
 
+# Receives one verified chunk of a run: (index, bytes, hash).
+Deliver = Callable[[int, ChunkData, bytes], None]
+
+
 @dataclass(eq=False)
 class _Pending:
+    """A request for ``count`` consecutive chunks from ``index``, answered in order."""
+
     resource: int
-    index: int
+    index: int  # the next chunk to arrive
+    count: int  # chunks still to arrive
     priority: int
-    size: int
-    expected: bytes | None
-    future: asyncio.Future[tuple[ChunkData, bytes]]
-    windowed: bool = False
+    expected: deque[bytes | None]  # the hash each chunk still to arrive must have
+    deliver: Deliver
+    future: asyncio.Future[None]
+    windowed: int = 0  # bytes of it still counted in the window
 
 
 @dataclass(eq=False)
@@ -205,25 +213,44 @@ class RemoteSource:
         end. The bytes match the hash, and the hash is ``expected`` when one is given;
         otherwise VerificationError. Waits through reconnects; DrafterError once the
         connection is lost for good (or the server refuses the request)."""
-        if self._failed is not None:
-            raise DrafterError(str(self._failed))
-        if self._closed or not self.chunk_size:
-            raise DrafterError(f"the connection to {self.raddr} is not open")
-        r = self._index.get(resource)
-        if r is None:
-            raise DrafterError(f"{self.raddr} does not offer a resource named {resource!r}")
-        total = self.manifest[resource]
-        start = index * self.chunk_size
-        if index < 0 or start >= total:
-            raise DrafterError(f"chunk {index} is beyond the end of {resource} ({total} bytes)")
-        size = min(self.chunk_size, total - start)
+        r, _ = self._check(resource, index, 1)
         if expected == wire.ZERO_HASH:
             self.stats.zero_chunks += 1
-            return bytes(size), wire.ZERO_HASH
+            return bytes(self._chunk_length(r, index)), wire.ZERO_HASH
+        got: list[tuple[ChunkData, bytes]] = []
+        await self.fetch_run(
+            resource,
+            index,
+            1,
+            priority,
+            [expected],
+            lambda _i, data, h: got.append((bytes(data), h)),
+        )
+        return got[0]
+
+    async def fetch_run(
+        self,
+        resource: str,
+        start: int,
+        count: int,
+        priority: Priority | int,
+        expected: list[bytes | None],
+        deliver: Deliver,
+    ) -> None:
+        """Chunks ``start`` to ``start + count - 1`` with one request: each is verified
+        (as in :meth:`fetch_chunk`, against ``expected[i]``) and handed to ``deliver``
+        as it arrives, in order. ``deliver`` must not keep the bytes it is given after
+        it returns (they are a view into a buffer that is reused): copy them to keep
+        them. Background runs wait for room in the window."""
+        r, _ = self._check(resource, start, count)
+        if len(expected) != count:
+            raise ValueError("one expected hash per chunk")
         loop = asyncio.get_running_loop()
-        pending = _Pending(r, index, int(priority), size, expected, loop.create_future())
+        pending = _Pending(r, start, count, int(priority), deque(expected), deliver,
+                           loop.create_future())  # fmt: skip
         if priority != Priority.DEMAND:
-            await self._admit(pending)
+            size = sum(self._chunk_length(r, i) for i in range(start, start + count))
+            await self._admit(pending, size)
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
         conn = self._conn
@@ -233,10 +260,30 @@ class RemoteSource:
         try:
             if conn is not None:
                 self._send(conn, request_id, pending)
-            return await pending.future
+            await pending.future
         finally:
             self._pending.pop(request_id, None)
-            self._release(pending)
+            self._release(pending, pending.windowed)
+
+    def _check(self, resource: str, start: int, count: int) -> tuple[int, int]:
+        if self._failed is not None:
+            raise DrafterError(str(self._failed))
+        if self._closed or not self.chunk_size:
+            raise DrafterError(f"the connection to {self.raddr} is not open")
+        r = self._index.get(resource)
+        if r is None:
+            raise DrafterError(f"{self.raddr} does not offer a resource named {resource!r}")
+        total = self.manifest[resource]
+        if start < 0 or (start + count - 1) * self.chunk_size >= total:
+            raise DrafterError(
+                f"chunk {start + count - 1} is beyond the end of {resource} ({total} bytes)"
+            )
+        if not 1 <= count <= wire.MAX_RUN:
+            raise DrafterError(f"a run of {count} chunks (at most {wire.MAX_RUN})")
+        return r, total
+
+    def _chunk_length(self, r: int, index: int) -> int:
+        return min(self.chunk_size, self.manifest[self._names[r]] - index * self.chunk_size)
 
     async def call(self, kind: MsgType, body: bytes = b"", timeout: float = 60.0) -> bytes:
         """A control call (dirty lists, migration): send it, return the answer's body.
@@ -282,10 +329,10 @@ class RemoteSource:
 
     # --- the window ----------------------------------------------------------------
 
-    async def _admit(self, pending: _Pending) -> None:
+    async def _admit(self, pending: _Pending, size: int) -> None:
         """Wait until a background request fits in the window of bytes in flight."""
         while self._in_flight and (
-            self._in_flight + pending.size > self.window
+            self._in_flight + size > self.window
             or self._in_flight_requests >= _MAX_BACKGROUND_REQUESTS
         ):
             waiter = asyncio.get_running_loop().create_future()
@@ -295,23 +342,30 @@ class RemoteSource:
             except asyncio.CancelledError:
                 self._wake_window()  # pass the turn on
                 raise
-        self._in_flight += pending.size
+        self._in_flight += size
         self._in_flight_requests += 1
-        pending.windowed = True
+        pending.windowed = size
 
-    def _release(self, pending: _Pending) -> None:
-        if pending.windowed:
-            pending.windowed = False
-            self._in_flight -= pending.size
+    def _release(self, pending: _Pending, size: int) -> None:
+        """``size`` bytes of a background request arrived (or will not)."""
+        if not pending.windowed or not size:
+            return
+        pending.windowed -= size
+        self._in_flight -= size
+        if not pending.windowed:
             self._in_flight_requests -= 1
-            self._wake_window()
+        # Refill in bursts (an eighth of the window at a time): the requests of a burst
+        # leave in one send instead of one each.
+        if self.window - self._in_flight >= self.window // 8 or not self._in_flight:
+            self._wake_window(all_of_them=True)
 
-    def _wake_window(self) -> None:
+    def _wake_window(self, all_of_them: bool = False) -> None:
         while self._window_waiters:
             waiter = self._window_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                if not all_of_them:
+                    return
 
     # --- connection --------------------------------------------------------------
 
@@ -463,36 +517,37 @@ class RemoteSource:
     def _send(self, conn: _Conn, request_id: int, pending: _Pending) -> None:
         if conn.dead or conn.channel.is_closing():
             return  # the receiver notices the loss; the request is sent again after it
-        request = wire.Request(pending.priority, pending.resource, pending.index)
+        request = wire.Request(pending.priority, pending.resource, pending.index, pending.count)
         conn.channel.write(MsgType.REQUEST, request.body(), request_id)
         conn.last_sent = asyncio.get_running_loop().time()
 
     def _chunk_data(self, head: ChunkHead, payload: memoryview, p: _Pending) -> ChunkData:
-        """The chunk's bytes from a CHUNK frame answering ``p``, verified."""
+        """The bytes of the next chunk of ``p`` from a CHUNK frame, verified."""
         name = self._names[p.resource]
-        if (head.resource, head.index, head.length) != (p.resource, p.index, p.size):
+        size = self._chunk_length(p.resource, p.index)
+        if (head.resource, head.index, head.length) != (p.resource, p.index, size):
             raise ProtocolError(
                 ErrorCode.PROTOCOL, f"answer for another chunk than {name} {p.index}"
             )
         if head.flags & wire.CHUNK_ZERO:
             if payload or head.hash != wire.ZERO_HASH:
                 raise ProtocolError(ErrorCode.PROTOCOL, "malformed zero marker")
-            data: ChunkData = bytes(p.size)
+            data: ChunkData = bytes(size)
             self.stats.zero_chunks += 1
         else:
             if head.flags & wire.CHUNK_ZSTD:
                 try:
-                    if zstandard.frame_content_size(payload) != p.size:
+                    if zstandard.frame_content_size(payload) != size:
                         raise ProtocolError(ErrorCode.PROTOCOL, "compressed chunk of wrong size")
                     data = self._dctx.decompress(payload)
                 except zstandard.ZstdError:
                     raise ProtocolError(ErrorCode.PROTOCOL, "malformed compressed chunk") from None
             else:
                 data = payload
-            if len(data) != p.size:
+            if len(data) != size:
                 raise ProtocolError(
                     ErrorCode.PROTOCOL,
-                    f"chunk {p.index} of {name} has {len(data)} bytes, not {p.size}",
+                    f"chunk {p.index} of {name} has {len(data)} bytes, not {size}",
                 )
             if digest(data) != head.hash:
                 self.stats.verify_failures += 1
@@ -501,9 +556,10 @@ class RemoteSource:
                     "(its bytes do not match their hash): refused it"
                 )
             self.stats.chunks += 1
-            self.stats.bytes += p.size
+            self.stats.bytes += size
             self.stats.wire_bytes += len(payload)
-        if p.expected is not None and head.hash != p.expected:
+        expected = p.expected[0]
+        if expected is not None and head.hash != expected:
             self.stats.verify_failures += 1
             raise VerificationError(
                 f"chunk {p.index} of {name} from {self.raddr} does not match the hash "
@@ -524,11 +580,27 @@ class RemoteSource:
                     if p is None or p.future.done():
                         continue  # a fetch that was cancelled meanwhile: no progress
                     data = self._chunk_data(head, memoryview(body)[wire.CHUNK_FIXED :], p)
-                    p.future.set_result((data, head.hash))
+                    size = len(data)
+                    p.index += 1
+                    p.count -= 1
+                    p.expected.popleft()
                     conn.last_progress = loop.time()
-                    if p.windowed and self.window < MAX_WINDOW:
-                        self.window = min(MAX_WINDOW, self.window + p.size)  # slow start
                     self._lost_since = None
+                    if p.windowed:
+                        self._release(p, size)
+                        if self.window < MAX_WINDOW:
+                            self.window = min(MAX_WINDOW, self.window + size)  # slow start
+                    try:
+                        p.deliver(head.index, data, head.hash)
+                    except Exception as e:  # the receiver's problem: fail its request only
+                        p.future.set_exception(e)
+                        continue
+                    finally:
+                        del data
+                        if isinstance(body, bytearray):
+                            conn.channel.protocol.recycle(body)
+                    if not p.count:
+                        p.future.set_result(None)
                 elif wire.is_control(kind):
                     call = self._calls.get(request_id)
                     if call is not None and not call.done():

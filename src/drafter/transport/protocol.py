@@ -40,12 +40,13 @@ HASH_SIZE = 32  # BLAKE3-256 of a chunk's bytes
 ZERO_HASH = bytes(HASH_SIZE)  # the marker for "this chunk is all zeros"
 MAX_RESOURCES = 16
 MAX_OUTSTANDING = 1024  # requests one connection may have unanswered at the server
+MAX_RUN = 64  # consecutive chunks one request may ask for
 MAX_ERROR_TEXT = 1024  # bytes of an ERROR frame's text that are kept (sent and received)
 
 _HELLO = struct.Struct(">4sHH")  # magic, version, flags (+ nonce)
 _WELCOME = struct.Struct(">IB")  # chunk size, resource count (+ resources, config)
 _RESOURCE = struct.Struct(">BQ")  # name length, size (+ name)
-_REQUEST = struct.Struct(">BBxxQ")  # priority, resource, chunk index
+_REQUEST = struct.Struct(">BBHQ")  # priority, resource, chunk count, first chunk index
 _CHUNK = struct.Struct(">BBxxQI32s")  # resource, flags, index, length, BLAKE3 of the bytes
 CHUNK_FIXED = _CHUNK.size  # the part of a CHUNK body a seal covers; the payload follows
 _HASHES = struct.Struct(">BQ")  # resource, first chunk index (+ hashes)
@@ -293,20 +294,25 @@ def decode_hot(body: Buffer, chunks: list[int]) -> dict[int, list[int]]:
 
 @dataclass(frozen=True)
 class Request:
-    """Ask for one chunk; the CHUNK answer carries the same request id."""
+    """Ask for ``count`` consecutive chunks from ``index``; each CHUNK answer, in order,
+    carries the same request id."""
 
     priority: int
     resource: int  # position in the welcome's resource list
     index: int
+    count: int = 1
 
     def body(self) -> bytes:
-        return _REQUEST.pack(self.priority, self.resource, self.index)
+        return _REQUEST.pack(self.priority, self.resource, self.count, self.index)
 
     @classmethod
     def decode(cls, body: Buffer) -> Request:
         if len(body) != _REQUEST.size:
             raise _bad("request")
-        return cls(*_REQUEST.unpack(body))
+        priority, resource, count, index = _REQUEST.unpack(body)
+        if not 1 <= count <= MAX_RUN:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"a request for {count} chunks")
+        return cls(priority, resource, index, count)
 
 
 @dataclass(frozen=True)

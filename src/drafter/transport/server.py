@@ -102,8 +102,9 @@ class Connection:
     def __init__(self, peer: str, compress: bool) -> None:
         self.peer = peer
         self.compress = compress
-        self.demand: deque[tuple[int, int, int]] = deque()  # (request id, resource, index)
-        self.background: deque[tuple[int, int, int]] = deque()
+        # (request id, resource, next index, chunks left), answered one chunk at a time
+        self.demand: deque[tuple[int, int, int, int]] = deque()
+        self.background: deque[tuple[int, int, int, int]] = deque()
         self.wake = asyncio.Event()
         self.busy = False
         self.last_activity = time.monotonic()
@@ -307,6 +308,7 @@ class ChunkServer:
         with contextlib.suppress(Exception):
             if error is not None and not channel.is_closing():
                 channel.write(MsgType.ERROR, wire.error_body(*error))
+                channel.flush()
                 if channel.transport.can_write_eof():
                     channel.transport.write_eof()
                 # Drop what the client still sends, so closing does not reset the
@@ -370,6 +372,9 @@ class ChunkServer:
         return conn
 
     async def _drain(self, channel: Channel) -> None:
+        if not channel.must_wait():
+            channel.flush()
+            return
         try:
             async with asyncio.timeout(self.limits.write_stall_timeout):
                 await channel.drain()
@@ -428,19 +433,19 @@ class ChunkServer:
                     raise ProtocolError(
                         ErrorCode.BAD_REQUEST, f"request for unknown resource #{req.resource}"
                     )
-                if req.index >= self._chunks[req.resource]:
+                if req.index + req.count > self._chunks[req.resource]:
                     name = self._names[req.resource]
                     raise ProtocolError(
                         ErrorCode.BAD_REQUEST,
-                        f"request for chunk {req.index} of {name}, beyond its end "
-                        f"({self._chunks[req.resource]} chunks)",
+                        f"request for chunk {req.index + req.count - 1} of {name}, beyond its "
+                        f"end ({self._chunks[req.resource]} chunks)",
                     )
                 if conn.outstanding >= self.limits.max_outstanding:
                     raise ProtocolError(
                         ErrorCode.TOO_MANY,
                         f"more than {self.limits.max_outstanding} outstanding requests",
                     )
-                item = (request_id, req.resource, req.index)
+                item = (request_id, req.resource, req.index, req.count)
                 if req.priority == wire.Priority.DEMAND:
                     conn.demand.append(item)
                 elif req.priority == wire.Priority.BACKGROUND:
@@ -471,14 +476,15 @@ class ChunkServer:
         stats = self.stats
         chunk_size = self.chunk_size
         while True:
-            if conn.demand:
-                request_id, r, index = conn.demand.popleft()
-            elif conn.background:
-                request_id, r, index = conn.background.popleft()
-            else:
+            # Demand first, re-checked between the chunks of a run.
+            queue = conn.demand or conn.background
+            if not queue:
                 conn.wake.clear()
                 await conn.wake.wait()
                 continue
+            request_id, r, index, count = queue.popleft()
+            if count > 1:
+                queue.appendleft((request_id, r, index + 1, count - 1))
             conn.busy = True
             name = self._names[r]
             expected = min(chunk_size, self._sizes[r] - index * chunk_size)
