@@ -26,10 +26,12 @@ CHUNK_SIZE = 64 * 1024
 
 
 class Priority(IntEnum):
-    """Who waits for a chunk: the VM (demand) or nobody yet (background pull)."""
+    """Who waits for a chunk: the VM (demand), soon the VM (prefetch: what a resumed VM
+    touches first), or nobody yet (background pull). Served in that order."""
 
     DEMAND = 0
     BACKGROUND = 1
+    PREFETCH = 2
 
 
 # Fetches chunk ``index`` of a device from elsewhere (a registry or a peer), given the
@@ -115,14 +117,15 @@ class Device:
         os.ftruncate(self._overlay_fd, size)
         self.fetcher = fetcher
         self.run_fetcher: RunFetcher | None = None  # background pulls in runs
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._inflight: dict[int, tuple[Priority, asyncio.Future[None]]] = {}
         self.fetched_bytes = 0
         # The content hash of each chunk where it is known (from the remote's manifest
         # or the chunk's verified fetch); None once the chunk changed here.
         self.hashes: list[bytes | None] = [None] * self.chunks
         self.binding = True  # whether a fetched chunk must match self.hashes
-        # Chunks read since recording started (what a resumed VM touches first).
-        self.recording: set[int] | None = None
+        # Chunks read since recording started, in the order of their first read (what
+        # a resumed VM touches first).
+        self.recording: dict[int, None] | None = None
 
     def expect(self, hashes: list[bytes], binding: bool = True) -> None:
         """The remote's hash of every chunk; all-zero chunks become local at once.
@@ -169,14 +172,23 @@ class Device:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     async def ensure_chunk(self, index: int, priority: Priority) -> None:
-        """Make chunk ``index`` local, fetching it once however many ask."""
+        """Make chunk ``index`` local, fetching it once however many ask (a demand for a
+        chunk that is only being prefetched is fetched again, ahead of the prefetches)."""
         if self.fetcher is None or self.local[index]:
             return
-        future = self._inflight.get(index)
-        if future is None:
+        inflight = self._inflight.get(index)
+        future: asyncio.Future[None]
+        if inflight is None or (priority == Priority.DEMAND and inflight[0] != Priority.DEMAND):
             future = asyncio.ensure_future(self._fetch(index, priority))
-            self._inflight[index] = future
-            future.add_done_callback(lambda _f: self._inflight.pop(index, None))
+            self._inflight[index] = (priority, future)
+
+            def done(f: asyncio.Future[None]) -> None:
+                if self._inflight.get(index, (None, None))[1] is f:
+                    del self._inflight[index]
+
+            future.add_done_callback(done)
+        else:
+            future = inflight[1]
         await asyncio.shield(future)
 
     async def _fetch(self, index: int, priority: Priority) -> None:
@@ -197,21 +209,27 @@ class Device:
                 self.fetched_bytes += len(data)
 
     async def pull_run(self, start: int, count: int) -> None:
-        """Background: chunks ``start`` .. ``start + count - 1`` with one request (chunks
-        that became local meanwhile arrive again and are dropped)."""
-        while count and self.local[start]:
-            start, count = start + 1, count - 1
-        while count and self.local[start + count - 1]:
-            count -= 1
-        if not count:
+        """Background: chunks ``start`` .. ``start + count - 1`` that are neither local
+        nor already on their way, with one request per stretch of them."""
+        stretches: list[list[int]] = []
+        for index in range(start, start + count):
+            if self.local[index] or index in self._inflight:
+                continue
+            if stretches and stretches[-1][-1] == index - 1:
+                stretches[-1].append(index)
+            else:
+                stretches.append([index])
+        if not stretches:
             return
         if self.run_fetcher is None:
-            await asyncio.gather(
-                *(self.ensure_chunk(i, Priority.BACKGROUND) for i in range(start, start + count))
-            )
+            waits = [self.ensure_chunk(i, Priority.BACKGROUND) for s in stretches for i in s]
+            await asyncio.gather(*waits)
             return
-        expected = [self.hashes[i] if self.binding else None for i in range(start, start + count)]
-        await self.run_fetcher(start, count, expected, self._store)
+        fetches = []
+        for stretch in stretches:
+            expected = [self.hashes[i] if self.binding else None for i in stretch]
+            fetches.append(self.run_fetcher(stretch[0], len(stretch), expected, self._store))
+        await asyncio.gather(*fetches)
 
     async def ensure(
         self, offset: int, size: int, priority: Priority, partial_only: bool = False
@@ -253,7 +271,7 @@ class Device:
         with self._lock:
             if self.recording is not None and size:
                 last = (offset + size - 1) // self.chunk_size
-                self.recording.update(range(offset // self.chunk_size, last + 1))
+                self.recording.update(dict.fromkeys(range(offset // self.chunk_size, last + 1)))
             pos = offset
             end = offset + size
             while pos < end:

@@ -152,6 +152,7 @@ class DeviceHost:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_loop_exception)
         self._thread = threading.Thread(target=self._serve, name="drafter-devices", daemon=True)
         self._thread.start()
         self._fuse_task: asyncio.Task[None] | None = None
@@ -229,6 +230,17 @@ class DeviceHost:
         if self.mountpoint is not None:
             with contextlib.suppress(OSError):
                 self.mountpoint.rmdir()
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """pyfuse3's asyncio reader callback can fire for a read future that was cancelled
+    while the mount shut down; that is harmless and must not print a traceback."""
+    if isinstance(context.get("exception"), asyncio.InvalidStateError) and "set_result" in repr(
+        context.get("handle")
+    ):
+        log.debug("ignored a late FUSE read callback at shutdown")
+        return
+    loop.default_exception_handler(context)
 
 
 class Mount:

@@ -141,6 +141,8 @@ class Peer:
         self._done: asyncio.Future[None] | None = None
         self._paused_at = 0.0
         self.hot: dict[str, list[int]] = {}  # chunks the VM read after its resume
+        self._prefetches: list[asyncio.Future[None]] = []
+        self._first: asyncio.Future[list[None]] | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -217,6 +219,8 @@ class Peer:
             await asyncio.to_thread(self._take_local_chunks, o.local_package)
         self.progress.total = sum(d.size for d in self.devices.values())
         host.mount(list(self.devices.values()), work / "devices")
+        mount = work / "devices"
+        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
         switched_at: float | None = None
         if "state" in manifest:  # a registry: the snapshot is at rest
             state = Device(
@@ -229,20 +233,22 @@ class Peer:
                 fetcher=fetcher("state"),
             )
             state.expect(remote.hashes["state"])
-            # The state and the chunks a resumed VM touches first, all at once: one
-            # round trip, not one per page fault after the resume.
-            await host.run(self._fetch_first(state))
+            # At once: the state with what QEMU reads when it starts, the hot chunks,
+            # then the background pull (everything else overtakes it at the server);
+            # QEMU starts meanwhile and waits for the state.
+            await host.run(self._request_first(state))
+            self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
+            await asyncio.gather(self.machine.prepare_incoming(), host.run(self._wait_first()))
             state.close()
-        mount = work / "devices"
-        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
-        if switched_at is None and "state" not in manifest:  # a running peer: migrate it here
+        else:  # a running peer: migrate it here
             self.summary.migrated = True
             # QEMU starts now and waits for the state: its start is not downtime.
             await self.machine.prepare_incoming()
             switched_at = await host.run(self._precopy_and_switch(work / "state"))
-        self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
+            self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
         if o.resume_threshold < 1.0:
             await self._wait_until_missing_at_most(o.resume_threshold)
+        self._record_hot()
         timings = snapshot.Timings()
         try:
             await asyncio.wait_for(
@@ -250,7 +256,6 @@ class Peer:
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
-        self._record_hot()
         if switched_at is not None:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at
@@ -261,30 +266,52 @@ class Peer:
     def _record_hot(self) -> None:
         """Record what the VM reads in its first moments: the next host's hot set."""
         for name in ("memory", "disk"):
-            self.devices[name].recording = set()
+            self.devices[name].recording = {}
 
         def stop() -> None:
             for name in ("memory", "disk"):
                 device = self.devices[name]
-                touched, device.recording = device.recording or set(), None
-                self.hot[name] = sorted(touched)
+                touched, device.recording = device.recording or {}, None
+                self.hot[name] = list(touched)
             if self.source is not None:
                 self.source.hot_chunks = dict(self.hot)
             log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
 
         asyncio.get_running_loop().call_later(self.options.hot_window, stop)
 
-    async def _fetch_first(self, state: Device) -> None:
-        """The state and the remote's hot chunks, in parallel, on demand (device loop)."""
+    async def _request_first(self, state: Device) -> None:
+        """Ask for the state and what QEMU and the resumed VM touch first (device loop).
+
+        QEMU reads the kernel and initramfs whole when it starts: they go at demand
+        priority with the state. The hot chunks follow at prefetch priority, in the
+        order the VM first touched them; the resume does not wait for them: they keep
+        arriving while QEMU loads the state, so the VM's first faults find them local or
+        on their way, not one round trip each. Everything is in flight when this
+        returns, so the background pull started next skips it.
+        """
         assert self.remote is not None
-        waits = [state.ensure(0, state.size, Priority.DEMAND)]
+        first = [self.devices["kernel"], self.devices["initramfs"]]
+        needed = [d.ensure(0, d.size, Priority.DEMAND) for d in first]
+        needed.append(state.ensure(0, state.size, Priority.DEMAND))
+        self._first = asyncio.ensure_future(asyncio.gather(*needed))
+        requested = 0
         for name, indices in self.remote.hot.items():
             device = self.devices.get(name)
-            if device is not None:
-                waits += [device.ensure_chunk(i, Priority.DEMAND) for i in indices]
-        await asyncio.gather(*waits)
-        hot = sum(len(v) for v in self.remote.hot.values())
-        log.debug("state and %d hot chunk(s) are local", hot)
+            if device is None:
+                continue
+            for index in indices:
+                if not device.local[index]:
+                    prefetch = asyncio.ensure_future(device.ensure_chunk(index, Priority.PREFETCH))
+                    prefetch.add_done_callback(_quiet)  # a failure shows in the pull too
+                    self._prefetches.append(prefetch)
+                    requested += 1
+        for _ in range(3):  # let every request be sent and registered as in flight
+            await asyncio.sleep(0)
+        log.debug("state, kernel, initramfs and %d hot chunk(s) requested", requested)
+
+    async def _wait_first(self) -> None:
+        assert self._first is not None
+        await self._first
 
     def _take_local_chunks(self, path: Path) -> None:
         """Chunks of a local package whose hashes match the remote's: copied, not moved."""
@@ -497,6 +524,11 @@ class Peer:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+
+
+def _quiet(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("prefetch failed: %s", future.exception())
 
 
 def _remove_stale_peers(root: Path) -> None:

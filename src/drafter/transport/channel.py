@@ -32,6 +32,7 @@ from drafter.transport.security import TAG_SIZE, Seal
 _SCRATCH = 16 * 1024  # receive buffer for headers and small frames
 _DIRECT = 16 * 1024  # a body with at least this much still to come is received in place
 _QUEUE_LIMIT = 2 * MAX_BODY  # parsed but unread bytes before reading pauses
+_FRAME_COST = 256  # what a queued frame costs beyond its body (its objects), for that limit
 
 Frame = tuple[bytes, bytearray, bytes]  # header, body, tag (b"" when not sealed)
 
@@ -40,9 +41,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
     """Splits the byte stream into frames; ``max_body`` and ``tag_size`` apply to the
     frames parsed from then on."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue_limit: int = _QUEUE_LIMIT) -> None:
         self.max_body = HANDSHAKE_MAX_BODY
         self.tag_size = 0
+        self.queue_limit = queue_limit
+        # The next frame may be an ERROR without a tag: a server that refuses the
+        # client's proof answers before it has seals (one frame only).
+        self.untagged_error = False
+        self._tagged = False
         self.transport: asyncio.Transport | None = None
         self._scratch = bytearray(_SCRATCH)
         self._scratch_view = memoryview(self._scratch)
@@ -131,7 +137,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._head += data[i : i + take]
                 i += take
                 if len(self._head) == HEADER_SIZE:
-                    length, _kind, _id = parse_header(bytes(self._head), self.max_body)
+                    length, kind, _id = parse_header(bytes(self._head), self.max_body)
+                    self._tagged = self.tag_size > 0 and not (
+                        self.untagged_error and kind == MsgType.ERROR
+                    )
+                    self.untagged_error = False
                     spare = self._spare.get(length)
                     self._body = spare.pop() if spare else bytearray(length)
                     self._pos = 0
@@ -152,7 +162,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     self._emit()
 
     def _body_done(self) -> None:
-        if self.tag_size == 0:
+        if not self._tagged:
             self._emit()
 
     def _emit(self) -> None:
@@ -163,8 +173,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._tag = bytearray()
         self._pos = 0
         self._frames.append(frame)
-        self._queued += len(frame[1]) + HEADER_SIZE
-        if self._queued > _QUEUE_LIMIT and not self._reading_paused and self.transport:
+        self._queued += len(frame[1]) + _FRAME_COST
+        if self._queued > self.queue_limit and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -211,8 +221,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         frame = self._frames.popleft()
-        self._queued -= len(frame[1]) + HEADER_SIZE
-        if self._reading_paused and self._queued <= _QUEUE_LIMIT // 2 and self._error is None:
+        self._queued -= len(frame[1]) + _FRAME_COST
+        if self._reading_paused and self._queued <= self.queue_limit // 2 and self._error is None:
             self._reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -255,7 +265,9 @@ class Channel:
         asyncio.IncompleteReadError when the connection ends."""
         head, body, tag = await self.protocol.next_frame()
         _length, kind, request_id = parse_header(head, MAX_BODY)
-        if self._recv is not None:
+        # An ERROR without a tag: only what the protocol let through as the answer to
+        # a proof (see FrameProtocol.untagged_error); it ends the connection anyway.
+        if self._recv is not None and not (kind == MsgType.ERROR and not tag):
             covered = memoryview(body)[:CHUNK_FIXED] if kind == MsgType.CHUNK else body
             if len(tag) != TAG_SIZE or not self._recv.check(head, covered, tag):
                 raise ProtocolError(

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.05
 _BACKOFF_MAX = 2.0
-INITIAL_WINDOW = 4 << 20
+INITIAL_WINDOW = 16 << 20  # requests wait at the server, where demand overtakes them
 MAX_WINDOW = 128 << 20
 _MAX_BACKGROUND_REQUESTS = wire.MAX_OUTSTANDING - 64  # room for demand requests
 COMPRESS_RTT = 0.002  # "auto" asks for compressed chunks from this round-trip time on
@@ -248,7 +248,7 @@ class RemoteSource:
         loop = asyncio.get_running_loop()
         pending = _Pending(r, start, count, int(priority), deque(expected), deliver,
                            loop.create_future())  # fmt: skip
-        if priority != Priority.DEMAND:
+        if priority == Priority.BACKGROUND:
             size = sum(self._chunk_length(r, i) for i in range(start, start + count))
             await self._admit(pending, size)
         request_id = self._next_id
@@ -450,10 +450,12 @@ class RemoteSource:
         if self.token is not None and self._ssl is None:
             send, recv = security.seals(self.token, client_hello, server_hello)
         channel.seal(send, recv)
+        # A server that refuses our proof answers with an ERROR frame it cannot seal.
+        channel.protocol.untagged_error = recv is not None
         try:
             kind, _, body = await channel.read()
         except ProtocolError:
-            # A server that refused us answers with an unsealed ERROR frame.
+            # A WELCOME sealed with another key: the server does not know our token.
             raise DrafterError(f"{self.raddr} refused the connection (wrong token?)") from None
         self._check_refusal(kind, body)  # a server with another token says so here
         if kind != MsgType.WELCOME:

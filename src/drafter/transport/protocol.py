@@ -39,6 +39,9 @@ PROOF_SIZE = 32  # HMAC-SHA256
 HASH_SIZE = 32  # BLAKE3-256 of a chunk's bytes
 ZERO_HASH = bytes(HASH_SIZE)  # the marker for "this chunk is all zeros"
 MAX_RESOURCES = 16
+# Chunks of all resources together: a client keeps every chunk's hash (~90 bytes each
+# in memory), so a welcome announcing more is refused before any hash arrives.
+MAX_CHUNKS = 1 << 22  # 256 GiB at 64 KiB chunks, 1 TiB at 256 KiB
 MAX_OUTSTANDING = 1024  # requests one connection may have unanswered at the server
 MAX_RUN = 64  # consecutive chunks one request may ask for
 MAX_ERROR_TEXT = 1024  # bytes of an ERROR frame's text that are kept (sent and received)
@@ -234,6 +237,8 @@ class Welcome:
             raise _bad("welcome") from None
         if len(proof) != PROOF_SIZE:
             raise _bad("welcome")
+        if sum(chunk_count(size, chunk_size) for size in manifest.values()) > MAX_CHUNKS:
+            raise _bad(f"welcome (more than {MAX_CHUNKS} chunks)")
         return cls(bytes(proof), chunk_size, manifest, bytes(body[pos:]))
 
 

@@ -61,17 +61,19 @@ class PackageProvider:
         return self._hashes[resource]
 
     def hot(self) -> dict[str, list[int]]:
-        """The package's hot ranges as chunk indices of this registry's chunk size."""
+        """The package's hot ranges as chunk indices of this registry's chunk size, in
+        the order the VM first touched them."""
         out: dict[str, list[int]] = {}
         for resource, ranges in self.package.hot.items():
             if resource not in self._members:
                 continue
             size = self._members[resource].size
-            indices: set[int] = set()
+            indices: dict[int, None] = {}
             for offset, length in ranges:
                 end = min(offset + length, size)
-                indices.update(range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1))
-            out[resource] = sorted(indices)
+                first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+                indices.update(dict.fromkeys(range(first, last + 1)))
+            out[resource] = list(indices)
         return out
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import blake3
 
 from drafter.errors import DrafterError
+from drafter.transport.protocol import NONCE_SIZE, is_loopback, parse_addr
 
 TOKEN_ENV = "DRAFTER_TOKEN"
 MIN_TOKEN_CHARS = 32  # 128 bits as hex; new_token() gives 256 bits
@@ -169,8 +170,8 @@ def client_ssl_context(ca: str | os.PathLike[str], check_hostname: bool = True) 
 
 
 def new_nonce() -> bytes:
-    """32 fresh random bytes for a hello."""
-    return secrets.token_bytes(32)
+    """Fresh random bytes for a hello."""
+    return secrets.token_bytes(NONCE_SIZE)
 
 
 def listen_address(
@@ -181,8 +182,6 @@ def listen_address(
     Without a token, an explicit address that is not loopback is refused (unless
     ``insecure``); the default address (all interfaces) narrows to loopback.
     """
-    from drafter.transport.protocol import is_loopback, parse_addr
-
     host, port = parse_addr(laddr if laddr is not None else default, flag)
     if token or insecure or is_loopback(host):
         return host, port

@@ -37,6 +37,10 @@ from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolEr
 
 log = logging.getLogger(__name__)
 
+# Parsed client frames the server holds before it stops reading from that client
+# (clients send small frames; one that sends faster than it reads is held back here).
+_QUEUE_LIMIT = 64 * 1024
+
 
 class ChunkProvider(Protocol):
     """What a ChunkServer serves: named resources cut into chunks, plus a config."""
@@ -104,6 +108,7 @@ class Connection:
         self.compress = compress
         # (request id, resource, next index, chunks left), answered one chunk at a time
         self.demand: deque[tuple[int, int, int, int]] = deque()
+        self.prefetch: deque[tuple[int, int, int, int]] = deque()
         self.background: deque[tuple[int, int, int, int]] = deque()
         self.wake = asyncio.Event()
         self.busy = False
@@ -111,7 +116,7 @@ class Connection:
 
     @property
     def outstanding(self) -> int:
-        return len(self.demand) + len(self.background) + int(self.busy)
+        return len(self.demand) + len(self.prefetch) + len(self.background) + int(self.busy)
 
 
 def _descriptor_room() -> int:
@@ -142,6 +147,11 @@ class ChunkServer:
         self._names = list(manifest)
         self._sizes = [manifest[n] for n in self._names]
         self._chunks = [wire.chunk_count(s, chunk_size) for s in self._sizes]
+        if sum(self._chunks) > wire.MAX_CHUNKS:
+            raise DrafterError(
+                f"{sum(self._chunks)} chunks of {chunk_size} bytes are more than a client "
+                f"takes ({wire.MAX_CHUNKS}): use larger chunks"
+            )
         self._config = provider.config()
         if len(self._config) > wire.MAX_BODY - 4096:
             raise DrafterError("the config does not fit in one frame")
@@ -230,7 +240,7 @@ class ChunkServer:
         try:
             peer = _peer_of(client)
             loop = asyncio.get_running_loop()
-            proto = FrameProtocol()
+            proto = FrameProtocol(queue_limit=_QUEUE_LIMIT)
             try:
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: proto,
@@ -448,17 +458,20 @@ class ChunkServer:
                 item = (request_id, req.resource, req.index, req.count)
                 if req.priority == wire.Priority.DEMAND:
                     conn.demand.append(item)
+                elif req.priority == wire.Priority.PREFETCH:
+                    conn.prefetch.append(item)
                 elif req.priority == wire.Priority.BACKGROUND:
                     conn.background.append(item)
                 else:
                     raise ProtocolError(ErrorCode.BAD_REQUEST, f"bad priority {req.priority}")
-                stats.requests[req.priority] += 1
+                stats.requests[req.priority] = stats.requests.get(req.priority, 0) + 1
                 conn.wake.set()
             elif kind == MsgType.ERROR:
                 code, message = wire.decode_error(body)
                 raise _Gone(f"reported {wire.error_name(code)}: {message}")
             elif kind == MsgType.PING:
                 channel.write(MsgType.PING, b"", request_id)
+                await self._drain(channel)  # a client that does not read is dropped
             elif wire.is_control(kind):
                 control = getattr(self.provider, "control", None)
                 if control is None:
@@ -468,6 +481,7 @@ class ChunkServer:
                 # Answered inline: one control call at a time per connection.
                 reply = await control(conn, kind, body)
                 channel.write(kind, reply, request_id)
+                await self._drain(channel)
             else:
                 raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
 
@@ -476,8 +490,9 @@ class ChunkServer:
         stats = self.stats
         chunk_size = self.chunk_size
         while True:
-            # Demand first, re-checked between the chunks of a run.
-            queue = conn.demand or conn.background
+            # Demand first, then prefetch, then background; re-checked between the
+            # chunks of a run.
+            queue = conn.demand or conn.prefetch or conn.background
             if not queue:
                 conn.wake.clear()
                 await conn.wake.wait()
