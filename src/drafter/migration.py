@@ -192,7 +192,7 @@ class MigrationSource:
             log.info("switched over: the VM is paused here, the destination resumes it")
             return encode_suspended(dirty, state, paused_at)
         if kind == MsgType.MIGRATE_DONE:
-            if self.phase is not Phase.SUSPENDED:
+            if self.phase is not Phase.SUSPENDED or conn is not self.migrating:
                 raise ProtocolError(ErrorCode.REFUSED, "no switched-over migration to finish")
             self.phase = Phase.DONE
             if self._grace_task is not None:
