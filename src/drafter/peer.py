@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from drafter import snapshot
 from drafter.agent_client import AgentClient
@@ -49,9 +52,12 @@ PULL_RUN = 16  # consecutive chunks a background request asks for
 WRITABLE = ("memory", "disk")
 
 
+RESOURCES = ("state", *PULL_ORDER)
+
+
 @dataclass
 class PeerOptions:
-    raddr: str
+    raddr: str  # the server of every resource not named in raddrs
     netns: str | None
     token: str | None = None
     tls_ca: str | None = None
@@ -63,6 +69,8 @@ class PeerOptions:
     # Seconds after the resume during which the chunks the VM reads are recorded as
     # its hot set (sent first to the next host).
     hot_window: float = 3.0
+    # Resources that come from a server of their own (resource -> HOST:PORT).
+    raddrs: dict[str, str] = field(default_factory=dict)
     # Fraction of the VM's bytes that may still be missing when the VM resumes:
     # 1 resumes at once (everything lazily), 0 waits until everything is local.
     resume_threshold: float = 1.0
@@ -125,7 +133,9 @@ class Peer:
     def __init__(self, options: PeerOptions) -> None:
         self.options = options
         self.host: DeviceHost | None = None
-        self.remote: RemoteSource | None = None
+        self.remote: RemoteSource | None = None  # the memory's server (control calls)
+        self.remotes: dict[str, RemoteSource] = {}  # resource -> its server
+        self.sources: list[RemoteSource] = []  # one per distinct server
         self.devices: dict[str, Device] = {}
         self.config: PackageConfig | None = None
         self.machine: QemuMachine | None = None
@@ -143,6 +153,7 @@ class Peer:
         self.hot: dict[str, list[int]] = {}  # chunks the VM read after its resume
         self._prefetches: list[asyncio.Future[None]] = []
         self._first: asyncio.Future[list[None]] | None = None
+        self._takeover: asyncio.Future[None] | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -165,38 +176,55 @@ class Peer:
         _remove_stale_peers(root)
         self.work = work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
         self.host = host = DeviceHost()
-        self.remote = remote = RemoteSource(
-            o.raddr,
-            token=o.token,
-            tls_ca=o.tls_ca,
-            retry_timeout=o.retry_timeout,
-            compress=o.compress,
-        )
-        await host.run(remote.connect())
-        self.config = PackageConfig.from_json(remote.config, o.raddr)
-        manifest = remote.manifest
+        # One connection per distinct server; each resource comes from the one named
+        # for it (all five naming one server is the common case).
+        addrs = {name: o.raddrs.get(name) or o.raddr for name in RESOURCES}
+        sources = {
+            addr: RemoteSource(
+                addr,
+                token=o.token,
+                tls_ca=o.tls_ca,
+                retry_timeout=o.retry_timeout,
+                compress=o.compress,
+            )
+            for addr in dict.fromkeys(addrs.values())
+        }
+        self.sources = list(sources.values())
+        await host.run(_connect_all(self.sources))
+        remotes = self.remotes = {name: sources[addr] for name, addr in addrs.items()}
+        remote = self.remote = remotes["memory"]  # control calls go to the memory's server
+        if any(s.config != remote.config for s in self.sources):
+            raise DrafterError("the servers given for the resources serve different VMs")
+        self.config = PackageConfig.from_json(remote.config, addrs["memory"])
         for name in PULL_ORDER:
-            if name not in manifest:
-                raise DrafterError(f"{o.raddr} does not offer the {name} resource")
+            if name not in remotes[name].manifest:
+                raise DrafterError(f"{addrs[name]} does not offer the {name} resource")
+        manifest = {n: remotes[n].manifest[n] for n in RESOURCES if n in remotes[n].manifest}
+        if "state" not in manifest and len(set(addrs[n] for n in PULL_ORDER)) > 1:
+            raise DrafterError("a migration takes every resource from one peer: give one --raddr")
         if manifest["memory"] != self.config.memory_mib << 20:
-            raise DrafterError(f"{o.raddr}: memory size differs from its config")
+            raise DrafterError(f"{addrs['memory']}: memory size differs from its config")
 
         def fetcher(resource: str) -> Fetcher:
+            source = remotes[resource]
+
             async def fetch(
                 index: int, priority: Priority, expected: bytes | None
             ) -> tuple[ChunkData, bytes]:
-                return await remote.fetch_chunk(resource, index, priority, expected)
+                return await source.fetch_chunk(resource, index, priority, expected)
 
             return fetch
 
         def run_fetcher(resource: str) -> RunFetcher:
+            source = remotes[resource]
+
             async def fetch(
                 start: int,
                 count: int,
                 expected: list[bytes | None],
                 deliver: Callable[[int, ChunkData, bytes], None],
             ) -> None:
-                await remote.fetch_run(
+                await source.fetch_run(
                     resource, start, count, Priority.BACKGROUND, expected, deliver
                 )
 
@@ -209,12 +237,13 @@ class Peer:
                 None,
                 work / f"{name}.cache",
                 writable=name in WRITABLE,
-                chunk_size=remote.chunk_size,
+                chunk_size=remotes[name].chunk_size,
                 fetcher=fetcher(name),
             )
             self.devices[name].run_fetcher = run_fetcher(name)
             at_rest = "state" in manifest  # a registry's package, not a running VM
-            self.devices[name].expect(remote.hashes[name], binding=at_rest or name not in TRACKED)
+            hashes = remotes[name].hashes[name]
+            self.devices[name].expect(hashes, binding=at_rest or name not in TRACKED)
         if o.local_package is not None:
             await asyncio.to_thread(self._take_local_chunks, o.local_package)
         self.progress.total = sum(d.size for d in self.devices.values())
@@ -229,10 +258,10 @@ class Peer:
                 None,
                 work / "state",
                 writable=False,
-                chunk_size=remote.chunk_size,
+                chunk_size=remotes["state"].chunk_size,
                 fetcher=fetcher("state"),
             )
-            state.expect(remote.hashes["state"])
+            state.expect(remotes["state"].hashes["state"])
             # At once: the state with what QEMU reads when it starts, the hot chunks,
             # then the background pull (everything else overtakes it at the server);
             # QEMU starts meanwhile and waits for the state.
@@ -295,11 +324,8 @@ class Peer:
         needed.append(state.ensure(0, state.size, Priority.DEMAND))
         self._first = asyncio.ensure_future(asyncio.gather(*needed))
         requested = 0
-        for name, indices in self.remote.hot.items():
-            device = self.devices.get(name)
-            if device is None:
-                continue
-            for index in indices:
+        for name, device in self.devices.items():
+            for index in self.remotes[name].hot.get(name, []):
                 if not device.local[index]:
                     prefetch = asyncio.ensure_future(device.ensure_chunk(index, Priority.PREFETCH))
                     prefetch.add_done_callback(_quiet)  # a failure shows in the pull too
@@ -417,12 +443,40 @@ class Peer:
         control = VMControl(loop, suspend, resume_here, self.migrated_away.set)
         self.source = MigrationSource(self.devices, self.remote.config, memory_file, control,
                                       grace=o.grace)  # fmt: skip
-        self.server = ChunkServer(self.source)
+        server = ChunkServer(self.source)
         host, port = wire.parse_addr(o.laddr, "--laddr")
         ssl = security.tls_server_options(o.tls_cert, o.tls_key)
-        await self.host.run(self.server.start(host or None, port, ssl=ssl, token=o.token))
-        where = ", ".join(self.server.addresses)
-        log.info("serving this VM for migration on %s", where)
+        start = functools.partial(server.start, host or None, port, ssl=ssl, token=o.token)
+        try:
+            await self.host.run(start())
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or not self.summary.migrated:
+                raise DrafterError(f"cannot serve on {o.laddr}: {e.strerror or e}") from None
+            # The source we migrated from still serves there (the seed's chain on one
+            # host): take the address over once it has left.
+            log.info("%s is still the source's; serving there once it has left", o.laddr)
+            self._takeover = asyncio.ensure_future(self._serve_when_free(server, start))
+            return
+        self.server = server
+        log.info("serving this VM for migration on %s", ", ".join(server.addresses))
+
+    async def _serve_when_free(
+        self, server: ChunkServer, start: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        assert self.host is not None
+        deadline = time.monotonic() + max(60.0, self.options.grace * 2)
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self.host.run(start())
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    log.error("cannot serve on %s: %s", self.options.laddr, e.strerror or e)
+                    return
+                continue
+            self.server = server
+            log.info("serving this VM for migration on %s", ", ".join(server.addresses))
+            return
 
     async def _wait_until_missing_at_most(self, fraction: float) -> None:
         assert self._pull is not None
@@ -464,8 +518,7 @@ class Peer:
         self.progress.done = self.progress.total
         self.progress.finished = time.monotonic()
         self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
-        assert self.remote is not None
-        self.summary.wire_bytes = self.remote.stats.wire_bytes
+        self.summary.wire_bytes = sum(s.stats.wire_bytes for s in self.sources)
         self._report()
 
     async def _tell_done(self) -> None:
@@ -507,6 +560,8 @@ class Peer:
 
     async def close(self) -> None:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
+        if self._takeover is not None:
+            self._takeover.cancel()
         if self.machine is not None:
             await self.machine.stop()
         if self.host is not None and self.server is not None:
@@ -514,9 +569,9 @@ class Peer:
                 await asyncio.wait_for(self.host.run(self.server.close()), 5)
             self.server = None
         if self.host is not None:
-            if self.remote is not None:
+            for source in self.sources:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.host.run(self.remote.close()), 5)
+                    await asyncio.wait_for(self.host.run(source.close()), 5)
             self.host.close()
             self.host = None
         for device in self.devices.values():
@@ -524,6 +579,10 @@ class Peer:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+
+
+async def _connect_all(sources: list[RemoteSource]) -> None:
+    await asyncio.gather(*(s.connect() for s in sources))
 
 
 def _quiet(future: asyncio.Future[None]) -> None:

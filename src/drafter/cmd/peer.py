@@ -19,6 +19,22 @@ from drafter.transport import security
 
 PROG = "drafter-peer"
 DEFAULT_LADDR = ":1338"
+DEFAULT_PEER = "localhost:1338"  # where a peer on this host serves its VM by default
+DEFAULT_REGISTRY = "localhost:1337"
+RESOURCES = ("state", "memory", "initramfs", "kernel", "disk")
+
+
+async def _listening(addr: str) -> bool:
+    """Whether something accepts connections at ``addr``."""
+    host, port = wire.parse_addr(addr)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 log = logging.getLogger("drafter")
 
 
@@ -65,8 +81,18 @@ async def run(a: argparse.Namespace) -> int:
         host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
         laddr = wire.format_addr(host, port)
     security.tls_server_options(a.tls_cert or None, a.tls_key or None)  # checked up front
+    raddrs = {r: getattr(a, f"{r}_raddr") for r in RESOURCES if getattr(a, f"{r}_raddr")}
+    raddr = a.raddr
+    if raddr is None:
+        raddr = DEFAULT_REGISTRY
+        if len(raddrs) < len(RESOURCES) and await _listening(DEFAULT_PEER):
+            # As in the seed: with no remote named, a peer serving on this host is
+            # where the VM comes from (a migration to here).
+            raddr = DEFAULT_PEER
+            log.info("migrating the VM served at %s to here", raddr)
     options = PeerOptions(
-        raddr=a.raddr,
+        raddr=raddr,
+        raddrs=raddrs,
         netns=a.netns or None,
         token=token,
         tls_ca=a.tls_ca or None,
@@ -90,9 +116,11 @@ async def run(a: argparse.Namespace) -> int:
     try:
         with bar:
             took = await peer.start()
-            print(f"resumed the VM from {a.raddr} in {took * 1000:.0f} ms", flush=True)
+            print(f"resumed the VM from {raddr} in {took * 1000:.0f} ms", flush=True)
             if peer.server is not None:
                 print(f"serving the VM on {', '.join(peer.server.addresses)}", flush=True)
+            elif laddr:
+                print(f"serving the VM on {laddr} once the source has left it", flush=True)
             assert peer.machine is not None
             attach = asyncio.create_task(
                 console.attach(peer.machine.console_socket, a.enable_input, a.enable_output)
@@ -130,8 +158,14 @@ async def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
-    p.add_argument("--raddr", default="localhost:1337",
-                   help="registry to start from, or peer to migrate the VM from")  # fmt: skip
+    p.add_argument(
+        "--raddr", default=None,
+        help="registry to start from, or peer to migrate the VM from (default: a peer "
+        f"serving on {DEFAULT_PEER} if there is one, else {DEFAULT_REGISTRY})",
+    )  # fmt: skip
+    for resource in RESOURCES:
+        p.add_argument(f"--{resource}-raddr", default="",
+                       help=f"server of the {resource} resource (default: --raddr)")  # fmt: skip
     p.add_argument("--laddr", default=None,
                    help=f"serve the VM here for the next migration ('' = don't; default "
                    f"{DEFAULT_LADDR}, loopback only without a token)")  # fmt: skip

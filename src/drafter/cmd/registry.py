@@ -20,13 +20,14 @@ from drafter.transport.server import ChunkServer
 
 PROG = "drafter-registry"
 DEFAULT_LADDR = ":1337"
+# The seed's per-resource addresses (drafter-peer --state-raddr localhost:1600 ...).
+RESOURCE_LADDRS = {"state": 1600, "memory": 1601, "initramfs": 1602, "kernel": 1603, "disk": 1604}
 log = logging.getLogger(__name__)
 
 
 async def _serve(
     package_path: Path,
-    host: str,
-    port: int,
+    addresses: list[tuple[str, int]],
     token: str | None,
     tls: ssl.SSLContext | None,
     chunk_size: int,
@@ -41,15 +42,16 @@ async def _serve(
         await asyncio.to_thread(provider.hash_all)
         log.info("hashed every chunk of %s in %.2fs", package_path, time.monotonic() - started)
         server = ChunkServer(provider)
+        (host, port), *more = addresses
         try:
-            await server.start(host, port, ssl=tls, token=token)
+            await server.start(host, port, ssl=tls, token=token, more=more)
         except OSError as e:
-            where = wire.format_addr(host or "*", port)
+            where = ", ".join(wire.format_addr(h or "*", p) for h, p in addresses)
             if e.errno == errno.EADDRINUSE:
                 raise DrafterError(f"cannot listen on {where}: address already in use") from None
             raise DrafterError(f"cannot listen on {where}: {e.strerror or e}") from None
         try:
-            shown = wire.format_addr(host or "*", server.port)
+            shown = ", ".join(wire.format_addr(h or "*", p) for h, p in _bound(server, addresses))
             if token is None:
                 log.warning("no token: anyone who can reach %s can read %s", shown, package_path)
             print(f"serving {package_path} on {shown}", flush=True)
@@ -59,6 +61,12 @@ async def _serve(
             await server.close()
     finally:
         provider.close()
+
+
+def _bound(server: ChunkServer, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The addresses as asked for, with the ports actually bound (port 0 = any)."""
+    ports = [int(a.rsplit(":", 1)[1]) for a in server.addresses]
+    return [(h, ports[i] if i < len(ports) else p) for i, (h, p) in enumerate(addresses)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes per chunk on the wire"
     )
+    for resource, port in RESOURCE_LADDRS.items():
+        p.add_argument(
+            f"--{resource}-laddr",
+            default=None,
+            help=f"serve here too, for peers given --{resource}-raddr (without --laddr and "
+            f"every --*-laddr, also :{port} as in the seed)",
+        )
     a = p.parse_args(argv)
     cli.setup_logging(a.verbose)
 
@@ -95,9 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"--chunk-size must be a multiple of 4096 up to {wire.MAX_CHUNK_SIZE}"
             )
         token = security.load_token(a.token_file)
-        host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
+        addresses = [security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)]
+        given = {r: getattr(a, f"{r}_laddr") for r in RESOURCE_LADDRS}
+        seed_defaults = a.laddr is None and all(v is None for v in given.values())
+        for resource, port in RESOURCE_LADDRS.items():
+            laddr = given[resource]
+            if laddr is not None or seed_defaults:
+                default = f":{port}"
+                flag = f"--{resource}-laddr"
+                address = security.listen_address(laddr, default, token, a.insecure, flag)
+                if address not in addresses:
+                    addresses.append(address)
         tls = security.tls_server_options(a.tls_cert, a.tls_key)
-        asyncio.run(_serve(Path(a.package_path), host, port, token, tls, a.chunk_size))
+        asyncio.run(_serve(Path(a.package_path), addresses, token, tls, a.chunk_size))
         return 0
 
     return cli.run(PROG, body)

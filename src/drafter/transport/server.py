@@ -23,6 +23,7 @@ import socket
 import ssl as ssl_module
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -171,12 +172,22 @@ class ChunkServer:
         port: int,
         ssl: ssl_module.SSLContext | None = None,
         token: str | None = None,
+        more: Sequence[tuple[str, int]] = (),
     ) -> None:
-        """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free)."""
+        """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free),
+        and on each of ``more`` too (the same resources on every address)."""
         self._ssl = ssl
         self._token = token or None
         self._closing = False
-        self._sockets = _listen(host or "", port)
+        sockets: list[socket.socket] = []
+        try:
+            for h, p in [(host or "", port), *more]:
+                sockets += _listen(h or "", p)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._sockets = sockets
         for sock in self._sockets:
             self._track(asyncio.create_task(self._accept(sock)))
 
@@ -303,7 +314,9 @@ class ChunkServer:
             log.error("client %s: unexpected %s: %s", peer, type(e).__name__, e,
                       exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             error = (ErrorCode.INTERNAL, "internal server error")
-        if problem is not None:
+        if problem == "closed the connection during the handshake":
+            log.debug("client %s connected and left without a word", peer)  # a port probe
+        elif problem is not None:
             if not accepted:
                 self.stats.refused += 1
             log.warning("client %s: %s; dropped it", peer, problem)
