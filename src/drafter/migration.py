@@ -186,9 +186,18 @@ class MigrationSource:
                 self.phase = Phase.IDLE
                 self.migrating = None
                 raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+            try:
+                dirty = await self._collect_dirty()
+            except Exception as e:
+                log.error("switch-over failed after the pause (%s); resuming the VM here", e)
+                try:
+                    await self.vm.run(self.vm.resume_here)
+                finally:
+                    self.phase = Phase.IDLE
+                    self.migrating = None
+                raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
             self.phase = Phase.SUSPENDED
             self.paused_at = time.monotonic()
-            dirty = await self._collect_dirty()
             log.info("switched over: the VM is paused here, the destination resumes it")
             return encode_suspended(dirty, state, paused_at)
         if kind == MsgType.MIGRATE_DONE:

@@ -432,8 +432,17 @@ class Peer:
 
         async def suspend() -> tuple[bytes, float]:
             timings = snapshot.Timings()
-            await snapshot.suspend(machine, state_file, timings)
-            return state_file.read_bytes(), timings.paused_at
+            try:
+                await snapshot.suspend(machine, state_file, timings)
+                return state_file.read_bytes(), timings.paused_at
+            except BaseException:
+                # Whatever step failed, the VM runs here again, AfterResume included.
+                with contextlib.suppress(Exception):
+                    if timings.paused_at:
+                        await machine.resume()
+                    async with AgentClient(machine.agent_socket) as agent:
+                        await agent.after_resume()
+                raise
 
         async def resume_here() -> None:
             await machine.resume()
