@@ -5,10 +5,16 @@ PAX comment pads the header), so a member can be read in place by offset; holes 
 the resources are written as holes, so sparse memory and disks stay sparse on disk.
 A package is only ever written to a temporary file that is renamed over the target
 once complete and synced: readers see the old package or the new one, never a mix.
+
+Readers trust nothing in a package: each member they use must be a plain regular
+file (not sparse, a link or a device) that appears once; the config, state and hot
+members are size-capped before they are read; every config field has a strict type
+and range (:meth:`PackageConfig.check`, also applied to configs from the network).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -18,13 +24,31 @@ from typing import Protocol
 
 from drafter.device import FileRange, copy_sparse
 from drafter.errors import DrafterError
-from drafter.vmm.base import MachineConfig
+from drafter.vmm.base import MachineConfig, brief, check_shape
 
 FORMAT_VERSION = 1
 ALIGN = 4096
 RESOURCES = ("config", "state", "memory", "kernel", "initramfs", "disk")
 HOT_MEMBER = "drafter.drfthot"  # optional: byte ranges a resumed VM touches first
 MAX_HOT_SIZE = 1 << 20
+MAX_CONFIG_SIZE = 1 << 20  # ours are a few hundred bytes; checked before reading it
+# QEMU's device state without RAM (x-ignore-shared) is tens of KiB; the cap keeps a
+# hostile package from passing gigabytes off as state.
+MAX_STATE_SIZE = 256 << 20
+MAX_MEMBERS = 64  # a package has seven; room for members a later version may add
+# tarfile reads a PAX or long-name header whole (ours pad to at most 4 KiB).
+MAX_HEADER_SIZE = 64 << 10
+MAX_RESOURCE_SIZE = 1 << 50  # a size in the config: 1 PiB is more than any resource
+_CAPS = {"config": MAX_CONFIG_SIZE, "state": MAX_STATE_SIZE, "hot": MAX_HOT_SIZE}
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "symbolic link",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.DIRTYPE: "directory",
+    tarfile.CONTTYPE: "contiguous file",
+}
 HotRanges = dict[str, list[tuple[int, int]]]  # resource -> [(offset, length), ...]
 
 
@@ -34,7 +58,8 @@ def member_name(resource: str) -> str:
 
 @dataclass
 class PackageConfig:
-    """What the package's config member records."""
+    """What the package's config member records: the VM's shape and the resources'
+    sizes. Checked when made (DrafterError if a field has a wrong type or range)."""
 
     memory_mib: int
     cpus: int
@@ -42,6 +67,31 @@ class PackageConfig:
     mac: str
     format_version: int = FORMAT_VERSION
     sizes: dict[str, int] = field(default_factory=dict)  # resource -> bytes
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """DrafterError (one line) if a field has a wrong type or range: the one check
+        for configs from packages, from the network and from callers."""
+        if type(self.format_version) is not int or self.format_version != FORMAT_VERSION:
+            raise DrafterError(
+                f"package format version {brief(self.format_version)} is not supported "
+                f"(this drafter reads version {FORMAT_VERSION})"
+            )
+        try:
+            check_shape(self.memory_mib, self.cpus, self.boot_args, self.mac)
+        except ValueError as e:
+            raise DrafterError(f"bad package config: {e}") from None
+        sizes = self.sizes
+        if not isinstance(sizes, dict) or not all(
+            name in RESOURCES[1:] and type(size) is int and 0 <= size <= MAX_RESOURCE_SIZE
+            for name, size in sizes.items()
+        ):
+            raise DrafterError(
+                f"bad package config: sizes must map resources ({', '.join(RESOURCES[1:])}) "
+                f"to byte counts, not {brief(sizes)}"
+            )
 
     def machine(self, resources: Path, netns: str | None, accel: str = "auto") -> MachineConfig:
         """The VM shape recorded here, with its resources as files in ``resources``."""
@@ -59,33 +109,36 @@ class PackageConfig:
         )
 
     def to_json(self) -> bytes:
+        """The config member's bytes."""
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes, origin: str) -> PackageConfig:
-        try:
-            raw = json.loads(data)
-        except ValueError:
-            raise DrafterError(f"{origin}: the config is not valid JSON") from None
+        """Parse and check a config (a package's member, or a server's); DrafterError
+        with one line naming ``origin`` if it is too large, not JSON or off in any field.
+        Fields this version does not know are ignored."""
+        if len(data) > MAX_CONFIG_SIZE:
+            raise DrafterError(
+                f"{origin}: the config is {len(data)} bytes, more than {MAX_CONFIG_SIZE}"
+            )
+        raw = _load_json(data, f"{origin}: the config")
         if not isinstance(raw, dict):
             raise DrafterError(f"{origin}: the config is not a JSON object")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DrafterError(
-                f"{origin}: package format version {version!r} is not supported "
-                f"(this drafter reads version {FORMAT_VERSION})"
-            )
+        needed = ("format_version", "memory_mib", "cpus", "boot_args", "mac")
+        missing = [k for k in needed if k not in raw]
+        if missing:
+            raise DrafterError(f"{origin}: the config lacks {', '.join(missing)}")
         try:
             return cls(
-                memory_mib=int(raw["memory_mib"]),
-                cpus=int(raw["cpus"]),
-                boot_args=str(raw["boot_args"]),
-                mac=str(raw["mac"]),
-                format_version=version,
-                sizes={str(k): int(v) for k, v in raw.get("sizes", {}).items()},
+                memory_mib=raw["memory_mib"],
+                cpus=raw["cpus"],
+                boot_args=raw["boot_args"],
+                mac=raw["mac"],
+                format_version=raw["format_version"],
+                sizes=raw.get("sizes", {}),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise DrafterError(f"{origin}: the config lacks or garbles {e}") from None
+        except DrafterError as e:
+            raise DrafterError(f"{origin}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -107,73 +160,151 @@ class Package:
     hot: HotRanges = field(default_factory=dict)
 
     def range(self, resource: str) -> FileRange:
+        """Where a member's bytes lie in the package file."""
         m = self.members[resource]
         return FileRange(self.path, m.offset, m.size)
 
     def read(self, resource: str) -> bytes:
-        m = self.members[resource]
-        with self.path.open("rb") as f:
-            f.seek(m.offset)
-            return f.read(m.size)
+        """A member's bytes, whole in memory: for the small ones (config)."""
+        return _read(self.path, self.members[resource])
+
+    def copy_to_file(self, resource: str, dst: Path) -> None:
+        """Copy a member into a file of its own by range (never whole in memory),
+        keeping its holes."""
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.members[resource].size)
+            self.range(resource).copy_to(fd, 0)
+        finally:
+            os.close(fd)
 
 
 def open_package(path: Path) -> Package:
-    """Open and check a package; DrafterError with one readable line if it is bad."""
+    """Open and check a package; DrafterError with one readable line if it is bad.
+
+    Nothing is read whole but the config and hot members (each at most 1 MiB).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DrafterError(f"package {path} does not exist")
-    file_size = path.stat().st_size
-    members: dict[str, Member] = {}
-    hot_member: Member | None = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                name = info.name
-                if name.startswith("/") or ".." in name.split("/") or "/" in name:
-                    raise DrafterError(f"{path}: member {name!r} tries to escape the package")
-                if name == HOT_MEMBER:
-                    if not info.isfile() or info.size > MAX_HOT_SIZE:
-                        raise DrafterError(f"{path}: member {name} is not a small regular file")
-                    hot_member = Member("hot", info.offset_data, info.size)
-                    continue
-                resource = name.removeprefix("drafter.drft")
-                if not name.startswith("drafter.drft") or resource not in RESOURCES:
-                    continue  # unknown members are ignored, for forward compatibility
-                if not info.isfile():
-                    raise DrafterError(f"{path}: member {name} is not a regular file")
-                if info.offset_data + info.size > file_size:
-                    raise DrafterError(f"{path}: the package is truncated (in {name})")
-                members[resource] = Member(resource, info.offset_data, info.size)
-    except tarfile.TarError as e:
-        raise DrafterError(f"{path}: not a readable tar package ({e})") from None
+    if not path.is_file():
+        raise DrafterError(f"package {path} is not a regular file")
+    members = _members(path, path.stat().st_size)
     missing = [r for r in RESOURCES if r not in members]
     if missing:
         raise DrafterError(f"{path}: missing member(s) {', '.join(map(member_name, missing))}")
-    pkg = Package(path, PackageConfig(0, 0, "", ""), members)
-    pkg.config = PackageConfig.from_json(pkg.read("config"), str(path))
+    hot = members.pop("hot", None)
+    pkg = Package(path, PackageConfig.from_json(_read(path, members["config"]), str(path)), members)
     mem = members["memory"].size
     if mem != pkg.config.memory_mib << 20:
         raise DrafterError(
             f"{path}: memory member holds {mem} bytes, the config says {pkg.config.memory_mib} MiB"
         )
     for resource, size in pkg.config.sizes.items():
-        if resource in members and members[resource].size != size:
+        if members[resource].size != size:
             raise DrafterError(f"{path}: {member_name(resource)} size differs from the config")
-    if hot_member is not None:
-        if hot_member.offset + hot_member.size > file_size:
-            raise DrafterError(f"{path}: the package is truncated (in {HOT_MEMBER})")
-        with path.open("rb") as f:
-            f.seek(hot_member.offset)
-            pkg.hot = parse_hot(f.read(hot_member.size), {r: m.size for r, m in members.items()})
+    if hot is not None:
+        sizes = {r: m.size for r, m in members.items()}
+        try:
+            pkg.hot = parse_hot(_read(path, hot), sizes)
+        except DrafterError as e:
+            raise DrafterError(f"{path}: {e}") from None
     return pkg
+
+
+class _HeaderReader(io.FileIO):
+    """The package file as tarfile sees it while listing members: it reads headers
+    only, and a PAX or long-name header whole, so a huge one is refused, not read."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or not 0 <= size <= MAX_HEADER_SIZE:
+            raise DrafterError(f"{self.name}: a tar header is larger than {MAX_HEADER_SIZE} bytes")
+        return super().read(size) or b""
+
+
+def _members(path: Path, file_size: int) -> dict[str, Member]:
+    """Where each known member lies (the hot member as "hot"), after checking that
+    each is a plain regular file that appears once, within its cap and the file."""
+    known = {member_name(r): r for r in RESOURCES} | {HOT_MEMBER: "hot"}
+    members: dict[str, Member] = {}
+    try:
+        with _HeaderReader(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for count, info in enumerate(tar, 1):
+                name = info.name
+                if count > MAX_MEMBERS:
+                    raise DrafterError(f"{path}: more than {MAX_MEMBERS} members")
+                if info.size < 0:  # tarfile would seek backwards, maybe for ever
+                    raise DrafterError(f"{path}: member {name!r} has a negative size")
+                if name.startswith("/") or ".." in name.split("/") or "/" in name:
+                    raise DrafterError(f"{path}: member {name!r} tries to escape the package")
+                resource = known.get(name)
+                if resource is None:
+                    continue  # unknown members are ignored, for forward compatibility
+                if resource in members:
+                    raise DrafterError(f"{path}: member {name} appears more than once")
+                kind = _not_plain(info)
+                if kind:
+                    raise DrafterError(f"{path}: member {name} is a {kind}, not a regular file")
+                cap = _CAPS.get(resource)
+                if cap is not None and info.size > cap:
+                    raise DrafterError(
+                        f"{path}: member {name} is {info.size} bytes, more than {cap}"
+                    )
+                if info.offset_data + info.size > file_size:
+                    raise DrafterError(f"{path}: the package is truncated (in {name})")
+                members[resource] = Member(resource, info.offset_data, info.size)
+    except tarfile.TarError as e:
+        raise DrafterError(f"{path}: not a readable tar package ({e})") from None
+    except OSError as e:
+        raise DrafterError(f"{path}: cannot read the package ({e.strerror or e})") from None
+    return members
+
+
+def _not_plain(info: tarfile.TarInfo) -> str | None:
+    """What a member is, if not a plain regular file. A sparse member's data in the tar
+    is not its bytes (only the parts between holes); links and devices have no data."""
+    if info.issparse() or any(k.startswith("GNU.sparse.") for k in info.pax_headers):
+        return "sparse file"
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return _TAR_KINDS.get(info.type, "special member")
+    return None
+
+
+def _read(path: Path, member: Member) -> bytes:
+    with path.open("rb") as f:
+        f.seek(member.offset)
+        return f.read(member.size)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _load_json(data: bytes, what: str) -> object:
+    """JSON from a package or the network: DrafterError for invalid, too deeply nested
+    or repeated-key JSON (json.loads keeps the last of a repeated key silently)."""
+    try:
+        return json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DrafterError(f"{what} has the key {brief(e.args[0])} more than once") from None
+    except (ValueError, RecursionError):
+        raise DrafterError(f"{what} is not valid JSON") from None
 
 
 def parse_hot(data: bytes, sizes: dict[str, int]) -> HotRanges:
     """The hot member: ``{"memory": [[offset, length], ...], ...}`` within the resources."""
-    try:
-        raw = json.loads(data)
-    except (ValueError, RecursionError):
-        raise DrafterError(f"{HOT_MEMBER} is not valid JSON") from None
+    if len(data) > MAX_HOT_SIZE:
+        raise DrafterError(f"{HOT_MEMBER} is {len(data)} bytes, more than {MAX_HOT_SIZE}")
+    raw = _load_json(data, HOT_MEMBER)
     hot: HotRanges = {}
     if not isinstance(raw, dict):
         raise DrafterError(f"{HOT_MEMBER} is not a JSON object")
@@ -198,11 +329,12 @@ def parse_hot(data: bytes, sizes: dict[str, int]) -> HotRanges:
 
 
 def hot_ranges(chunks: dict[str, list[int]], chunk_size: int, sizes: dict[str, int]) -> HotRanges:
-    """Chunk indices (of ``chunk_size``) as merged byte ranges, per resource."""
+    """Chunk indices (of ``chunk_size``, in the order the VM first touched them) as byte
+    ranges in the same order, neighbours merged, per resource."""
     hot: HotRanges = {}
     for resource, indices in chunks.items():
         ranges: list[tuple[int, int]] = []
-        for index in sorted(set(indices)):
+        for index in dict.fromkeys(indices):
             start = index * chunk_size
             length = min(chunk_size, sizes[resource] - start)
             if length <= 0:

@@ -36,7 +36,7 @@ from drafter.package import (
     open_package,
     write_package,
 )
-from drafter.vmm.base import DEFAULT_BOOT_ARGS, DEFAULT_MAC, MachineConfig
+from drafter.vmm.base import DEFAULT_BOOT_ARGS, DEFAULT_MAC, MachineConfig, check_host
 from drafter.vmm.qemu import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VMShape:
+    """The VM :func:`package_blueprint` boots: memory (MiB), vCPUs, kernel command
+    line, MAC address of its network device, and the accelerator (auto, kvm or tcg)."""
+
     memory_mib: int = 512
     cpus: int = 1
     boot_args: str = DEFAULT_BOOT_ARGS
@@ -94,6 +97,8 @@ async def package_blueprint(
                        ("disk", blueprint.disk)):  # fmt: skip
         if not Path(path).is_file():
             raise DrafterError(f"{what} {path} does not exist (run drafter-blueprint)")
+    pkg_config = PackageConfig(shape.memory_mib, shape.cpus, shape.boot_args, shape.mac)
+    check_host(shape.memory_mib, shape.cpus)
     work = _workdir(output)
     timings = snapshot.Timings()
     try:
@@ -117,7 +122,6 @@ async def package_blueprint(
             await snapshot.suspend(machine, work / "state", timings)
         finally:
             await machine.stop()
-        pkg_config = PackageConfig(shape.memory_mib, shape.cpus, shape.boot_args, shape.mac)
         write_package(
             output,
             pkg_config,
@@ -174,10 +178,11 @@ class LocalVM:
         """Resume the VM from the package and call AfterResume."""
         start = time.monotonic()
         pkg = open_package(self.package_path)
+        check_host(pkg.config.memory_mib, pkg.config.cpus)
         self.package = pkg
         self._work = work = _workdir(self.package_path)
         try:
-            (work / "state").write_bytes(pkg.read("state"))
+            pkg.copy_to_file("state", work / "state")
             devices = [
                 Device(r, pkg.members[r].size, pkg.range(r), work / f"{r}.overlay",
                        writable=r in ("memory", "disk"))
@@ -188,7 +193,7 @@ class LocalVM:
             self.machine = QemuMachine(config, work / "run")
             if self.hot_window > 0:
                 for device in devices[:2]:  # memory and disk
-                    device.recording = set()
+                    device.recording = {}
             await snapshot.resume(self.machine, work / "state", self.timings)
             if self.hot_window > 0:
                 asyncio.get_running_loop().call_later(self.hot_window, self._stop_recording)
@@ -205,7 +210,7 @@ class LocalVM:
             device = self.mount.devices[name]
             touched, device.recording = device.recording, None
             if touched:
-                self._hot[name] = sorted(touched)
+                self._hot[name] = list(touched)
 
     def hot(self) -> HotRanges:
         """What the next flush stores as the hot set (the package's, if none recorded)."""

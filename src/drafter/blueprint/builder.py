@@ -47,6 +47,7 @@ class BlueprintSpec:
     kernel_path: str = ""  # the user's own ELF vmlinux; empty: Debian's cloud kernel
 
     def recipe(self) -> AppRecipe:
+        """The app's recipe; DrafterError for an unknown app."""
         try:
             return RECIPES[self.app]
         except KeyError:
@@ -57,12 +58,15 @@ class BlueprintSpec:
 
 @dataclass(frozen=True)
 class Blueprint:
+    """What a VM boots from: a kernel, an initramfs and a root disk image (files)."""
+
     kernel: Path
     initramfs: Path
     disk: Path
 
     @classmethod
     def at(cls, directory: Path) -> Blueprint:
+        """The blueprint in ``directory`` under the seed's names (drafter.drftkernel, ...)."""
         return cls(directory / KERNEL_NAME, directory / INITRAMFS_NAME, directory / DISK_NAME)
 
 

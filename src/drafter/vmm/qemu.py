@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -21,7 +22,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from drafter.errors import DrafterError
 from drafter.vmm import accel
-from drafter.vmm.base import MIN_MEMORY_MIB, MachineConfig
+from drafter.vmm.base import MachineConfig, check_host, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ QEMU = "qemu-system-x86_64"
 AGENT_PORT = "drafter.agent"
 LIVENESS_PORT = "drafter.liveness"
 PR_SET_PDEATHSIG = 1
+_TAP = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name, no option syntax
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas doubled, so a path with a
+    comma cannot add options of its own."""
+    return str(value).replace(",", ",,")
 
 
 def _die_with_parent() -> None:
@@ -67,13 +75,13 @@ class QemuMachine:
         for what, path in (("kernel", c.kernel), ("initramfs", c.initramfs), ("disk", c.disk)):
             if not Path(path).is_file():
                 raise DrafterError(f"{what} {path} does not exist")
-        if c.memory_mib < MIN_MEMORY_MIB:
-            raise DrafterError(
-                f"memory size {c.memory_mib} MiB is too small for the kernel "
-                f"(at least {MIN_MEMORY_MIB} MiB)"
-            )
-        if c.cpus < 1:
-            raise DrafterError("cpu count must be at least 1")
+        try:
+            check_shape(c.memory_mib, c.cpus, c.boot_args, c.mac)
+        except ValueError as e:
+            raise DrafterError(f"bad VM shape: {e}") from None
+        check_host(c.memory_mib, c.cpus)
+        if not _TAP.fullmatch(c.tap):
+            raise DrafterError(f"bad tap device name {c.tap!r}")
 
     def command(self, incoming: bool = False) -> list[str]:
         """The QEMU command line for this machine."""
@@ -87,24 +95,24 @@ class QemuMachine:
             "-cpu", "host" if acc == "kvm" else "max",
             "-smp", str(c.cpus),
             "-m", mem,
-            "-object", f"memory-backend-file,id=mem,size={mem},mem-path={c.memory},share=on",
+            "-object", f"memory-backend-file,id=mem,size={mem},mem-path={_opt(c.memory)},share=on",
             "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
             "-kernel", str(c.kernel),
             "-initrd", str(c.initramfs),
             "-append", c.boot_args,
-            "-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off,"
-            f"logfile={self.console_log},logappend=on",
+            "-chardev", f"socket,id=console,path={_opt(self.console_socket)},server=on,wait=off,"
+            f"logfile={_opt(self.console_log)},logappend=on",
             "-serial", "chardev:console",
-            "-drive", f"id=disk,file={c.disk},format=raw,if=none,cache=writeback",
+            "-drive", f"id=disk,file={_opt(c.disk)},format=raw,if=none,cache=writeback",
             "-device", "virtio-blk-device,drive=disk",
             "-device", "virtio-serial-device,max_ports=4",
-            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={_opt(self.agent_socket)},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-            "-chardev", f"socket,id=liveness,path={self.liveness_socket},server=on,wait=off",
+            "-chardev", f"socket,id=liveness,path={_opt(self.liveness_socket)},server=on,wait=off",
             "-device", f"virtserialport,chardev=liveness,name={LIVENESS_PORT}",
             "-object", "rng-random,id=rng,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=rng",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off",
             "-S",
         ]  # fmt: skip
         if c.netns:
