@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drafter.device import Device, Priority
 from drafter.snapshot import fsync_file
@@ -32,6 +32,9 @@ from drafter.transport.protocol import (
     is_chunk_lists,
     loads_json,
 )
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +121,22 @@ class MigrationSource:
         self.vm = vm
         self.grace = grace
         self.chunk_size = next(iter(devices.values())).chunk_size
-        self.phase = Phase.IDLE
+        self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
+        self._phase = Phase.IDLE
         self.migrating: object | None = None  # the destination's connection
         self.hot_chunks: dict[str, list[int]] = {}  # what the VM touched after its resume
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, new: Phase) -> None:
+        old, self._phase = self._phase, new
+        if self.metrics is not None:
+            self.metrics.source_phase(old, new)
 
     # -- ChunkProvider -------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drafter import snapshot
 from drafter.agent_client import AgentClient
@@ -35,7 +35,14 @@ from drafter.migration import (
     decode_dirty,
     decode_suspended,
 )
-from drafter.package import PackageConfig, Source, hot_ranges, open_package, write_package
+from drafter.package import (
+    MAX_STATE_SIZE,
+    PackageConfig,
+    Source,
+    hot_ranges,
+    open_package,
+    write_package,
+)
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.client import ChunkData, RemoteSource
@@ -43,6 +50,9 @@ from drafter.transport.hashes import file_hashes
 from drafter.transport.protocol import MsgType
 from drafter.transport.server import ChunkServer
 from drafter.vmm.qemu import QemuMachine
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,9 @@ RESOURCES = ("state", *PULL_ORDER)
 
 @dataclass
 class PeerOptions:
+    """How a :class:`Peer` starts: where the VM comes from (``raddr``: a registry, or a
+    peer to migrate it from), the namespace it runs in, and how it pulls and serves."""
+
     raddr: str  # the server of every resource not named in raddrs
     netns: str | None
     token: str | None = None
@@ -89,6 +102,7 @@ class PeerOptions:
     # After switch-over, how long a source waits for a lost destination to come back
     # before it resumes the VM itself.
     grace: float = 30.0
+    metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
 
 
 @dataclass
@@ -101,11 +115,13 @@ class MigrationSummary:
     total_s: float = 0.0
     downtime_s: float = 0.0  # the VM paused at the source to running here (wall clocks)
     switch_s: float = 0.0  # switch-over asked to AfterResume done
+    precopy_s: float = 0.0  # migration offered to switch-over asked
     moved: dict[str, int] = field(default_factory=dict)  # resource -> bytes fetched
     reused: int = 0  # bytes taken from a local package instead of moved
     wire_bytes: int = 0  # chunk payload bytes that crossed the network (compressed)
 
     def line(self) -> str:
+        """The summary as one line for a log or a terminal."""
         moved = ", ".join(f"{k} {v / (1 << 20):.1f} MiB" for k, v in self.moved.items())
         moved += f"; {self.wire_bytes / (1 << 20):.1f} MiB on the wire"
         if self.reused:
@@ -121,6 +137,9 @@ class MigrationSummary:
 
 @dataclass
 class PullProgress:
+    """Bytes of the VM's resources local so far, of ``total``; ``finished`` (monotonic
+    clock) once every chunk is here."""
+
     total: int = 0
     done: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -148,7 +167,7 @@ class Peer:
         self.server: ChunkServer | None = None
         self.migrated_away = asyncio.Event()
         self.source: MigrationSource | None = None
-        self._done: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[bool] | None = None
         self._paused_at = 0.0
         self.hot: dict[str, list[int]] = {}  # chunks the VM read after its resume
         self._prefetches: list[asyncio.Future[None]] = []
@@ -163,6 +182,9 @@ class Peer:
         try:
             await self._start()
         except BaseException:
+            metrics = self.options.metrics
+            if metrics is not None and self.summary.migrated and self._done is None:
+                metrics.destination_failed()  # after the resume, _done counts the outcome
             await self.close()
             raise
         self.resume_seconds = time.monotonic() - start
@@ -190,6 +212,9 @@ class Peer:
             for addr in dict.fromkeys(addrs.values())
         }
         self.sources = list(sources.values())
+        if o.metrics is not None:
+            for source in self.sources:
+                o.metrics.attach_remote(source)
         await host.run(_connect_all(self.sources))
         remotes = self.remotes = {name: sources[addr] for name, addr in addrs.items()}
         remote = self.remote = remotes["memory"]  # control calls go to the memory's server
@@ -204,6 +229,8 @@ class Peer:
             raise DrafterError("a migration takes every resource from one peer: give one --raddr")
         if manifest["memory"] != self.config.memory_mib << 20:
             raise DrafterError(f"{addrs['memory']}: memory size differs from its config")
+        if manifest.get("state", 0) > MAX_STATE_SIZE:
+            raise DrafterError(f"{addrs['state']}: a state of {manifest['state']} bytes is absurd")
 
         def fetcher(resource: str) -> Fetcher:
             source = remotes[resource]
@@ -289,6 +316,8 @@ class Peer:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at
             self._done = asyncio.ensure_future(self._tell_done())
+            if o.metrics is not None:
+                o.metrics.migrated_in(self.summary, self._done)
         if o.laddr:
             await self._serve(mount / "memory")
 
@@ -366,6 +395,7 @@ class Peer:
         assert self.remote is not None
         o = self.options
         tracked = [self.devices[name] for name in TRACKED]
+        offered = time.monotonic()
         # What changed at the source since it hashed the chunks for us: fetch it again.
         changed = decode_dirty(await self.remote.call(MsgType.MIGRATE_OFFER))
         for device in tracked:
@@ -384,6 +414,7 @@ class Peer:
         if o.precopy_rounds > 0:
             await self._pull_missing()
         switched_at = time.monotonic()
+        self.summary.precopy_s = switched_at - offered
         body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
         dirty, self._paused_at, state = decode_suspended(body)
         for device in tracked:
@@ -453,6 +484,9 @@ class Peer:
         self.source = MigrationSource(self.devices, self.remote.config, memory_file, control,
                                       grace=o.grace)  # fmt: skip
         server = ChunkServer(self.source)
+        if o.metrics is not None:
+            o.metrics.attach_source(self.source)
+            o.metrics.attach_server(server)
         host, port = wire.parse_addr(o.laddr, "--laddr")
         ssl = security.tls_server_options(o.tls_cert, o.tls_key)
         start = functools.partial(server.start, host or None, port, ssl=ssl, token=o.token)
@@ -530,7 +564,7 @@ class Peer:
         self.summary.wire_bytes = sum(s.stats.wire_bytes for s in self.sources)
         self._report()
 
-    async def _tell_done(self) -> None:
+    async def _tell_done(self) -> bool:
         """Once the VM runs here and every chunk is local, the source may stop."""
         assert self.host is not None and self.remote is not None
         await self.wait_pulled()
@@ -538,6 +572,16 @@ class Peer:
             await self.host.run(self.remote.call(MsgType.MIGRATE_DONE))
         except DrafterError as e:
             log.warning("could not tell the source the migration is done: %s", e)
+            return False
+        return True
+
+    async def wait_done(self) -> bool:
+        """After a migration to here: wait until the source was told it is done (every
+        chunk is local here, the source stops); whether it could be told. True at once
+        for a start from a registry."""
+        if self._done is None:
+            return True
+        return await asyncio.shield(self._done)
 
     def _report(self) -> None:
         if self.on_progress is not None:
@@ -549,6 +593,7 @@ class Peer:
             await asyncio.shield(self._pull)
 
     def pull_failed(self) -> BaseException | None:
+        """The error that ended the background pull, if it failed (else None)."""
         if self._pull is not None and self._pull.done() and not self._pull.cancelled():
             return self._pull.exception()
         return None

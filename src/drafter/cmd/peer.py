@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from drafter import cli, console
+from drafter import cli, console, metrics
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -110,6 +110,7 @@ async def run(a: argparse.Namespace) -> int:
         grace=a.rescue_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
+        metrics=metrics.start(a.metrics),
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")
     p.add_argument("--enable-output", action="store_true", help="console output to stdout")
+    metrics.add_flag(p)
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     if not 0.0 <= args.resume_threshold <= 1.0:

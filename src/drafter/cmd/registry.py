@@ -10,7 +10,7 @@ import ssl
 import time
 from pathlib import Path
 
-from drafter import cli
+from drafter import cli, metrics
 from drafter.errors import DrafterError
 from drafter.package import open_package
 from drafter.transport import protocol as wire
@@ -31,6 +31,7 @@ async def _serve(
     token: str | None,
     tls: ssl.SSLContext | None,
     chunk_size: int,
+    served: metrics.Metrics | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -42,6 +43,8 @@ async def _serve(
         await asyncio.to_thread(provider.hash_all)
         log.info("hashed every chunk of %s in %.2fs", package_path, time.monotonic() - started)
         server = ChunkServer(provider)
+        if served is not None:
+            served.attach_server(server)
         (host, port), *more = addresses
         try:
             await server.start(host, port, ssl=tls, token=token, more=more)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             help=f"serve here too, for peers given --{resource}-raddr (without --laddr and "
             f"every --*-laddr, also :{port} as in the seed)",
         )
+    metrics.add_flag(p)
     a = p.parse_args(argv)
     cli.setup_logging(a.verbose)
 
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 if address not in addresses:
                     addresses.append(address)
         tls = security.tls_server_options(a.tls_cert, a.tls_key)
-        asyncio.run(_serve(Path(a.package_path), addresses, token, tls, a.chunk_size))
+        served = metrics.start(a.metrics)
+        asyncio.run(_serve(Path(a.package_path), addresses, token, tls, a.chunk_size, served))
         return 0
 
     return cli.run(PROG, body)

@@ -20,6 +20,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zstandard
 
@@ -29,6 +30,9 @@ from drafter.transport import security
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.hashes import digest
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, Priority, ProtocolError
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 __all__ = ["ChunkData", "Priority", "RemoteSource", "VerificationError"]
 
@@ -70,6 +74,7 @@ class _Pending:
     deliver: Deliver
     future: asyncio.Future[None]
     windowed: int = 0  # bytes of it still counted in the window
+    sent: float = 0.0  # loop time it was first sent (fetch latency counts reconnects too)
 
 
 @dataclass(eq=False)
@@ -140,6 +145,7 @@ class RemoteSource:
         self.rtt = 0.0  # of the first handshake
         self.compressed = False  # whether this connection asked for compressed chunks
         self.stats = ClientStats()
+        self.metrics: Metrics | None = None  # drafter.metrics: counts each chunk received
         self.reconnects = 0
         self.window = INITIAL_WINDOW
         self._in_flight = 0  # bytes of background requests sent and not answered
@@ -160,6 +166,7 @@ class RemoteSource:
 
     @property
     def zero_chunks(self) -> int:
+        """Chunks that arrived as the all-zero marker (no payload)."""
         return self.stats.zero_chunks
 
     # --- public ------------------------------------------------------------------
@@ -251,6 +258,9 @@ class RemoteSource:
         if priority == Priority.BACKGROUND:
             size = sum(self._chunk_length(r, i) for i in range(start, start + count))
             await self._admit(pending, size)
+            if self._failed is not None or self._closed:  # while it waited for room
+                self._release(pending, pending.windowed)
+                self._check(resource, start, count)  # raises
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
         conn = self._conn
@@ -522,6 +532,7 @@ class RemoteSource:
         request = wire.Request(pending.priority, pending.resource, pending.index, pending.count)
         conn.channel.write(MsgType.REQUEST, request.body(), request_id)
         conn.last_sent = asyncio.get_running_loop().time()
+        pending.sent = pending.sent or conn.last_sent
 
     def _chunk_data(self, head: ChunkHead, payload: memoryview, p: _Pending) -> ChunkData:
         """The bytes of the next chunk of ``p`` from a CHUNK frame, verified."""
@@ -588,6 +599,11 @@ class RemoteSource:
                     p.expected.popleft()
                     conn.last_progress = loop.time()
                     self._lost_since = None
+                    if self.metrics is not None:  # payload 0 bytes: the zero marker
+                        received = len(body) - wire.CHUNK_FIXED
+                        latency = conn.last_progress - p.sent
+                        self.metrics.chunk_pulled(self._names[p.resource], p.priority, size,
+                                                  received, latency)  # fmt: skip
                     if p.windowed:
                         self._release(p, size)
                         if self.window < MAX_WINDOW:

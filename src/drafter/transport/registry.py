@@ -56,6 +56,7 @@ class PackageProvider:
         return self._config
 
     async def hashes(self, resource: str) -> list[bytes]:
+        """Every chunk's hash of ``resource`` (computed on first use)."""
         if not self._hashes:
             await asyncio.to_thread(self.hash_all)
         return self._hashes[resource]

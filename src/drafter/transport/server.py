@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zstandard
 
@@ -35,6 +35,9 @@ from drafter.transport import security
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.hashes import digest, is_zero
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,11 @@ class Connection:
     def outstanding(self) -> int:
         return len(self.demand) + len(self.prefetch) + len(self.background) + int(self.busy)
 
+    def priority_of(self, queue: deque[tuple[int, int, int, int]]) -> wire.Priority:
+        if queue is self.demand:
+            return wire.Priority.DEMAND
+        return wire.Priority.PREFETCH if queue is self.prefetch else wire.Priority.BACKGROUND
+
 
 def _descriptor_room() -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -163,8 +171,10 @@ class ChunkServer:
         self._slots = asyncio.Semaphore(self.max_connections)
         self._closing = False
         self._descriptors_warned = 0.0
+        self._freed = asyncio.Event()  # a connection closed (accepting may work again)
         self._compressor = zstandard.ZstdCompressor(level=1)
         self.stats = ServerStats()
+        self.metrics: Metrics | None = None  # drafter.metrics: counts each chunk sent
 
     async def start(
         self,
@@ -236,7 +246,11 @@ class ChunkServer:
                     if now - self._descriptors_warned > 60:
                         self._descriptors_warned = now
                         log.warning("out of file descriptors: not accepting for now")
-                    await asyncio.sleep(0.5)
+                    # Until one of our connections closes (freeing one), at most 0.5 s.
+                    self._freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await self._freed.wait()
                 else:
                     log.warning("accept failed: %s", e.strerror or e)
                     await asyncio.sleep(0.1)
@@ -275,6 +289,7 @@ class ChunkServer:
         finally:
             self.stats.connections -= 1
             self._slots.release()
+            self._freed.set()
 
     # --- one connection ----------------------------------------------------------
 
@@ -314,11 +329,11 @@ class ChunkServer:
             log.error("client %s: unexpected %s: %s", peer, type(e).__name__, e,
                       exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             error = (ErrorCode.INTERNAL, "internal server error")
+        if problem is not None and not accepted:
+            self.stats.refused += 1
         if problem == "closed the connection during the handshake":
             log.debug("client %s connected and left without a word", peer)  # a port probe
         elif problem is not None:
-            if not accepted:
-                self.stats.refused += 1
             log.warning("client %s: %s; dropped it", peer, problem)
         log.debug("client %s disconnected", peer)
         try:
@@ -522,7 +537,8 @@ class ChunkServer:
                 raise DrafterError(f"{name} chunk {index}: {_reason(e)}") from None
             if len(data) != expected:
                 raise DrafterError(f"{name} chunk {index}: got {len(data)} bytes, not {expected}")
-            if known == wire.ZERO_HASH or (known is None and is_zero(data)):
+            zero = known == wire.ZERO_HASH or (known is None and is_zero(data))
+            if zero:
                 channel.write_chunk(
                     request_id, ChunkHead(r, wire.CHUNK_ZERO, index, expected, wire.ZERO_HASH)
                 )
@@ -540,6 +556,9 @@ class ChunkServer:
                 stats.chunks += 1
                 stats.bytes += expected
                 stats.wire_bytes += len(payload)
+            if self.metrics is not None:
+                sent = 0 if zero else len(payload)  # 0: the zero marker
+                self.metrics.chunk_served(name, conn.priority_of(queue), expected, sent)
             conn.busy = False
             conn.last_activity = time.monotonic()
             await self._drain(channel)

@@ -1,0 +1,272 @@
+"""--metrics: Prometheus metrics of registries and peers move during pulls and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import assert_one_line_error, run_command
+from drafter import metrics
+from drafter.errors import DrafterError
+from drafter.migration import MigrationSource, Phase
+from drafter.transport.client import Priority, RemoteSource
+from drafter.transport.hashes import chunk_hash
+from drafter.transport.server import ChunkServer
+from test_migration import finish_source, migrate
+from test_peer import registry, wait_resumed
+from test_runner import free_port
+
+CHUNK = 4096
+TOKEN = "f" * 64
+PHASES = "drafter_migration_phase_seconds_count"  # one sample per phase observed
+
+
+class Samples:
+    """One scrape of a /metrics endpoint, parsed with prometheus_client's own parser."""
+
+    def __init__(self, addr: str) -> None:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of every sample called ``name`` that has these labels (0 if none)."""
+        return sum(
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+class Scraper(threading.Thread):
+    """Scrapes ``addr`` every 20 ms while the process serves it; keeps the last scrape."""
+
+    def __init__(self, addr: str) -> None:
+        super().__init__(daemon=True)
+        self.addr = addr
+        self.last: Samples | None = None
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                self.last = Samples(self.addr)
+            time.sleep(0.02)
+
+
+def until(check, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# --- in process: a server and a client over a few chunks -----------------------------
+
+
+class Chunks:
+    """A ChunkProvider over bytes in memory: random data, a zero chunk, a short tail."""
+
+    chunk_size = CHUNK
+
+    def __init__(self) -> None:
+        self.data = {"memory": os.urandom(3 * CHUNK) + bytes(CHUNK), "disk": b"d" * 5000}
+
+    def manifest(self) -> dict[str, int]:
+        return {name: len(data) for name, data in self.data.items()}
+
+    def config(self) -> bytes:
+        return b"{}"
+
+    async def hashes(self, resource: str) -> list[bytes]:
+        data = self.data[resource]
+        return [chunk_hash(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
+
+    def hot(self) -> dict[str, list[int]]:
+        return {}
+
+    async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        return self.data[resource][index * CHUNK : (index + 1) * CHUNK], None
+
+
+def test_server_and_client_count_chunks_connections_and_auth_failures() -> None:
+    served, pulled = metrics.Metrics(), metrics.Metrics()
+    try:
+        at_server = served.serve("127.0.0.1:0")
+        at_client = pulled.serve(":0")  # the port alone: loopback
+        assert at_client.startswith("127.0.0.1:")
+
+        async def scenario() -> None:
+            server = ChunkServer(Chunks())
+            served.attach_server(server)
+            await server.start("127.0.0.1", 0, token=TOKEN)
+            raddr = f"127.0.0.1:{server.port}"
+            try:
+                intruder = RemoteSource(raddr, token="0" * 64, retry_timeout=1)
+                with pytest.raises(DrafterError, match="refused"):
+                    await intruder.connect()
+                client = RemoteSource(raddr, token=TOKEN, compress="zstd")
+                pulled.attach_remote(client)
+                await client.connect()
+                try:
+                    await client.fetch("memory", 0, Priority.DEMAND)
+                    await client.fetch("memory", 1, Priority.PREFETCH)
+                    await client.fetch("disk", 0, Priority.BACKGROUND)  # compresses well
+                    await client.fetch("disk", 1, Priority.BACKGROUND)  # 904 bytes
+                    # A chunk whose hash the client does not know: it asks, the server
+                    # answers with the zero marker.
+                    await client.fetch_chunk("memory", 3, Priority.BACKGROUND, None)
+                    scrape = Samples(at_server)
+                    assert scrape.value("drafter_server_connections") >= 1
+                finally:
+                    await client.close()
+            finally:
+                await server.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+        s = Samples(at_server)
+        assert s.value("drafter_server_auth_failures_total") == 1
+        assert s.value("drafter_server_connections_refused_total") == 1
+        assert s.value("drafter_server_connections_accepted_total") == 1
+        assert s.value("drafter_server_connections") == 0
+        assert s.value("drafter_served_chunks_total", resource="memory", priority="demand") == 1
+        assert s.value("drafter_served_chunks_total", resource="memory", priority="prefetch") == 1
+        assert s.value("drafter_served_zero_chunks_total", resource="memory") == 1
+        assert s.value("drafter_served_bytes_total", resource="memory") == 2 * CHUNK
+        assert s.value("drafter_served_bytes_total", resource="disk", priority="background") == 5000
+        assert 0 < s.value("drafter_served_wire_bytes_total", resource="disk") < 5000
+        assert s.value("drafter_served_requests_total", priority="background") == 3
+
+        c = Samples(at_client)
+        for name in ("drafter_pulled_bytes_total", "drafter_pulled_wire_bytes_total"):
+            for resource in ("memory", "disk"):
+                assert c.value(name, resource=resource) == s.value(
+                    name.replace("pulled", "served"), resource=resource
+                ), (name, resource)
+        assert c.value("drafter_pulled_chunks_total", priority="background") == 2
+        assert c.value("drafter_pulled_zero_chunks_total", resource="memory") == 1
+        assert c.value("drafter_chunk_fetch_seconds_count", priority="demand") == 1
+        assert c.value("drafter_chunk_fetch_seconds_count", priority="prefetch") == 1
+        assert c.value("drafter_chunk_fetch_seconds_count", priority="background") == 3
+        assert 0 < c.value("drafter_chunk_fetch_seconds_sum") < 10
+        assert c.value("drafter_client_reconnects_total") == 0
+        assert c.value("process_open_fds") > 0
+    finally:
+        served.close()
+        pulled.close()
+
+
+def test_a_migration_sources_phases_and_outcomes() -> None:
+    m = metrics.Metrics()
+    try:
+        addr = m.serve("127.0.0.1:0")
+        devices: Any = {"memory": SimpleNamespace(chunk_size=CHUNK, size=CHUNK)}
+        vm: Any = None  # no VM: only the phases change here
+        source = MigrationSource(devices, b"{}", Path("/nonexistent"), vm)
+        m.attach_source(source)
+        for phase in (Phase.PRECOPY, Phase.IDLE, Phase.PRECOPY, Phase.SUSPENDED, Phase.DONE):
+            source.phase = phase  # a destination left in pre-copy; the next one finished
+        s = Samples(addr)
+        source_side = {"role": "source"}
+        assert s.value("drafter_migrations_total", outcome="rolled_back", **source_side) == 1
+        assert s.value("drafter_migrations_total", outcome="completed", **source_side) == 1
+        assert s.value(PHASES, phase="pre-copy") == 2
+        assert s.value(PHASES, phase="post-copy") == 1
+    finally:
+        m.close()
+
+
+def test_bad_metrics_addresses_are_one_line_errors() -> None:
+    result = run_command("drafter-registry", "--metrics", "nowhere")
+    assert_one_line_error(result, "--metrics address", "HOST:PORT")
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        result = run_command("drafter-registry", "--metrics", f"127.0.0.1:{port}")
+    assert_one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}")
+
+
+# --- end to end: a registry, a peer pulling from it, a second peer migrating it ------
+
+
+def read_until(proc: subprocess.Popen, prefix: str) -> str:
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+def test_registry_and_peers_serve_metrics_that_move(seeded_package, network, workdir) -> None:
+    at_registry, at_first, at_second = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    with (
+        registry(seeded_package, "--metrics", at_registry) as (_, raddr),
+        contextlib.ExitStack() as stack,
+    ):
+        port = free_port()
+        first = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", "--metrics", at_first)
+        )
+        wait_resumed(first)
+        # Resumed: the state came at demand priority, the pull goes on in the background.
+        early = Samples(at_first)
+        state = early.value("drafter_pulled_bytes_total", resource="state")
+        assert state > 0
+        assert early.value("drafter_chunk_fetch_seconds_count", priority="demand") > 0
+        read_until(first, "started from")  # every chunk is local
+        pulled = Samples(at_first)
+        assert pulled.value("drafter_pulled_bytes_total", priority="background") > 0
+        assert pulled.value("drafter_pulled_bytes_total") >= early.value(
+            "drafter_pulled_bytes_total"
+        )
+        served = Samples(at_registry)
+        assert served.value("drafter_served_bytes_total", resource="state") == state
+        assert served.value("drafter_served_bytes_total") >= pulled.value(
+            "drafter_pulled_bytes_total"
+        )
+        assert served.value("drafter_server_connections_accepted_total") == 1
+        assert served.value("drafter_server_connections") == 1
+
+        source = Scraper(at_first)  # the source exits once the VM migrated away
+        second = stack.enter_context(
+            migrate(f"127.0.0.1:{port}", network.name(1), workdir, "", "--metrics", at_second)
+        )
+        wait_resumed(second)
+        resumed = Samples(at_second)
+        assert resumed.value("drafter_migration_downtime_seconds_count") == 1
+        assert 0 < resumed.value("drafter_migration_downtime_seconds_sum") < 30
+        for phase in ("pre-copy", "switch-over"):
+            assert resumed.value(PHASES, phase=phase, role="destination") == 1, phase
+        assert resumed.value("drafter_pulled_bytes_total", resource="memory") > 0
+        finish_source(first)
+        source.stop.set()
+        source.join(5)
+        last = source.last  # just before the source stopped
+        assert last is not None
+        assert last.value("drafter_served_bytes_total", resource="memory") > 0
+        assert last.value(PHASES, role="source", phase="pre-copy") == 1
+
+        def completed() -> bool:
+            done = Samples(at_second)
+            return done.value("drafter_migrations_total", outcome="completed") == 1
+
+        until(completed, "the destination to count a completed migration")
+        done = Samples(at_second)
+        assert done.value("drafter_migrations_total", outcome="failed") == 0
+        assert done.value(PHASES, phase="post-copy", role="destination") == 1
+        second.send_signal(signal.SIGINT)
+        second.communicate(timeout=60)
+        assert second.returncode == 0
