@@ -1,7 +1,9 @@
-"""The wire protocol over real loopback sockets: registry provider, chunk server, client.
+"""The wire protocol (v2) over real loopback sockets: registry provider, chunk server,
+client. No QEMU: the package is synthetic (tests/wire_helpers.py).
 
 Every chunk a client returns is checked against the package's bytes, so a torn or
-misplaced chunk fails the test wherever it happens.
+misplaced chunk fails the test wherever it happens. Attacks on purpose are in
+tests/test_wire_hostile.py.
 """
 
 from __future__ import annotations
@@ -9,66 +11,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
-import os
 import random
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import assert_one_line_error, command, run_command, stop_process
+from conftest import assert_one_line_error, run_command
 from drafter.errors import DrafterError
-from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
+from drafter.package import open_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
+from drafter.transport.channel import FrameProtocol
 from drafter.transport.client import Priority, RemoteSource
+from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import ErrorCode, MsgType
-from drafter.transport.registry import PackageProvider
-from drafter.transport.server import ChunkServer
+from wire_helpers import (
+    CHUNK,
+    LOOPBACK,
+    MIB,
+    build_package,
+    contents,
+    data_chunks,
+    env_without_token,
+    one_line_logged,
+    pull,
+    raw_connect,
+    run,
+    start_registry,
+    start_server,
+    zero_chunk_count,
+)
 
-CHUNK = 64 * 1024
-MIB = 1 << 20
-LOOPBACK = "127.0.0.1"
-
-
-# --- fixtures and helpers ----------------------------------------------------------
-
-
-def build_package(directory: Path) -> Path:
-    """A 4 MiB-memory package with random data, text, holes and odd-sized resources."""
-    rnd = random.Random(7)
-    files: dict[str, Path] = {}
-    contents = {
-        "state": rnd.randbytes(100_000),
-        "kernel": rnd.randbytes(300_001),
-        "initramfs": b"initramfs" * 1000,
-    }
-    for name, data in contents.items():
-        files[name] = directory / name
-        files[name].write_bytes(data)
-    files["memory"] = directory / "memory"
-    with files["memory"].open("wb") as f:
-        f.write(rnd.randbytes(MIB))  # then a 2.5 MiB hole
-        f.truncate(4 * MIB)
-        f.seek(3 * MIB + MIB // 2)
-        f.write(rnd.randbytes(MIB // 4))  # then a 256 KiB hole to the end
-    files["disk"] = directory / "disk"
-    with files["disk"].open("wb") as f:
-        f.write(b"disk" * 1000)
-        f.truncate(2 * MIB)
-        f.seek(2 * MIB - 5)
-        f.write(b"last!")
-    pkg = directory / "wire.drft"
-    sources: dict[str, Source | Path] = dict(files)
-    write_package(pkg, PackageConfig(4, 1, "console=ttyS0", "02:00:00:00:00:01"), sources)
-    return pkg
+TOKEN = "wire-test-token-" + "x" * 32  # long enough (security.MIN_TOKEN_CHARS)
 
 
 @pytest.fixture
@@ -76,142 +58,9 @@ def package(workdir: Path) -> Path:
     return build_package(workdir)
 
 
-def contents(pkg: Path) -> dict[str, bytes]:
-    opened = open_package(pkg)
-    return {r: opened.read(r) for r in RESOURCES if r != "config"}
-
-
-def zero_chunk_count(data: dict[str, bytes], chunk: int = CHUNK) -> int:
-    return sum(
-        1
-        for blob in data.values()
-        for i in range(0, len(blob), chunk)
-        if blob[i : i + chunk].count(0) == len(blob[i : i + chunk])
-    )
-
-
-class SlowProvider:
-    """A PackageProvider that takes ``delay`` seconds per chunk (to keep queues full)."""
-
-    def __init__(self, inner: PackageProvider, delay: float) -> None:
-        self.inner = inner
-        self.chunk_size = inner.chunk_size
-        self.delay = delay
-
-    def manifest(self) -> dict[str, int]:
-        return self.inner.manifest()
-
-    def config(self) -> bytes:
-        return self.inner.config()
-
-    async def read_chunk(self, resource: str, index: int) -> bytes:
-        await asyncio.sleep(self.delay)
-        return await self.inner.read_chunk(resource, index)
-
-
-async def start_server(pkg: Path, delay: float = 0.0, port: int = 0, **kwargs: Any) -> ChunkServer:
-    provider: Any = PackageProvider(open_package(pkg), CHUNK)
-    if delay:
-        provider = SlowProvider(provider, delay)
-    server = ChunkServer(provider)
-    await server.start(LOOPBACK, port, **kwargs)
-    return server
-
-
-async def pull(
-    source: RemoteSource,
-    expected: dict[str, bytes],
-    workers: int = 8,
-    priority: Priority = Priority.BACKGROUND,
-) -> dict[str, bytes]:
-    """Fetch every chunk of every resource; check each one as it arrives."""
-    assert source.manifest == {r: len(b) for r, b in expected.items()}
-    jobs = [
-        (r, i)
-        for r, size in source.manifest.items()
-        for i in range((size + source.chunk_size - 1) // source.chunk_size)
-    ]
-    jobs.reverse()
-    out = {r: bytearray(size) for r, size in source.manifest.items()}
-
-    async def worker() -> None:
-        cs = source.chunk_size
-        while jobs:
-            r, i = jobs.pop()
-            data = await source.fetch(r, i, priority)
-            assert data == expected[r][i * cs : (i + 1) * cs], f"wrong bytes: {r} chunk {i}"
-            out[r][i * cs : i * cs + len(data)] = data
-
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return {r: bytes(b) for r, b in out.items()}
-
-
-def run(coro: Awaitable[Any], timeout: float = 30) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-async def raw_connect(
-    port: int, version: int = wire.VERSION, token: str | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-    """A hand-driven client: hello (+auth); returns reader, writer and our local port."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    local = writer.get_extra_info("sockname")[1]
-    nonce = wire.new_nonce()
-    writer.write(wire.ClientHello(version, nonce).encode())
-    if version != wire.VERSION:
-        return reader, writer, local
-    kind, _, body = await wire.read_frame(reader)
-    assert kind == MsgType.SERVER_HELLO
-    hello = wire.ServerHello.decode(body)
-    proof = wire.client_proof(token, hello.nonce, nonce) if token else b""
-    writer.write(wire.frame(MsgType.AUTH, proof))
-    kind, _, body = await wire.read_frame(reader)
-    assert kind == MsgType.WELCOME, (kind, body)
-    return reader, writer, local
-
-
-async def read_error(reader: asyncio.StreamReader) -> int:
-    """Skip answers until the ERROR frame; its code. The server closes right after."""
-    while True:
-        kind, _, body = await asyncio.wait_for(wire.read_frame(reader), 5)
-        if kind == MsgType.ERROR:
-            code, _ = wire.decode_error(body)
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            return code
-
-
-def records_for(caplog: pytest.LogCaptureFixture, port: int) -> list[logging.LogRecord]:
-    return [
-        r
-        for r in caplog.records
-        if r.name == "drafter.server"
-        and r.levelno >= logging.WARNING
-        and f":{port}:" in r.getMessage()
-    ]
-
-
-async def one_line_logged(caplog: pytest.LogCaptureFixture, port: int) -> str:
-    """Wait for the server's line about the client on ``port``; exactly one, no traceback."""
-    deadline = time.monotonic() + 5
-    while not records_for(caplog, port) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # a second line would come now
-    found = records_for(caplog, port)
-    assert len(found) == 1, [r.getMessage() for r in found]
-    assert found[0].levelno == logging.WARNING
-    assert found[0].exc_info is None
-    return found[0].getMessage()
-
-
 @pytest.fixture(scope="module")
 def tls_files() -> Iterator[dict[str, Path]]:
     """Two self-signed certificates for 127.0.0.1: the server's and an unrelated one."""
-    import shutil
-    import tempfile
-
     directory = Path(tempfile.mkdtemp(prefix="drafter-tls-"))
     try:
         for name in ("server", "other"):
@@ -236,15 +85,37 @@ def tls_files() -> Iterator[dict[str, Path]]:
 # --- framing -------------------------------------------------------------------------
 
 
-def test_oversized_frame_is_refused_before_its_body() -> None:
+def feed(proto: FrameProtocol, data: bytes) -> None:
+    """Hand ``data`` to a frame parser as if it came from the socket."""
+    while data:
+        view = proto.get_buffer(len(data))
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        proto.buffer_updated(n)
+        data = data[n:]
+
+
+def test_frame_limits_apply_before_the_body() -> None:
     async def go() -> None:
-        reader = asyncio.StreamReader()
-        reader.feed_data(wire.header(MsgType.CHUNK, wire.MAX_BODY + 1, 1))  # no body follows
+        # A declared length above the limit is refused from the header alone.
         with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
-            await asyncio.wait_for(wire.read_frame(reader), 1)
-        reader = asyncio.StreamReader()
-        reader.feed_data(wire.frame(MsgType.ZERO, struct.pack(">I", 7), 42))
-        assert await wire.read_frame(reader) == (MsgType.ZERO, 42, struct.pack(">I", 7))
+            wire.parse_header(wire.header(MsgType.CHUNK, wire.MAX_BODY + 1, 1), wire.MAX_BODY)
+        with pytest.raises(wire.ProtocolError, match="malformed frame header"):
+            wire.parse_header(wire.header(MsgType.PING, 0, 1, flags=1), wire.MAX_BODY)
+        # Before the proof, the parser takes only small frames: a 2 KiB hello is refused
+        # as soon as its header is in, without waiting for (or keeping) the body.
+        proto = FrameProtocol()
+        feed(proto, wire.header(MsgType.CLIENT_HELLO, 2048))
+        with pytest.raises(wire.ProtocolError, match="exceeds the limit of 1024"):
+            await asyncio.wait_for(proto.next_frame(), 1)
+        # A good frame comes through whole, also when it arrives byte by byte.
+        proto = FrameProtocol()
+        for byte in wire.frame(MsgType.PING, b"", 42) + wire.frame(MsgType.PING, b"abc", 7):
+            feed(proto, bytes([byte]))
+        head, body, tag = await asyncio.wait_for(proto.next_frame(), 1)
+        assert wire.parse_header(head, 0) == (0, MsgType.PING, 42) and body == tag == b""
+        head, body, _ = await asyncio.wait_for(proto.next_frame(), 1)
+        assert wire.parse_header(head, 3) == (3, MsgType.PING, 7) and body == b"abc"
 
     run(go())
 
@@ -252,10 +123,11 @@ def test_oversized_frame_is_refused_before_its_body() -> None:
 # --- serving ------------------------------------------------------------------------
 
 
-def test_pull_every_chunk_with_zero_markers(package: Path) -> None:
+def test_pull_every_chunk_zero_chunks_never_requested(package: Path) -> None:
     expected = contents(package)
     zeros = zero_chunk_count(expected)
     assert zeros >= 40  # the memory and disk holes
+    total = sum((len(b) + CHUNK - 1) // CHUNK for b in expected.values())
 
     async def go() -> None:
         server = await start_server(package)
@@ -265,15 +137,27 @@ def test_pull_every_chunk_with_zero_markers(package: Path) -> None:
             assert source.chunk_size == CHUNK
             assert source.config == open_package(package).read("config")
             assert list(source.manifest) == ["state", "memory", "kernel", "initramfs", "disk"]
+            # The hash list: BLAKE3 of every chunk, 32 zero bytes for an all-zero one.
+            for r, blob in expected.items():
+                assert source.hashes[r] == [
+                    chunk_hash(blob[i : i + CHUNK]) for i in range(0, len(blob), CHUNK)
+                ]
+            assert source.hashes["memory"][40] == wire.ZERO_HASH
+            assert source.hot == {"memory": [0, 56]}
             got = await pull(source, expected)
             assert got == expected
-            # Every all-zero chunk came as a marker, every other one as bytes.
+            # Zero chunks were known from the hash list: never requested, never sent.
             assert source.zero_chunks == zeros
-            assert server.stats.zero_chunks == zeros
-            total = sum((len(b) + CHUNK - 1) // CHUNK for b in expected.values())
+            assert server.stats.zero_chunks == 0
             assert server.stats.chunks == total - zeros
+            assert sum(server.stats.requests.values()) == total - zeros
+            assert source.stats.chunks == total - zeros
             # A demand fetch of a chunk works the same; bad requests are refused locally.
             assert await source.fetch("disk", 31, Priority.DEMAND) == expected["disk"][-CHUNK:]
+            assert server.stats.requests[Priority.DEMAND] == 1
+            data, digest = await source.fetch_chunk("kernel", 4, Priority.DEMAND)
+            assert data == expected["kernel"][4 * CHUNK :]
+            assert digest == chunk_hash(data)
             with pytest.raises(DrafterError, match="beyond the end"):
                 await source.fetch("disk", 32)
             with pytest.raises(DrafterError, match="no-such"):
@@ -296,6 +180,7 @@ def test_four_clients_at_once(package: Path) -> None:
             results = await asyncio.gather(*(pull(s, expected) for s in sources))
             assert all(r == expected for r in results)
             assert server.stats.accepted == 4
+            assert server.stats.chunks == 4 * len(data_chunks(expected))
         finally:
             for s in sources:
                 await s.close()
@@ -312,6 +197,7 @@ def test_demand_overtakes_queued_background_requests(package: Path) -> None:
         source = RemoteSource(f"{LOOPBACK}:{server.port}")
         try:
             await source.connect()
+            assert source.hashes["memory"][57] != wire.ZERO_HASH  # a chunk it must send
             finished: list[str] = []
 
             async def fetch(index: int, priority: Priority, tag: str) -> None:
@@ -323,11 +209,12 @@ def test_demand_overtakes_queued_background_requests(package: Path) -> None:
                 asyncio.create_task(fetch(i % 16, Priority.BACKGROUND, "bg")) for i in range(100)
             ]
             await asyncio.sleep(0.05)  # the server has them queued and is working through
-            await fetch(60, Priority.DEMAND, "demand")
+            await fetch(57, Priority.DEMAND, "demand")
             before = finished.index("demand")
             await asyncio.gather(*background)
             assert before < 30, f"demand answered after {before} background chunks"
-            assert server.stats.requests == {0: 1, 1: 100}
+            assert server.stats.requests[Priority.DEMAND] == 1
+            assert server.stats.requests[Priority.BACKGROUND] == 100
         finally:
             await source.close()
             await server.close()
@@ -342,64 +229,81 @@ def test_token_right_one_works_others_are_refused(
     package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     expected = contents(package)
-    token = "s3cret-token"
 
     async def go() -> None:
-        server = await start_server(package, token=token)
+        server = await start_server(package, token=TOKEN)
         addr = f"{LOOPBACK}:{server.port}"
         try:
-            for bad in (None, "wrong-token"):
-                source = RemoteSource(addr, token=bad)
-                with pytest.raises(DrafterError, match="refused the connection") as e:
-                    await source.connect()
-                assert "\n" not in str(e.value)
-                await source.close()
-            # A raw client that ignores the refusal gets nothing either.
-            reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
-            writer.write(wire.ClientHello(wire.VERSION, wire.new_nonce()).encode())
-            kind, _, _ = await wire.read_frame(reader)
-            assert kind == MsgType.SERVER_HELLO
-            writer.write(wire.frame(MsgType.AUTH, bytes(32)))
-            writer.write(wire.Request(0, 1, 0).encode(1))
-            assert await read_error(reader) == ErrorCode.AUTH
-            writer.close()
+            # A client without a token is told so before it sends anything.
+            with pytest.raises(DrafterError, match="requires a token") as e:
+                await RemoteSource(addr).connect()
+            assert "\n" not in str(e.value) and "drafter-token" in str(e.value)
+            # A wrong token: the server refuses the proof, in one line.
+            wrong = RemoteSource(addr, token="another-token-" + "y" * 32)
+            with pytest.raises(DrafterError, match="refused the connection") as e:
+                await wrong.connect()
+            assert "wrong or missing token" in str(e.value) and "\n" not in str(e.value)
+            await wrong.close()
+            # A raw client that ignores the refusal and asks for a chunk gets nothing.
+            raw = await raw_connect(server.port, greet=False)  # an all-zero proof
+            raw.request(1, 0, 1)
+            code, _ = await raw.read_error(sealed=False)
+            assert code == ErrorCode.AUTH
+            raw.abort()
             assert server.stats.accepted == 0
             assert server.stats.chunks == server.stats.zero_chunks == 0
-            assert server.stats.refused == 3
+            # (The client without a token left after the hello, like a port probe: not
+            # counted as refused.)
+            assert server.stats.refused == server.stats.auth_failures == 2
             # A client with a token does not trust a server that has none.
             open_server = await start_server(package)
             with pytest.raises(DrafterError, match="does not ask for a token"):
-                await RemoteSource(f"{LOOPBACK}:{open_server.port}", token=token).connect()
+                await RemoteSource(f"{LOOPBACK}:{open_server.port}", token=TOKEN).connect()
             await open_server.close()
-            # The right token works.
-            good = RemoteSource(addr, token=token)
+            # The right token works; every frame after the hellos is sealed (the raw
+            # client checks each seal).
+            good = RemoteSource(addr, token=TOKEN)
             await good.connect()
             assert await pull(good, expected) == expected
             await good.close()
+            raw = await raw_connect(server.port, token=TOKEN)
+            raw.request(2, 1, 9)
+            kind, request_id, body = await raw.read()
+            assert (kind, request_id) == (MsgType.CHUNK, 9)
+            assert body[wire.CHUNK_FIXED :] == expected["kernel"][CHUNK : 2 * CHUNK]
+            raw.abort()
         finally:
             await server.close()
 
     run(go())
-    refusals = [r for r in caplog.records if r.name == "drafter.server" and "token" in r.message]
-    assert len(refusals) >= 3
+    refusals = [r for r in caplog.records if r.name.endswith("server") and "token" in r.message]
+    assert len(refusals) == 2
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_short_tokens_are_refused() -> None:
+    with pytest.raises(DrafterError, match="too short.*drafter-token"):
+        security.check_token("s3cret-token", "the test")
+    assert security.check_token(TOKEN, "the test") == TOKEN
+    assert len(security.new_token()) >= security.MIN_TOKEN_CHARS
 
 
 def test_tls(package: Path, tls_files: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     expected = contents(package)
 
     async def go() -> None:
-        tls = wire.server_ssl_context(tls_files["cert"], tls_files["key"])
+        tls = security.server_ssl_context(tls_files["cert"], tls_files["key"])
         server = await start_server(package, ssl=tls)
         addr = f"{LOOPBACK}:{server.port}"
         try:
             # A plain-TCP client is refused; the server logs one line and keeps serving.
             plain = RemoteSource(addr)
-            with pytest.raises(DrafterError, match="cannot connect"):
+            with pytest.raises(DrafterError, match="cannot connect.*TLS"):
                 await plain.connect()
             reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
             local = writer.get_extra_info("sockname")[1]
-            writer.write(wire.ClientHello(wire.VERSION, wire.new_nonce()).encode())
+            hello = wire.Hello(wire.VERSION, 0, security.new_nonce()).body()
+            writer.write(wire.frame(MsgType.CLIENT_HELLO, hello))
             assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing but the close
             writer.close()
             assert "TLS handshake failed" in await one_line_logged(caplog, local)
@@ -407,12 +311,26 @@ def test_tls(package: Path, tls_files: dict[str, Path], caplog: pytest.LogCaptur
             other = RemoteSource(addr, tls_ca=str(tls_files["other"]))
             with pytest.raises(DrafterError, match="certificate"):
                 await other.connect()
-            # A client with the CA works, and so does a token on top of TLS.
+            # A client with the CA works.
             good = RemoteSource(addr, tls_ca=str(tls_files["cert"]))
             await good.connect()
             assert await pull(good, expected) == expected
             await good.close()
             assert server.stats.accepted == 1
+        finally:
+            await server.close()
+        # A token on top of TLS (the frames are not sealed then: TLS protects them).
+        server = await start_server(package, ssl=tls, token=TOKEN)
+        try:
+            good = RemoteSource(f"{LOOPBACK}:{server.port}", token=TOKEN,
+                                tls_ca=str(tls_files["cert"]))  # fmt: skip
+            await good.connect()
+            assert await pull(good, expected) == expected
+            await good.close()
+            wrong = RemoteSource(f"{LOOPBACK}:{server.port}", token="t" * 40,
+                                 tls_ca=str(tls_files["cert"]))  # fmt: skip
+            with pytest.raises(DrafterError, match="wrong or missing token"):
+                await wrong.connect()
         finally:
             await server.close()
 
@@ -455,34 +373,42 @@ def test_hostile_clients_cost_one_line_each(
             lines["random"] = await one_line_logged(caplog, local)
 
             # A version this server does not speak.
-            reader, writer, local = await raw_connect(port, version=99)
-            assert await read_error(reader) == ErrorCode.VERSION
-            writer.close()
-            lines["version"] = await one_line_logged(caplog, local)
+            raw = await raw_connect(port, version=99)
+            assert (await raw.read_error())[0] == ErrorCode.VERSION
+            raw.abort()
+            lines["version"] = await one_line_logged(caplog, raw.local)
 
             # An oversized frame: refused from its header, the body is never sent.
-            reader, writer, local = await raw_connect(port)
-            writer.write(wire.header(MsgType.REQUEST, 64 * MIB, 1))
-            assert await read_error(reader) == ErrorCode.PROTOCOL
-            writer.close()
-            lines["oversized"] = await one_line_logged(caplog, local)
+            raw = await raw_connect(port)
+            raw.writer.write(wire.header(MsgType.REQUEST, 64 * MIB, 1))
+            assert (await raw.read_error())[0] == ErrorCode.PROTOCOL
+            raw.abort()
+            lines["oversized"] = await one_line_logged(caplog, raw.local)
 
-            # A request beyond a resource's end.
-            reader, writer, local = await raw_connect(port)
-            writer.write(wire.Request(Priority.DEMAND, 4, 32).encode(1))  # disk has 32 chunks
-            assert await read_error(reader) == ErrorCode.BAD_REQUEST
-            writer.close()
-            lines["beyond"] = await one_line_logged(caplog, local)
+            # A request beyond a resource's end, and a run that reaches beyond it.
+            for index, count in ((32, 1), (30, 3)):  # the disk has 32 chunks
+                raw = await raw_connect(port)
+                raw.request(4, index, 1, count)
+                assert (await raw.read_error())[0] == ErrorCode.BAD_REQUEST
+                raw.abort()
+                lines[f"beyond {count}"] = await one_line_logged(caplog, raw.local)
+
+            # A run longer than the protocol allows.
+            raw = await raw_connect(port)
+            raw.request(1, 0, 1, wire.MAX_RUN + 1)
+            assert (await raw.read_error())[0] == ErrorCode.BAD_REQUEST
+            raw.abort()
+            lines["long run"] = await one_line_logged(caplog, raw.local)
 
             # A connection dropped (reset) in the middle of a chunk.
-            reader, writer, local = await raw_connect(port)
+            raw = await raw_connect(port)
             for i in range(64):
-                writer.write(wire.Request(Priority.DEMAND, 1, i % 16).encode(i + 1))
-            await reader.readexactly(wire.HEADER_SIZE + 1000)
-            sock = writer.get_extra_info("socket")
+                raw.request(1, i % 16, i + 1)
+            await raw.reader.readexactly(wire.HEADER_SIZE + 1000)
+            sock = raw.writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
-            lines["dropped"] = await one_line_logged(caplog, local)
+            raw.abort()
+            lines["dropped"] = await one_line_logged(caplog, raw.local)
 
             done.set()
             assert await asyncio.wait_for(puller, 20) >= 1
@@ -500,12 +426,69 @@ def test_hostile_clients_cost_one_line_each(
             await server.close()
         assert "exceeds the limit" in lines["oversized"]
         assert "version 99" in lines["version"]
-        assert "beyond its end" in lines["beyond"]
+        assert "beyond its end" in lines["beyond 1"] and "beyond its end" in lines["beyond 3"]
+        assert "65 chunks" in lines["long run"]
         assert good.reconnects == 0
 
     run(go())
     assert all(r.exc_info is None for r in caplog.records)
     assert not [r for r in caplog.records if r.name.startswith("asyncio")]
+
+
+def test_a_version_1_client_gets_a_clear_version_error(
+    package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a v1 client (drafter before the v2 rewrite) sends first: the same frame
+    layout with version 1. It must hear, in the framing it understands, why."""
+
+    async def go() -> None:
+        server = await start_server(package, token=TOKEN)
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+            local = writer.get_extra_info("sockname")[1]
+            v1_hello = struct.pack(">4sHH", b"DRFT", 1, 0) + security.new_nonce()
+            writer.write(struct.pack(">IB3xI", len(v1_hello), 1, 0) + v1_hello)
+            # v1 framing: u32 length, u8 type, 3 zero bytes, u32 request id.
+            head = await asyncio.wait_for(reader.readexactly(12), 5)
+            length, kind, request_id = struct.unpack(">IB3xI", head)
+            assert head[5:8] == b"\0\0\0"
+            body = await reader.readexactly(length)
+            assert kind == MsgType.ERROR  # 8 in v1 too
+            code, text = wire.decode_error(body)
+            assert code == ErrorCode.VERSION  # 2 in v1 too
+            assert "protocol version 1 is not supported" in text
+            assert "version 2" in text and "upgrade" in text
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            assert "version 1" in await one_line_logged(caplog, local)
+            assert server.stats.auth_failures == 0
+        finally:
+            await server.close()
+
+    run(go())
+
+
+def test_a_v2_client_of_a_v1_server_says_which_versions(package: Path) -> None:
+    """A v1 server answered a hello with its own: version 1, a nonce and a proof."""
+
+    async def v1_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(12)
+        body = struct.pack(">4sHH", b"DRFT", 1, 1) + bytes(64)
+        writer.write(struct.pack(">IB3xI", len(body), 2, 0) + body)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def go() -> None:
+        fake = await asyncio.start_server(v1_server, LOOPBACK, 0)
+        port = fake.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(DrafterError, match="version 1 is not supported") as e:
+                await asyncio.wait_for(RemoteSource(f"{LOOPBACK}:{port}").connect(), 3)
+            assert "\n" not in str(e.value)
+        finally:
+            fake.close()
+
+    run(go())
 
 
 # --- the client across connection loss -----------------------------------------------
@@ -555,17 +538,19 @@ class CuttingProxy:
             self.server.close()
 
 
-def test_client_survives_a_connection_cut_mid_chunk(package: Path) -> None:
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "sealed"])
+def test_client_survives_a_connection_cut_mid_chunk(package: Path, token: str | None) -> None:
     expected = contents(package)
 
     async def go() -> None:
-        server = await start_server(package)
+        server = await start_server(package, token=token)
         proxy = CuttingProxy(server.port, cut=200_000)  # inside the 4th chunk or so
-        source = RemoteSource(f"{LOOPBACK}:{await proxy.start()}", retry_timeout=5)
+        source = RemoteSource(f"{LOOPBACK}:{await proxy.start()}", token=token, retry_timeout=5)
         try:
             await source.connect()
             assert await pull(source, expected) == expected
             assert source.reconnects == 1 and proxy.connections == 2
+            assert source.stats.verify_failures == 0
         finally:
             await source.close()
             await proxy.close()
@@ -578,24 +563,25 @@ def test_client_rides_out_a_server_restart_and_gives_up_later(package: Path) -> 
     expected = contents(package)
 
     async def go() -> None:
-        server = await start_server(package, delay=0.003)
+        server = await start_server(package, delay=0.01)
         port = server.port
         source = RemoteSource(f"{LOOPBACK}:{port}", retry_timeout=2)
         await source.connect()
         try:
             # Stop the server mid-pull; bring it back on the same port within the window.
             pulling = asyncio.create_task(pull(source, expected, workers=4))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             assert not pulling.done()
             await server.close()
             await asyncio.sleep(0.5)
-            server = await start_server(package, delay=0.003, port=port)
+            server = await start_server(package, delay=0.01, port=port)
             assert await asyncio.wait_for(pulling, 20) == expected
             assert source.reconnects >= 1
 
             # Stop it again and leave it down: every pending and new fetch fails.
             pulling = asyncio.create_task(pull(source, expected, workers=4))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
+            assert not pulling.done()
             started = time.monotonic()
             await server.close()
             with pytest.raises(DrafterError, match=f"lost the connection to 127.0.0.1:{port}"):
@@ -630,63 +616,45 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def start_registry(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [command("drafter-registry"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        stop_process(proc)
-        raise AssertionError(
-            f"no serving line: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return proc, int(line.rsplit(":", 1)[1])
-
-
 def test_registry_command(package: Path, workdir: Path) -> None:
     expected = contents(package)
     before = sha256(package)
-    env = {k: v for k, v in os.environ.items() if k != wire.TOKEN_ENV}
+    env = env_without_token()
 
-    # Without a token: it serves, warns that the endpoint is open, exits 0 on Ctrl-C.
-    proc, port = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
-                                env=env)  # fmt: skip
+    async def go(port: int, token: str | None = None) -> None:
+        source = RemoteSource(f"{LOOPBACK}:{port}", token=token)
+        await source.connect()
+        assert await pull(source, expected) == expected
+        await source.close()
+
+    # Without a token: it serves (on loopback), warns that the endpoint is open, exits 0
+    # on Ctrl-C.
+    reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
+                         env=env, stderr_path=workdir / "open.err")  # fmt: skip
     try:
-
-        async def go(token: str | None = None) -> None:
-            source = RemoteSource(f"{LOOPBACK}:{port}", token=token)
-            await source.connect()
-            assert await pull(source, expected) == expected
-            await source.close()
-
-        run(go())
+        run(go(reg.port))
     finally:
-        assert stop_process(proc, signal.SIGINT) == 0
-    assert proc.stderr is not None
-    stderr = proc.stderr.read()
+        assert reg.stop(signal.SIGINT) == 0
+    stderr = reg.stderr()
     assert "no token" in stderr and "Traceback" not in stderr
 
     # With a token file; the token itself never appears on the command line.
     token_file = workdir / "token"
-    token_file.write_text("file-token\n")
-    proc, port = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
-                                "--token-file", str(token_file), env=env)  # fmt: skip
+    token_file.write_text(TOKEN + "\n")
+    reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
+                         "--token-file", str(token_file), env=env,
+                         stderr_path=workdir / "token.err")  # fmt: skip
     try:
-        run(go("file-token"))
-        with pytest.raises(DrafterError, match="refused"):
-            run(go(None))
+        run(go(reg.port, TOKEN))
+        with pytest.raises(DrafterError, match="requires a token"):
+            run(go(reg.port, None))
         # Address already in use.
         busy = run_command("drafter-registry", "--package-path", str(package),
-                           "--laddr", f"{LOOPBACK}:{port}", env=env)  # fmt: skip
+                           "--laddr", f"{LOOPBACK}:{reg.port}", env=env)  # fmt: skip
         assert_one_line_error(busy, "address already in use")
     finally:
-        assert stop_process(proc, signal.SIGTERM) == 0
-    assert "no token" not in (proc.stderr.read() if proc.stderr else "")
+        assert reg.stop(signal.SIGTERM) == 0
+    assert "no token" not in reg.stderr() and TOKEN not in reg.stderr()
     assert sha256(package) == before
 
     garbage = workdir / "garbage.pem"
@@ -701,7 +669,8 @@ def test_registry_command(package: Path, workdir: Path) -> None:
         ([*base, "--tls-cert", str(garbage), "--tls-key", str(garbage)], "TLS certificate"),
         ([*base, "--tls-cert", str(workdir / "no.pem"), "--tls-key", str(garbage)],
          "does not exist"),
-        ([*base, "--tls-cert", str(garbage)], "go together"),
+        ([*base, "--tls-cert", str(garbage)], "--tls-cert needs --tls-key"),
+        ([*base, "--chunk-size", "1000"], "--chunk-size"),
     ):  # fmt: skip
         assert_one_line_error(run_command("drafter-registry", *args, env=env, timeout=30), needle)
     assert sha256(package) == before

@@ -616,6 +616,11 @@ class Peer:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
         if self._takeover is not None:
             self._takeover.cancel()
+        if self._pull is not None:  # its failure, if any, was reported by whoever waited
+            if self._pull.done():
+                _ = self._pull.cancelled() or self._pull.exception()
+            else:
+                self._pull.cancel()
         if self.machine is not None:
             await self.machine.stop()
         if self.host is not None and self.server is not None:
