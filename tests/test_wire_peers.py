@@ -174,3 +174,93 @@ def test_a_flipped_bit_in_flight_is_refused(seeded_package, network, workdir) ->
         last = result.stderr.strip().splitlines()[-1]
         assert "failed verification" in last or "failed authentication" in last, last
         assert "refused" in last or "failed authentication" in last, last
+
+
+class CuttableProxy(threading.Thread):
+    """Forwards TCP connections to ``target``; :meth:`cut` drops the open ones (new ones
+    are forwarded again)."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.cuts = 0
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+                self.open += [client, server]
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self.cuts += 1
+        sockets, self.open = self.open, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network, workdir) -> None:
+    """The link to the source drops right after switch-over: the destination comes back
+    with the migration's id, the source keeps the migration its own instead of resuming
+    the VM itself, and the migration completes with no acknowledged write lost."""
+    from test_migration import StderrWatch, check_no_loss, writing
+
+    addresses = [network.info(i).external_address for i in range(2)]
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", "--rescue-timeout", "4")
+        )
+        wait_resumed(source)
+        watch = StderrWatch(source)
+        wait_for_redis(addresses[0]).delete("log")
+        proxy = CuttableProxy(port)
+        stack.callback(proxy.close)
+        with writing(addresses) as writer:
+            dest = stack.enter_context(
+                migrate(
+                    f"127.0.0.1:{proxy.port}",
+                    network.name(1),
+                    workdir,
+                    "",
+                    "--precopy-rounds",
+                    "0",
+                    "--retry-timeout",
+                    "30",
+                )  # fmt: skip
+            )
+            watch.wait_for("switched over")
+            proxy.cut()
+            wait_resumed(dest)
+            out, err = source.communicate(timeout=120)
+            assert source.returncode == 0, err
+            assert "migrated away" in out
+            assert not any("resuming the VM here" in line for line in watch.lines), watch.lines
+            assert any("is back" in line for line in watch.lines), watch.lines
+        assert proxy.cuts == 1
+        check_no_loss(addresses[1], writer)
+        dest.send_signal(signal.SIGINT)
+        dest.communicate(timeout=60)
+        assert dest.returncode == 0

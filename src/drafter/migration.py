@@ -16,6 +16,7 @@ import concurrent.futures
 import enum
 import json
 import logging
+import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,37 @@ def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], float, bytes]:
     return head["dirty"], float(head.get("paused_at", 0.0)), body[4 + length :]
 
 
+def decode_offer(body: bytes) -> tuple[str, dict[str, list[int]]]:
+    """The answer to an offer: the migration's id and what changed since hashing."""
+    value = loads_json(
+        body,
+        "offer answer",
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("migration"), str)
+            and 0 < len(v["migration"]) <= 64
+            and is_chunk_lists(v.get("dirty"), TRACKED)
+        ),
+    )
+    return value["migration"], value["dirty"]
+
+
+def encode_id(migration: str) -> bytes:
+    """The body of the calls that name a migration (DONE, RESUME)."""
+    return json.dumps({"migration": migration}).encode()
+
+
+def decode_id(body: bytes) -> str | None:
+    """The migration a call names, or None if the body does not name one."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict) and isinstance(value.get("migration"), str):
+        return str(value["migration"])
+    return None
+
+
 def decode_dirty(body: bytes) -> dict[str, list[int]]:
     """A dirty-list answer from a source; ProtocolError if it is malformed."""
     value: dict[str, list[int]] = loads_json(
@@ -124,6 +156,7 @@ class MigrationSource:
         self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
         self._phase = Phase.IDLE
         self.migrating: object | None = None  # the destination's connection
+        self.migration_id = ""  # names the migration in every call after the offer
         self.hot_chunks: dict[str, list[int]] = {}  # what the VM touched after its resume
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
@@ -183,11 +216,14 @@ class MigrationSource:
                 raise ProtocolError(ErrorCode.BUSY, f"a migration is already {self.phase.value}")
             self.phase = Phase.PRECOPY
             self.migrating = conn
+            self.migration_id = secrets.token_hex(16)
             # What changed since it was last collected, the destination's hashes of it
             # included: it must not trust those. From now on, dirty means "since the offer".
             dirty = await self._collect_dirty()
-            log.info("migration offered: pre-copy starts; the VM keeps running")
-            return json.dumps(dirty).encode()
+            log.info(
+                "migration %s offered: pre-copy starts; the VM keeps running", self.migration_id
+            )
+            return json.dumps({"migration": self.migration_id, "dirty": dirty}).encode()
         if kind == MsgType.DIRTY_LIST:
             self._expect(conn, Phase.PRECOPY)
             return json.dumps(await self._collect_dirty()).encode()
@@ -214,9 +250,14 @@ class MigrationSource:
             self.paused_at = time.monotonic()
             log.info("switched over: the VM is paused here, the destination resumes it")
             return encode_suspended(dirty, state, paused_at)
+        if kind == MsgType.MIGRATE_RESUME:
+            # The destination came back after a lost connection: it owns the migration
+            # again, and the source must not resume the VM itself.
+            self._adopt(conn, body)
+            log.info("the destination of migration %s is back", self.migration_id)
+            return b""
         if kind == MsgType.MIGRATE_DONE:
-            if self.phase is not Phase.SUSPENDED or conn is not self.migrating:
-                raise ProtocolError(ErrorCode.REFUSED, "no switched-over migration to finish")
+            self._adopt(conn, body)
             self.phase = Phase.DONE
             if self._grace_task is not None:
                 self._grace_task.cancel()
@@ -224,6 +265,15 @@ class MigrationSource:
             self.vm.loop.call_soon_threadsafe(self.vm.finished)
             return b""
         raise ProtocolError(ErrorCode.REFUSED, f"unknown control call {kind}")
+
+    def _adopt(self, conn: object, body: bytes) -> None:
+        """The connection that names the switched-over migration owns it from now on."""
+        if self.phase is not Phase.SUSPENDED or decode_id(body) != self.migration_id:
+            raise ProtocolError(ErrorCode.REFUSED, "no such switched-over migration")
+        self.migrating = conn
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
 
     def _expect(self, conn: object, phase: Phase) -> None:
         if self.phase is not phase or conn is not self.migrating:

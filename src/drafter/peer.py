@@ -33,7 +33,9 @@ from drafter.migration import (
     MigrationSource,
     VMControl,
     decode_dirty,
+    decode_offer,
     decode_suspended,
+    encode_id,
 )
 from drafter.package import (
     MAX_STATE_SIZE,
@@ -173,6 +175,7 @@ class Peer:
         self._prefetches: list[asyncio.Future[None]] = []
         self._first: asyncio.Future[list[None]] | None = None
         self._takeover: asyncio.Future[None] | None = None
+        self._migration = ""  # the id of the migration to here, once offered
 
     # -- start -----------------------------------------------------------------
 
@@ -397,7 +400,7 @@ class Peer:
         tracked = [self.devices[name] for name in TRACKED]
         offered = time.monotonic()
         # What changed at the source since it hashed the chunks for us: fetch it again.
-        changed = decode_dirty(await self.remote.call(MsgType.MIGRATE_OFFER))
+        self._migration, changed = decode_offer(await self.remote.call(MsgType.MIGRATE_OFFER))
         for device in tracked:
             device.invalidate(changed.get(device.name, []))
         for _ in range(max(0, o.precopy_rounds)):  # 0 rounds: pure post-copy
@@ -417,6 +420,7 @@ class Peer:
         self.summary.precopy_s = switched_at - offered
         body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
         dirty, self._paused_at, state = decode_suspended(body)
+        self.remote.on_reconnect = self._back_to_the_source
         for device in tracked:
             device.invalidate(dirty.get(device.name, []))
         assert self.host is not None
@@ -564,12 +568,28 @@ class Peer:
         self.summary.wire_bytes = sum(s.stats.wire_bytes for s in self.sources)
         self._report()
 
+    def _back_to_the_source(self) -> None:
+        """After a lost connection during post-copy: tell the source we are back, so it
+        keeps the migration ours instead of resuming the VM itself (device loop)."""
+        remote = self.remote
+        assert remote is not None
+
+        async def resume() -> None:
+            try:
+                await remote.call(MsgType.MIGRATE_RESUME, encode_id(self._migration))
+            except DrafterError as e:
+                log.warning("could not tell the source we are back: %s", e)
+
+        task = asyncio.ensure_future(resume())
+        self._prefetches.append(task)  # kept referenced until close
+
     async def _tell_done(self) -> bool:
         """Once the VM runs here and every chunk is local, the source may stop."""
         assert self.host is not None and self.remote is not None
         await self.wait_pulled()
         try:
-            await self.host.run(self.remote.call(MsgType.MIGRATE_DONE))
+            body = encode_id(self._migration)
+            await self.host.run(self.remote.call(MsgType.MIGRATE_DONE, body))
         except DrafterError as e:
             log.warning("could not tell the source the migration is done: %s", e)
             return False

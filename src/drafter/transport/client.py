@@ -147,6 +147,9 @@ class RemoteSource:
         self.stats = ClientStats()
         self.metrics: Metrics | None = None  # drafter.metrics: counts each chunk received
         self.reconnects = 0
+        # Called after every reconnect (for example to tell a migration source that its
+        # destination is back); runs on the client's loop.
+        self.on_reconnect: Callable[[], None] | None = None
         self.window = INITIAL_WINDOW
         self._in_flight = 0  # bytes of background requests sent and not answered
         self._in_flight_requests = 0
@@ -716,6 +719,8 @@ class RemoteSource:
                     self._lost_since = None
                 log.info("reconnected to %s", self.raddr)
                 self._start(conn)
+                if self.on_reconnect is not None:
+                    self.on_reconnect()
                 return
             await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
             delay = min(delay * 2, _BACKOFF_MAX)

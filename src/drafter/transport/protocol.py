@@ -81,7 +81,8 @@ class MsgType(IntEnum):
     PING = 18  # -> empty: keeps an idle connection open
     MIGRATE_OFFER = 32  # -> empty: the server accepts and starts tracking dirty chunks
     MIGRATE_SUSPENDED = 34  # switch-over -> u32 n, n bytes of JSON, then the state
-    MIGRATE_DONE = 35  # the client holds everything and runs the VM -> empty
+    MIGRATE_DONE = 35  # JSON {"migration": id}: the client holds everything, runs the VM
+    MIGRATE_RESUME = 36  # JSON {"migration": id}: the destination is back after a cut
 
 
 def is_control(kind: int) -> bool:
