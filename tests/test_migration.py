@@ -332,3 +332,27 @@ def test_bad_destinations_are_refused_without_disturbing_the_vm(
         source.send_signal(signal.SIGINT)
         source.communicate(timeout=60)
         assert source.returncode == 0
+
+
+def test_an_idle_offer_times_out_and_the_next_destination_migrates(
+    seeded_package, network, workdir
+) -> None:
+    addresses = [network.info(i).external_address for i in range(2)]
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", "--offer-timeout", "2")
+        )
+        wait_resumed(source)
+        watch = StderrWatch(source)
+        wait_for_redis(addresses[0]).delete("log")
+        with writing(addresses) as writer, offered_migration(f"127.0.0.1:{port}"):
+            # The holder offered and says nothing more: after 2 s it loses the migration.
+            watch.wait_for("forgetting it", timeout=30)
+            dest = stack.enter_context(migrate(f"127.0.0.1:{port}", network.name(1), workdir, ""))
+            wait_resumed(dest)
+            finish_source(source)
+        check_no_loss(addresses[1], writer)
+        dest.send_signal(signal.SIGINT)
+        dest.communicate(timeout=60)
+        assert dest.returncode == 0

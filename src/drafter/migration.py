@@ -146,12 +146,17 @@ class MigrationSource:
         memory_file: Path,
         vm: VMControl,
         grace: float = 30.0,
+        offer_timeout: float = 30.0,
     ) -> None:
         self.devices = devices
         self._config = config
         self.memory_file = memory_file
         self.vm = vm
         self.grace = grace
+        # A destination that offered and then falls silent this long loses the migration,
+        # so that the next one can migrate the VM.
+        self.offer_timeout = offer_timeout
+        self._watch_task: asyncio.Task[None] | None = None
         self.chunk_size = next(iter(devices.values())).chunk_size
         self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
         self._phase = Phase.IDLE
@@ -223,6 +228,7 @@ class MigrationSource:
             log.info(
                 "migration %s offered: pre-copy starts; the VM keeps running", self.migration_id
             )
+            self._watch_task = asyncio.ensure_future(self._watch_precopy(conn))
             return json.dumps({"migration": self.migration_id, "dirty": dirty}).encode()
         if kind == MsgType.DIRTY_LIST:
             self._expect(conn, Phase.PRECOPY)
@@ -265,6 +271,23 @@ class MigrationSource:
             self.vm.loop.call_soon_threadsafe(self.vm.finished)
             return b""
         raise ProtocolError(ErrorCode.REFUSED, f"unknown control call {kind}")
+
+    async def _watch_precopy(self, conn: object) -> None:
+        """Forget a migration whose destination fell silent during pre-copy."""
+        while self.phase is Phase.PRECOPY and self.migrating is conn:
+            await asyncio.sleep(min(1.0, self.offer_timeout / 4))
+            last = getattr(conn, "last_work", None)  # pings do not count
+            if last is None or time.monotonic() - last <= self.offer_timeout:
+                continue
+            if self.phase is Phase.PRECOPY and self.migrating is conn:
+                log.warning(
+                    "the destination of migration %s said nothing for %.0fs in pre-copy; "
+                    "forgetting it (the VM keeps running here)",
+                    self.migration_id,
+                    self.offer_timeout,
+                )
+                self.phase = Phase.IDLE
+                self.migrating = None
 
     def _adopt(self, conn: object, body: bytes) -> None:
         """The connection that names the switched-over migration owns it from now on."""

@@ -104,6 +104,8 @@ class PeerOptions:
     # After switch-over, how long a source waits for a lost destination to come back
     # before it resumes the VM itself.
     grace: float = 30.0
+    # A destination silent this long during pre-copy loses the migration (source side).
+    offer_timeout: float = 30.0
     metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
 
 
@@ -486,7 +488,7 @@ class Peer:
 
         control = VMControl(loop, suspend, resume_here, self.migrated_away.set)
         self.source = MigrationSource(self.devices, self.remote.config, memory_file, control,
-                                      grace=o.grace)  # fmt: skip
+                                      grace=o.grace, offer_timeout=o.offer_timeout)  # fmt: skip
         server = ChunkServer(self.source)
         if o.metrics is not None:
             o.metrics.attach_source(self.source)

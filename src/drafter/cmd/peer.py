@@ -108,6 +108,7 @@ async def run(a: argparse.Namespace) -> int:
         precopy_rounds=a.precopy_rounds,
         precopy_bytes=int(a.precopy_threshold * (1 << 20)),
         grace=a.rescue_timeout,
+        offer_timeout=a.offer_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
         metrics=metrics.start(a.metrics),
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--precopy-threshold", type=float, default=8,
                    help="MiB dirtied in a round that ends pre-copy")  # fmt: skip
+    p.add_argument("--offer-timeout", type=float, default=30,
+                   help="seconds a destination may stay silent in pre-copy")  # fmt: skip
     p.add_argument("--rescue-timeout", type=float, default=30,
                    help="seconds a source waits for a lost destination")  # fmt: skip
     p.add_argument(

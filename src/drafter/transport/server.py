@@ -116,7 +116,8 @@ class Connection:
         self.background: deque[tuple[int, int, int, int]] = deque()
         self.wake = asyncio.Event()
         self.busy = False
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic()  # any frame either way
+        self.last_work = self.last_activity  # a request, a control call or a chunk sent
 
     @property
     def outstanding(self) -> int:
@@ -484,6 +485,7 @@ class ChunkServer:
                         f"more than {self.limits.max_outstanding} outstanding requests",
                     )
                 item = (request_id, req.resource, req.index, req.count)
+                conn.last_work = conn.last_activity
                 if req.priority == wire.Priority.DEMAND:
                     conn.demand.append(item)
                 elif req.priority == wire.Priority.PREFETCH:
@@ -507,6 +509,7 @@ class ChunkServer:
                         ErrorCode.REFUSED, f"this server takes no control call {kind}"
                     )
                 # Answered inline: one control call at a time per connection.
+                conn.last_work = conn.last_activity
                 reply = await control(conn, kind, body)
                 channel.write(kind, reply, request_id)
                 await self._drain(channel)
@@ -560,7 +563,7 @@ class ChunkServer:
                 sent = 0 if zero else len(payload)  # 0: the zero marker
                 self.metrics.chunk_served(name, conn.priority_of(queue), expected, sent)
             conn.busy = False
-            conn.last_activity = time.monotonic()
+            conn.last_activity = conn.last_work = time.monotonic()
             await self._drain(channel)
 
 
