@@ -108,6 +108,16 @@ def install_guest_programs(tree: Path) -> None:
         )
 
 
+def install_liveness(tree: Path, after: str, args: str) -> None:
+    """The liveness service, started after ``after`` and the agent, with ``args``."""
+    command = "/usr/sbin/drafter-liveness" + (f" {args}" if args else "")
+    _write(
+        tree / "etc/init.d/drafter-liveness",
+        _init_script("drafter-liveness", command, f"{after} drafter-agent"),
+        0o755,
+    )
+
+
 def customize(tree: Path, app: AppRecipe, net: GuestNetwork, script: str) -> None:
     """Configure the installed tree: network, console, services, the app."""
     _write(
@@ -135,14 +145,7 @@ def customize(tree: Path, app: AppRecipe, net: GuestNetwork, script: str) -> Non
         _init_script("drafter-agent", "/usr/sbin/drafter-agent", after),
         0o755,
     )
-    wait = f" --wait-tcp {app.port}" if app.port else ""
-    _write(
-        tree / "etc/init.d/drafter-liveness",
-        _init_script(
-            "drafter-liveness", f"/usr/sbin/drafter-liveness{wait}", f"{after} drafter-agent"
-        ),
-        0o755,
-    )
+    install_liveness(tree, after, f"--wait-tcp {app.port}" if app.port else "")
     setup = "set -e\necho root:root | chpasswd\n" + app.setup + "\n" + script + "\n"
     setup += "update-rc.d drafter-agent defaults >/dev/null\n"
     setup += "update-rc.d drafter-liveness defaults >/dev/null\n"
@@ -171,9 +174,14 @@ def parse_size(text: str) -> int:
         raise DrafterError(f"bad size {text!r} (use e.g. 384M or 2G)") from None
 
 
+def required_size(tree: Path) -> int:
+    """The smallest ext4 image that holds ``tree`` (metadata and reserve included)."""
+    return int(tree_size(tree) * 1.2) + (24 << 20)
+
+
 def make_image(tree: Path, out: Path, size: int) -> None:
     """ext4 image of ``size`` bytes holding ``tree``; a clear error if it cannot fit."""
-    need = int(tree_size(tree) * 1.2) + (24 << 20)
+    need = required_size(tree)
     if size < need:
         raise DrafterError(
             f"disk size {size >> 20}M is too small for the root file system "

@@ -1,0 +1,165 @@
+"""Container images for the tests, built here (this machine cannot pull from a registry).
+
+Images are OCI layouts made with umoci from a root file system: busybox from the
+host's busybox-static for the small ones, mmdebstrap for Redis. Each is built once
+and kept under ``out/test/oci-images`` keyed by the recipe in this file, so later
+sessions (and the blueprint cache) reuse it. ``craft_layout`` writes an image by
+hand for the malformed inputs no tool would produce.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+BUSYBOX_APPLETS = ["sh", "httpd", "id", "cat", "ls", "sleep"]
+
+# The entrypoint of the busybox image: report what the container was started with
+# where the test can read it over HTTP, then serve /www.
+REPORT = (
+    '{ echo "GREETING=$GREETING"; echo "IMAGE_VAR=$IMAGE_VAR"; echo "ARG0=$0"; '
+    'echo "PWD=$(pwd)"; echo "UID=$(id -u)"; echo "LS=$(ls /www | tr "\\n" " ")"; } '
+    "> /www/env; exec httpd -f -p 8080 -h /www"
+)
+HTTP_PORT = 8080
+
+
+def umoci(*args: str) -> None:
+    subprocess.run(["umoci", *args], check=True, capture_output=True)
+
+
+def _cached(root: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """An OCI layout at ``root/name-KEY`` made once by ``make`` (keyed by this file)."""
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    final = root / f"{name}-{key}"
+    if (final / "index.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        make(work / "layout")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work / "layout", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def busybox_image(root: Path) -> Path:
+    """Tag ``bb``: two layers, the second deletes /www/doomed (a whiteout); user 1000."""
+
+    def make(layout: Path) -> None:
+        src = layout.parent / "layer1"
+        (src / "bin").mkdir(parents=True)
+        (src / "www").mkdir()
+        shutil.copy2("/bin/busybox", src / "bin" / "busybox")
+        for applet in BUSYBOX_APPLETS:
+            (src / "bin" / applet).symlink_to("busybox")
+        (src / "www" / "kept").write_text("kept\n")
+        (src / "www" / "doomed").write_text("doomed\n")
+        os.chown(src / "www", 1000, 1000)
+        image = f"{layout}:bb"
+        umoci("init", "--layout", str(layout))
+        umoci("new", "--image", image)
+        umoci("insert", "--image", image, str(src), "/")
+        umoci("insert", "--image", image, "--whiteout", "/www/doomed")
+        umoci(
+            "config", "--image", image, "--architecture", "amd64", "--os", "linux",
+            "--config.entrypoint=/bin/sh", "--config.entrypoint=-c",
+            f"--config.entrypoint={REPORT}", "--config.cmd=image-cmd",
+            "--config.env=GREETING=from-image", "--config.env=IMAGE_VAR=from-image",
+            "--config.workingdir=/www", "--config.user=1000:1000",
+        )  # fmt: skip
+
+    return _cached(root, "busybox", make)
+
+
+REDIS_CMD = ["--bind", "0.0.0.0", "--protected-mode", "no", "--appendonly", "yes"]
+
+
+def redis_image(root: Path) -> Path:
+    """Tag ``redis``: Debian's redis-server (mmdebstrap), run as user ``redis``."""
+
+    def make(layout: Path) -> None:
+        tree = layout.parent / "rootfs"
+        subprocess.run(
+            ["mmdebstrap", "--quiet", "--variant=minbase", "--include=redis-server",
+             "--dpkgopt=path-exclude=/usr/share/doc/*",
+             "--dpkgopt=path-exclude=/usr/share/man/*",
+             "--dpkgopt=path-exclude=/usr/share/locale/*",
+             "--customize-hook=chroot \"$1\" sh -c 'mkdir -p /data && chown redis:redis /data'",
+             "bookworm", str(tree)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        image = f"{layout}:redis"
+        umoci("init", "--layout", str(layout))
+        umoci("new", "--image", image)
+        umoci("insert", "--image", image, str(tree), "/")
+        umoci(
+            "config", "--image", image, "--architecture", "amd64", "--os", "linux",
+            "--config.entrypoint=redis-server", *[f"--config.cmd={a}" for a in REDIS_CMD],
+            "--config.user=redis", "--config.workingdir=/data",
+        )  # fmt: skip
+
+    return _cached(root, "redis", make)
+
+
+def copy_layout(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _blob(layout: Path, data: bytes) -> dict:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def craft_layout(layout: Path, entries: list[tuple[str, bytes]], tag: str = "crafted") -> Path:
+    """An OCI layout with one hand-written layer (names as given, even hostile ones)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    layer = _blob(layout, gzip.compress(raw))
+    config = _blob(
+        layout,
+        json.dumps({
+            "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers",
+                       "diff_ids": [f"sha256:{hashlib.sha256(raw).hexdigest()}"]},
+        }).encode(),
+    )  # fmt: skip
+    manifest = _blob(
+        layout,
+        json.dumps({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
+        }).encode(),
+    )  # fmt: skip
+    (layout / "index.json").write_text(
+        json.dumps({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        })
+    )  # fmt: skip
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return layout
