@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -37,9 +38,13 @@ def umoci(*args: str) -> None:
     subprocess.run(["umoci", *args], check=True, capture_output=True)
 
 
-def _cached(root: Path, name: str, make: Callable[[Path], None]) -> Path:
-    """An OCI layout at ``root/name-KEY`` made once by ``make`` (keyed by this file)."""
-    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+def _cached(root: Path, name: str, make: Callable[[Path], None], *inputs: object) -> Path:
+    """An OCI layout at ``root/name-KEY`` made once by ``make``.
+
+    KEY covers the recipe: ``make``'s source and the ``inputs`` it uses.
+    """
+    recipe = inspect.getsource(make) + repr(inputs)
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     final = root / f"{name}-{key}"
     if (final / "index.json").exists():
         return final
@@ -80,7 +85,7 @@ def busybox_image(root: Path) -> Path:
             "--config.workingdir=/www", "--config.user=1000:1000",
         )  # fmt: skip
 
-    return _cached(root, "busybox", make)
+    return _cached(root, "busybox", make, BUSYBOX_APPLETS, REPORT)
 
 
 REDIS_CMD = ["--bind", "0.0.0.0", "--protected-mode", "no", "--appendonly", "yes"]
@@ -110,7 +115,7 @@ def redis_image(root: Path) -> Path:
             "--config.user=redis", "--config.workingdir=/data",
         )  # fmt: skip
 
-    return _cached(root, "redis", make)
+    return _cached(root, "redis", make, REDIS_CMD)
 
 
 def copy_layout(src: Path, dst: Path) -> Path:

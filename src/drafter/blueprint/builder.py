@@ -7,6 +7,7 @@ where the file system allows it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -124,15 +125,24 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
         raise DrafterError(f"kernel {spec.kernel_path} does not exist")
     if spec.kernel_path and not kernel.is_elf(Path(spec.kernel_path)):
         raise DrafterError(f"kernel {spec.kernel_path} is not an ELF vmlinux (PVH)")
-    # Bad image references fail here, before anything is built.
-    ref = oci.resolve(spec.oci.image) if spec.oci else None
-
-    kdir = _kernel(spec, cache, steps)
-    rkey, tree = _rootfs(spec, recipe, cache, steps)
-    if spec.oci is None or ref is None:
-        ddir = _disk(cache, _key("disk", rkey, size), size, steps, lambda d: tree)
-    else:
-        ddir = _oci_disk(spec.oci, ref, rkey, tree, size, cache, steps)
+    with contextlib.ExitStack() as stack:
+        image = None
+        if spec.oci is not None:
+            # A bad image fails here, before anything is built.
+            ref = oci.resolve(spec.oci.image)
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix=".import-", dir=cache))
+            )
+            with steps.step(f"OCI image {ref.text} (skopeo copy, layers checked)"):
+                image = oci.import_image(ref, tmp / "layout")
+                oci.check_layers(image)
+        kdir = _kernel(spec, cache, steps)
+        rkey, tree = _rootfs(spec, recipe, cache, steps)
+        if spec.oci is None or image is None:
+            ddir = _disk(cache, _key("disk", rkey, size), size, steps, lambda d: tree)
+        else:
+            ddir = _oci_disk(spec.oci, image, rkey, tree, size, cache, steps)
     with steps.step("copy to " + str(out_dir)):
         _copy(kdir / KERNEL_NAME, out.kernel)
         _copy(kdir / INITRAMFS_NAME, out.initramfs)
@@ -191,33 +201,28 @@ def _rootfs(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -
 def _disk(
     cache: Path, dkey: str, size: int, steps: Steps, make_tree: Callable[[Path], Path]
 ) -> Path:
-    """The ext4 image (cached under ``dkey``) of the tree ``make_tree(workdir)`` returns.
-
-    ``size`` 0 means: the tree's size with headroom (see ``auto_size``).
-    """
+    """An ext4 image of ``size`` bytes (cached under ``dkey``) of ``make_tree(workdir)``."""
     with _cache_entry(cache, f"disk-{dkey}") as (ddir, present):
         if present:
-            steps.skip("disk image (cached)")
+            steps.skip(f"disk image {size >> 20}M (cached)")
         else:
             tree = make_tree(ddir)
-            wanted = size or auto_size(tree)
-            with steps.step(f"disk image {wanted >> 20}M (ext4)"):
-                disk.make_image(tree, ddir / DISK_NAME, wanted)
+            with steps.step(f"disk image {size >> 20}M (ext4)"):
+                disk.make_image(tree, ddir / DISK_NAME, size)
             if tree.is_relative_to(ddir):
                 shutil.rmtree(tree)
     return cache / f"disk-{dkey}"
 
 
-def auto_size(tree: Path) -> int:
-    """Room for ``tree`` plus headroom for what the service writes, in whole MiB."""
-    need = disk.required_size(tree)
+def auto_size(need: int) -> int:
+    """Room for ``need`` bytes plus headroom for what the service writes, in whole MiB."""
     headroom = max(256 << 20, need // 2)
     return ((need + headroom + (1 << 20) - 1) >> 20) << 20
 
 
 def _oci_disk(
     options: oci.OciOptions,
-    ref: oci.ImageRef,
+    image: oci.ImportedImage,
     rkey: str,
     tree: Path,
     size: int,
@@ -226,29 +231,31 @@ def _oci_disk(
 ) -> Path:
     """The base tree plus the image as a runtime bundle, keyed by the image's content.
 
-    The config digest names the image's content (it lists the layers' uncompressed
-    digests), so the same image reached through another form reuses the cache.
+    The key is the image's content, so the same image reached through another form
+    (docker save, oci-archive) reuses the cache. ``size`` 0: derived from the image.
     """
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".import-", dir=cache) as tmp:
-        with steps.step(f"OCI image {ref.text} (skopeo copy)"):
-            image = oci.import_image(ref, Path(tmp) / "layout")
-        bkey = _key("bundle", BUILD_VERSION, image.config_digest, options.overrides(), _oci_hash())
-        with _cache_entry(cache, f"bundle-{bkey}") as (bdir, present):
-            if present:
-                steps.skip("container bundle (cached)")
-            else:
-                with steps.step("container bundle (umoci unpack)"):
-                    oci.unpack(image, options, bdir / "bundle")
+    bkey = _key("bundle", BUILD_VERSION, image.content_key(), options.overrides(), _oci_hash())
+    with _cache_entry(cache, f"bundle-{bkey}") as (bdir, present):
+        if present:
+            steps.skip("container bundle (cached)")
+        else:
+            with steps.step("container bundle (umoci unpack)"):
+                oci.unpack(image, options, bdir / "bundle")
     bundle = cache / f"bundle-{bkey}" / "bundle"
+    need = disk.required_size(tree, bundle)
+    size = size or auto_size(need)
+    disk.check_fits(size, need)
 
     def merged(workdir: Path) -> Path:
         with steps.step("guest root file system + container bundle"):
+            # Hard links (cache and work dir share a file system): mkfs only reads them.
             root = workdir / "tree"
-            subprocess.run(["cp", "-a", "--reflink=auto", f"{tree}/.", str(root)], check=True)
+            subprocess.run(["cp", "-al", f"{tree}/.", str(root)], check=True)
             target = root / oci.GUEST_BUNDLE
             target.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "-a", "--reflink=auto", str(bundle), str(target)], check=True)
+            subprocess.run(["cp", "-al", str(bundle), str(target)], check=True)
+            # A new file, not a write through the link into the cached base tree.
+            (root / disk.LIVENESS_SERVICE).unlink()
             disk.install_liveness(root, oci.SERVICE, oci.liveness_args(options))
         return root
 

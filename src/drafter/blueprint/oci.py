@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import posixpath
@@ -237,11 +238,19 @@ class ImportedImage:
     layout: Path
     manifest: dict[str, Any]
     config: dict[str, Any]
-    config_digest: str
 
     @property
     def image(self) -> str:  # umoci's --image argument
         return f"{self.layout}:{WORK_TAG}"
+
+    def content_key(self) -> str:
+        """What the container is made of: layers (uncompressed digests) and run config.
+
+        Not the config's digest: converting between image forms may reformat the
+        config (skopeo drops a trailing newline), the content stays the same.
+        """
+        parts = {k: self.config.get(k) for k in ("architecture", "os", "config", "rootfs")}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _tool(cmd: list[str], what: str) -> str:
@@ -282,9 +291,9 @@ def import_image(ref: ImageRef, layout: Path) -> ImportedImage:
     index = _load_json((layout / "index.json").read_bytes(), "copied index.json")
     desc = index["manifests"][0]
     manifest = _load_json(_blob(layout, desc["digest"]).read_bytes(), "image manifest")
-    config_digest = manifest.get("config", {}).get("digest")
-    config = _load_json(_blob(layout, config_digest).read_bytes(), "image config")
-    image = ImportedImage(ref, layout, manifest, config, config_digest)
+    config_blob = _blob(layout, manifest.get("config", {}).get("digest"))
+    config = _load_json(config_blob.read_bytes(), "image config")
+    image = ImportedImage(ref, layout, manifest, config)
     check_platform(image)
     return image
 
@@ -390,8 +399,10 @@ def apply_overrides(image: ImportedImage, options: OciOptions) -> None:
 
 
 def unpack(image: ImportedImage, options: OciOptions, bundle: Path) -> None:
-    """A runtime bundle (``rootfs`` + ``config.json``) for the guest's crun."""
-    check_layers(image)
+    """A runtime bundle (``rootfs`` + ``config.json``) for the guest's crun.
+
+    ``check_layers`` must have accepted the image.
+    """
     apply_overrides(image, options)
     shutil.rmtree(bundle, ignore_errors=True)
     _tool(["umoci", "unpack", "--image", image.image, str(bundle)], "unpack the OCI image")
