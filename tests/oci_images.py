@@ -28,7 +28,8 @@ BUSYBOX_APPLETS = ["sh", "httpd", "id", "cat", "ls", "sleep"]
 # where the test can read it over HTTP, then serve /www.
 REPORT = (
     '{ echo "GREETING=$GREETING"; echo "IMAGE_VAR=$IMAGE_VAR"; echo "ARG0=$0"; '
-    'echo "PWD=$(pwd)"; echo "UID=$(id -u)"; echo "LS=$(ls /www | tr "\\n" " ")"; } '
+    'echo "PWD=$(pwd)"; echo "UID=$(id -u)"; echo "LS=$(ls /www | tr "\\n" " ")"; '
+    'read -r hosts < /etc/hosts; echo "HOSTS=$hosts"; } '
     "> /www/env; exec httpd -f -p 8080 -h /www"
 )
 HTTP_PORT = 8080
@@ -49,6 +50,8 @@ def _cached(root: Path, name: str, make: Callable[[Path], None], *inputs: object
     if (final / "index.json").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{name}-*"):  # an earlier recipe's image
+        shutil.rmtree(old, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         make(work / "layout")
@@ -89,10 +92,18 @@ def busybox_image(root: Path) -> Path:
 
 
 REDIS_CMD = ["--bind", "0.0.0.0", "--protected-mode", "no", "--appendonly", "yes"]
+# Like the official image's entrypoint: start as root, hand the data directory to the
+# service user, drop privileges (needs Docker's default capabilities).
+REDIS_ENTRYPOINT = [
+    "/bin/sh", "-c",
+    "chown -R redis:redis /data && "
+    'exec setpriv --reuid=redis --regid=redis --init-groups "$0" "$@"',
+    "redis-server",
+]  # fmt: skip
 
 
 def redis_image(root: Path) -> Path:
-    """Tag ``redis``: Debian's redis-server (mmdebstrap), run as user ``redis``."""
+    """Tag ``redis``: Debian's redis-server (mmdebstrap); root hands /data to ``redis``."""
 
     def make(layout: Path) -> None:
         tree = layout.parent / "rootfs"
@@ -101,7 +112,7 @@ def redis_image(root: Path) -> Path:
              "--dpkgopt=path-exclude=/usr/share/doc/*",
              "--dpkgopt=path-exclude=/usr/share/man/*",
              "--dpkgopt=path-exclude=/usr/share/locale/*",
-             "--customize-hook=chroot \"$1\" sh -c 'mkdir -p /data && chown redis:redis /data'",
+             "--customize-hook=mkdir -p \"$1/data\"",
              "bookworm", str(tree)],
             check=True, capture_output=True,
         )  # fmt: skip
@@ -111,11 +122,11 @@ def redis_image(root: Path) -> Path:
         umoci("insert", "--image", image, str(tree), "/")
         umoci(
             "config", "--image", image, "--architecture", "amd64", "--os", "linux",
-            "--config.entrypoint=redis-server", *[f"--config.cmd={a}" for a in REDIS_CMD],
-            "--config.user=redis", "--config.workingdir=/data",
+            *[f"--config.entrypoint={a}" for a in REDIS_ENTRYPOINT],
+            *[f"--config.cmd={a}" for a in REDIS_CMD], "--config.workingdir=/data",
         )  # fmt: skip
 
-    return _cached(root, "redis", make, REDIS_CMD)
+    return _cached(root, "redis", make, REDIS_ENTRYPOINT, REDIS_CMD)
 
 
 def copy_layout(src: Path, dst: Path) -> Path:
@@ -130,7 +141,12 @@ def _blob(layout: Path, data: bytes) -> dict:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def craft_layout(layout: Path, entries: list[tuple[str, bytes]], tag: str = "crafted") -> Path:
+def craft_layout(
+    layout: Path,
+    entries: list[tuple[str, bytes]],
+    tag: str = "crafted",
+    cmd: list[str] | None = ["/bin/sh"],  # noqa: B006 (never changed)
+) -> Path:
     """An OCI layout with one hand-written layer (names as given, even hostile ones)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -143,7 +159,7 @@ def craft_layout(layout: Path, entries: list[tuple[str, bytes]], tag: str = "cra
     config = _blob(
         layout,
         json.dumps({
-            "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+            "architecture": "amd64", "os": "linux", "config": {"Cmd": cmd} if cmd else {},
             "rootfs": {"type": "layers",
                        "diff_ids": [f"sha256:{hashlib.sha256(raw).hexdigest()}"]},
         }).encode(),

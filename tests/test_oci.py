@@ -30,6 +30,7 @@ from conftest import (
 from drafter.blueprint import oci
 from drafter.blueprint.builder import Blueprint
 from drafter.errors import DrafterError
+from drafter.guest import liveness
 from drafter.package import open_package
 from oci_images import HTTP_PORT, busybox_image, copy_layout, craft_layout, redis_image, umoci
 from test_migration import check_no_loss, finish_source, migrate, writing
@@ -199,6 +200,7 @@ def test_entrypoint_sees_the_image_config_and_the_flags(busybox_vm) -> None:
     assert seen["ARG0"] == "flag-arg"  # --oci-cmd after the image's entrypoint
     assert seen["PWD"] == "/www"
     assert seen["UID"] == "1000"
+    assert "localhost" in seen["HOSTS"]  # the container's own /etc/hosts
 
 
 def test_docker_save_and_oci_archive_give_the_same_blueprint(
@@ -282,6 +284,10 @@ BAD_IMAGES = {
         lambda layout, w: str(craft_layout(w / "e", [("../.wh.etc", b"")])),
         "path outside the root: ../.wh.etc",
     ),
+    "no command": (
+        lambda layout, w: str(craft_layout(w / "e", [("etc/x", b"")], cmd=None)),
+        "no entrypoint or command",
+    ),
     "malformed whiteout": (
         lambda layout, w: str(craft_layout(w / "e", [("etc/.wh.", b"")])),
         "malformed whiteout",
@@ -343,3 +349,23 @@ def test_runtime_spec_shares_the_vm_network() -> None:
     oci.adapt_runtime_spec(spec)
     assert [ns["type"] for ns in spec["linux"]["namespaces"]] == ["pid", "mount"]
     assert spec["process"]["terminal"] is False
+    assert "CAP_CHOWN" in spec["process"]["capabilities"]["effective"]
+    assert "/etc/hosts" in [m["destination"] for m in spec["mounts"]]
+
+
+def test_liveness_waits_until_the_container_runs(workdir: Path) -> None:
+    """drafter-liveness --wait-container polls the OCI runtime's state."""
+    runtime = workdir / "fake-crun"
+    count = workdir / "count"
+    runtime.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
+        '[ "$n" -ge 3 ] && status=running || status=created\n'
+        'echo "{\\"id\\": \\"$2\\", \\"status\\": \\"$status\\"}"\n'
+    )
+    runtime.chmod(0o755)
+    liveness.wait_for_container("drafter", str(runtime), timeout=10)
+    assert int(count.read_text()) == 4
+    count.write_text("-1000")
+    with pytest.raises(TimeoutError, match="last status: created"):
+        liveness.wait_for_container("drafter", str(runtime), timeout=0.5)

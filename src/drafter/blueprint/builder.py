@@ -137,6 +137,7 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
             with steps.step(f"OCI image {ref.text} (skopeo copy, layers checked)"):
                 image = oci.import_image(ref, tmp / "layout")
                 oci.check_layers(image)
+                oci.check_command(image, spec.oci)
         kdir = _kernel(spec, cache, steps)
         rkey, tree = _rootfs(spec, recipe, cache, steps)
         if spec.oci is None or image is None:

@@ -414,21 +414,78 @@ def unpack(image: ImportedImage, options: OciOptions, bundle: Path) -> None:
     for extra in bundle.iterdir():
         if extra.name not in ("rootfs", "config.json"):
             extra.unlink()
-    if not spec.get("process", {}).get("args"):
-        raise DrafterError(
-            f"OCI image {image.ref.text} has no entrypoint or command; give --oci-cmd"
-        )
+    (bundle / "hosts").write_text(HOSTS)
+
+
+# Docker's default capabilities: images expect them (an entrypoint that chowns its
+# data directory, then drops to a service user).
+DEFAULT_CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]  # fmt: skip
+OPEN_FILES = 1048576
+HOSTS = "127.0.0.1\tlocalhost drafter\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 def adapt_runtime_spec(spec: dict[str, Any]) -> None:
-    """Run the container in the VM's network (no namespace of its own), without a tty."""
+    """umoci's runtime config, changed to behave as under Docker and to fit the VM.
+
+    The container shares the VM's network (no namespace of its own), so it answers on
+    the guest address; it has no terminal; it sees its own ``/etc/hosts`` and the
+    VM's ``/etc/resolv.conf``.
+    """
     linux = spec.setdefault("linux", {})
     linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
     process = spec.setdefault("process", {})
     process["terminal"] = False
     process.pop("consoleSize", None)
+    root_user = process.get("user", {}).get("uid", 0) == 0
+    granted = DEFAULT_CAPABILITIES if root_user else []
+    process["capabilities"] = {
+        "bounding": DEFAULT_CAPABILITIES,
+        "effective": granted,
+        "permitted": granted,
+        "inheritable": [],
+        "ambient": [],
+    }
+    process["noNewPrivileges"] = False
+    limits = [r for r in process.get("rlimits", []) if r.get("type") != "RLIMIT_NOFILE"]
+    process["rlimits"] = [
+        *limits,
+        {"type": "RLIMIT_NOFILE", "hard": OPEN_FILES, "soft": OPEN_FILES},
+    ]
     spec["hostname"] = "drafter"
     spec.setdefault("root", {})["readonly"] = False
+    mounts = [m for m in spec.get("mounts", []) if m.get("destination") not in GUEST_FILES]
+    for destination, source in GUEST_FILES.items():
+        mounts.append({
+            "destination": destination, "type": "bind", "source": source,
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        })  # fmt: skip
+    spec["mounts"] = mounts
+
+
+# Files of the VM bound into the container (as Docker does), destination → source.
+GUEST_FILES = {
+    "/etc/hosts": f"/{GUEST_BUNDLE}/hosts",
+    "/etc/resolv.conf": "/etc/resolv.conf",
+}
+
+
+def check_command(image: ImportedImage, options: OciOptions) -> None:
+    """Refuse, before anything is built, an image that would start nothing."""
+    config = image.config.get("config") or {}
+    entrypoint: list[str] = (
+        options.entrypoint if options.entrypoint is not None else config.get("Entrypoint") or []
+    )
+    cmd: list[str] = options.cmd if options.cmd is not None else config.get("Cmd") or []
+    if options.entrypoint is not None and options.cmd is None:
+        cmd = []  # as with docker run --entrypoint
+    if not entrypoint + cmd:
+        raise DrafterError(
+            f"OCI image {image.ref.text} has no entrypoint or command; give --oci-cmd"
+        )
 
 
 def liveness_args(options: OciOptions) -> str:
