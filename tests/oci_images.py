@@ -20,6 +20,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 BUSYBOX_APPLETS = ["sh", "httpd", "id", "cat", "ls", "sleep"]
@@ -29,7 +30,7 @@ BUSYBOX_APPLETS = ["sh", "httpd", "id", "cat", "ls", "sleep"]
 REPORT = (
     '{ echo "GREETING=$GREETING"; echo "IMAGE_VAR=$IMAGE_VAR"; echo "ARG0=$0"; '
     'echo "PWD=$(pwd)"; echo "UID=$(id -u)"; echo "LS=$(ls /www | tr "\\n" " ")"; '
-    'read -r hosts < /etc/hosts; echo "HOSTS=$hosts"; } '
+    'echo "OPQ=$(ls /opq)"; read -r hosts < /etc/hosts; echo "HOSTS=$hosts"; } '
     "> /www/env; exec httpd -f -p 8080 -h /www"
 )
 HTTP_PORT = 8080
@@ -63,7 +64,7 @@ def _cached(root: Path, name: str, make: Callable[[Path], None], *inputs: object
 
 
 def busybox_image(root: Path) -> Path:
-    """Tag ``bb``: two layers, the second deletes /www/doomed (a whiteout); user 1000."""
+    """Tag ``bb``: four layers (a file replaced, a whiteout, an opaque directory); user 1000."""
 
     def make(layout: Path) -> None:
         src = layout.parent / "layer1"
@@ -75,11 +76,21 @@ def busybox_image(root: Path) -> Path:
         (src / "www" / "kept").write_text("kept\n")
         (src / "www" / "doomed").write_text("doomed\n")
         os.chown(src / "www", 1000, 1000)
+        (src / "opq").mkdir()
+        (src / "opq" / "old").write_text("old\n")
+        newer = layout.parent / "newer"
+        newer.write_text("kept, from layer 2\n")
+        replacement = layout.parent / "opq"
+        replacement.mkdir()
+        (replacement / "new").write_text("new\n")
         image = f"{layout}:bb"
         umoci("init", "--layout", str(layout))
         umoci("new", "--image", image)
         umoci("insert", "--image", image, str(src), "/")
+        # Layer 2 replaces a file, 3 deletes one (whiteout), 4 replaces a directory.
+        umoci("insert", "--image", image, str(newer), "/www/kept")
         umoci("insert", "--image", image, "--whiteout", "/www/doomed")
+        umoci("insert", "--image", image, "--opaque", str(replacement), "/opq")
         umoci(
             "config", "--image", image, "--architecture", "amd64", "--os", "linux",
             "--config.entrypoint=/bin/sh", "--config.entrypoint=-c",
@@ -141,9 +152,14 @@ def _blob(layout: Path, data: bytes) -> dict:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+
+
 def craft_layout(
     layout: Path,
-    entries: list[tuple[str, bytes]],
+    entries: list[tuple[str, bytes | Symlink]],
     tag: str = "crafted",
     cmd: list[str] | None = ["/bin/sh"],  # noqa: B006 (never changed)
 ) -> Path:
@@ -152,8 +168,13 @@ def craft_layout(
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in entries:
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            if isinstance(data, Symlink):
+                info.type = tarfile.SYMTYPE
+                info.linkname = data.target
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
     layer = _blob(layout, gzip.compress(raw))
     config = _blob(

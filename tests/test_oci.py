@@ -32,7 +32,15 @@ from drafter.blueprint.builder import Blueprint
 from drafter.errors import DrafterError
 from drafter.guest import liveness
 from drafter.package import open_package
-from oci_images import HTTP_PORT, busybox_image, copy_layout, craft_layout, redis_image, umoci
+from oci_images import (
+    HTTP_PORT,
+    Symlink,
+    busybox_image,
+    copy_layout,
+    craft_layout,
+    redis_image,
+    umoci,
+)
 from test_migration import check_no_loss, finish_source, migrate, writing
 from test_peer import registry, wait_resumed
 from test_runner import ctrl_c, free_port, runner, wait_for_redis
@@ -182,10 +190,12 @@ def test_redis_image_from_a_registry_migrates_under_writes(
 # ------------------------------------------------------ layers, whiteouts, environment
 
 
-def test_whiteout_of_the_second_layer_removes_the_file(busybox_blueprint, busybox_vm) -> None:
-    assert http_get(busybox_vm, "/kept") == (200, "kept\n")
-    assert http_get(busybox_vm, "/doomed")[0] == 404
-    assert "LS=env kept " in http_get(busybox_vm, "/env")[1]
+def test_layers_apply_in_order_with_whiteouts(busybox_blueprint, busybox_vm) -> None:
+    assert http_get(busybox_vm, "/kept") == (200, "kept, from layer 2\n")
+    assert http_get(busybox_vm, "/doomed")[0] == 404  # layer 3's whiteout
+    report = http_get(busybox_vm, "/env")[1]
+    assert "LS=env kept " in report
+    assert "OPQ=new\n" in report  # layer 4's opaque directory hides layer 1's "old"
     # Neither the file nor a whiteout marker is on the disk.
     listing = debugfs(busybox_blueprint.disk, f"ls {GUEST_ROOTFS}/www")
     assert "kept" in listing and "doomed" not in listing and ".wh." not in listing
@@ -304,6 +314,21 @@ def test_bad_image_gets_one_line(busybox_layout, workdir: Path, case: str) -> No
     assert_one_line_error(result, needle)
     assert not (workdir / "bp").exists()
     assert time.monotonic() - start < 30  # refused before anything is built
+
+
+def test_a_path_through_a_symlink_stays_inside_the_root(workdir: Path) -> None:
+    """Legal in a layer, and resolved inside the container's root (umoci's securejoin)."""
+    outside = Path(f"/tmp/drafter-test-escape-{os.getpid()}")
+    layout = craft_layout(
+        workdir / "e",
+        [("link", Symlink(f"../../../../../../..{outside}")), ("link/evil", b"x")],
+    )
+    # Unpacked here, not through the blueprint cache, so that umoci runs every time.
+    image = oci.import_image(oci.resolve(str(layout)), workdir / "copy")
+    oci.check_layers(image)
+    oci.unpack(image, oci.OciOptions(str(layout)), workdir / "bundle")
+    assert not outside.exists()
+    assert (workdir / "bundle" / "rootfs" / str(outside).lstrip("/") / "evil").read_bytes() == b"x"
 
 
 @pytest.mark.parametrize(
