@@ -27,7 +27,7 @@ from conftest import (
     copy_package,
     run_command,
 )
-from drafter.blueprint import oci
+from drafter.blueprint import container, oci
 from drafter.blueprint.builder import Blueprint
 from drafter.errors import DrafterError
 from drafter.guest import liveness
@@ -46,7 +46,7 @@ from test_peer import registry, wait_resumed
 from test_runner import ctrl_c, free_port, runner, wait_for_redis
 
 IMAGES = OUT / "test" / "oci-images"
-GUEST_ROOTFS = f"/{oci.GUEST_BUNDLE}/rootfs"
+GUEST_ROOTFS = f"/{container.GUEST_BUNDLE}/rootfs"
 # The busybox blueprint's flags: they override the image's command and one variable.
 BUSYBOX_FLAGS = ["--oci-cmd", "flag-arg", "--oci-env", "GREETING=from-flag",
                  "--oci-ready-port", str(HTTP_PORT)]  # fmt: skip
@@ -371,7 +371,7 @@ def test_runtime_spec_shares_the_vm_network() -> None:
         "process": {"terminal": True, "args": ["x"]},
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
     }
-    oci.adapt_runtime_spec(spec)
+    container.adapt_runtime_spec(spec)
     assert [ns["type"] for ns in spec["linux"]["namespaces"]] == ["pid", "mount"]
     assert spec["process"]["terminal"] is False
     assert "CAP_CHOWN" in spec["process"]["capabilities"]["effective"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from drafter.blueprint import oci
+from drafter.blueprint import container
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,13 @@ NONE = AppRecipe(name="none")
 # starts the container; the image itself is added per image (see oci.py).
 OCI = AppRecipe(
     name="oci",
-    packages=[oci.RUNTIME],
-    service=oci.SERVICE,
+    packages=[container.RUNTIME],
+    service=container.SERVICE,
     setup=f"""
-cat > /etc/init.d/{oci.SERVICE} <<'EOF_INIT'
-{oci.CONTAINER_INIT}EOF_INIT
-chmod 755 /etc/init.d/{oci.SERVICE}
-update-rc.d {oci.SERVICE} defaults >/dev/null
+cat > /etc/init.d/{container.SERVICE} <<'EOF_INIT'
+{container.CONTAINER_INIT}EOF_INIT
+chmod 755 /etc/init.d/{container.SERVICE}
+update-rc.d {container.SERVICE} defaults >/dev/null
 """,
 )
 

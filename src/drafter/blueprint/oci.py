@@ -1,16 +1,12 @@
-"""Container images as VMs: an OCI image unpacked as a runtime bundle on the guest disk.
+"""Container images as VMs: the user's OCI image turned into a runtime bundle.
 
-The host side uses maintained tools from Debian: ``skopeo`` copies the user's image
-(an OCI layout directory, an ``oci-archive`` tar or a ``docker save`` tar) into a
-private OCI layout, ``umoci config`` applies the user's overrides to the image
-config, and ``umoci unpack`` applies the layers in order, whiteouts included, and
-writes the runtime config. Before unpacking, every layer's entry names are checked
-here (umoci silently clamps a ``../`` name into the root; we refuse the image).
-
-In the guest, ``crun`` runs the bundle from ``/var/lib/drafter/container`` at boot,
-in the VM's own network namespace, so the container answers on the guest address.
-The container's root is a plain directory on the VM's ext4 disk: what it writes
-survives snapshot, resume and migration.
+Maintained tools from Debian do the work: ``skopeo`` copies the image (an OCI
+layout directory, an ``oci-archive`` tar or a ``docker save`` tar) into a private
+OCI layout, checking every blob's digest; ``umoci config`` applies the user's
+overrides to the image config; ``umoci unpack`` applies the layers in order,
+whiteouts included, and writes the runtime config. Before unpacking, every layer's
+entry names are checked here (umoci silently clamps a ``../`` name into the root;
+we refuse the image). What the guest does with the bundle is in ``container.py``.
 """
 
 from __future__ import annotations
@@ -26,50 +22,20 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from drafter.blueprint import container
 from drafter.errors import DrafterError
 
 log = logging.getLogger(__name__)
 
-GUEST_BUNDLE = "var/lib/drafter/container"  # relative to the guest root
-CONTAINER_ID = "drafter"
-SERVICE = "drafter-container"
-RUNTIME = "crun"  # Debian's crun; the guest installs it
 ARCH = "amd64"  # the guest kernel's architecture
 WORK_TAG = "image"  # the tag of the image in our private layout
 REF_NAME = "org.opencontainers.image.ref.name"
-
-CONTAINER_INIT = f"""#!/bin/sh
-### BEGIN INIT INFO
-# Provides:          {SERVICE}
-# Required-Start:    $local_fs $network
-# Required-Stop:
-# Default-Start:     2 3 4 5
-# Default-Stop:      0 1 6
-# Short-Description: the container of the blueprint's OCI image, run by {RUNTIME}
-### END INIT INFO
-BUNDLE=/{GUEST_BUNDLE}
-PIDFILE=/run/{SERVICE}.pid
-case "$1" in
-  start)
-    # sysvinit mounts no cgroup file system; the OCI runtime needs one.
-    mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
-    {RUNTIME} delete --force {CONTAINER_ID} >/dev/null 2>&1
-    start-stop-daemon --start --background --make-pidfile --pidfile $PIDFILE \\
-      --output /var/log/{SERVICE}.log \\
-      --exec /usr/bin/{RUNTIME} -- run --bundle $BUNDLE {CONTAINER_ID} ;;
-  stop)
-    {RUNTIME} kill {CONTAINER_ID} TERM >/dev/null 2>&1
-    start-stop-daemon --stop --quiet --oknodo --retry 10 --pidfile $PIDFILE ;;
-  restart) $0 stop; $0 start ;;
-  *) echo "usage: $0 start|stop|restart"; exit 1 ;;
-esac
-exit 0
-"""
 
 
 @dataclass(frozen=True)
@@ -298,6 +264,21 @@ def import_image(ref: ImageRef, layout: Path) -> ImportedImage:
     return image
 
 
+@contextlib.contextmanager
+def open_image(options: OciOptions, workroot: Path) -> Iterator[ImportedImage]:
+    """The image ``options`` name, copied and checked (platform, layers, a command).
+
+    The private copy lives under ``workroot`` and is removed afterwards.
+    """
+    ref = resolve(options.image)
+    workroot.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=workroot) as tmp:
+        image = import_image(ref, Path(tmp) / "layout")
+        check_layers(image)
+        check_command(image, options)
+        yield image
+
+
 def check_platform(image: ImportedImage) -> None:
     arch = image.config.get("architecture", "")
     os_ = image.config.get("os", "")
@@ -408,69 +389,13 @@ def unpack(image: ImportedImage, options: OciOptions, bundle: Path) -> None:
     _tool(["umoci", "unpack", "--image", image.image, str(bundle)], "unpack the OCI image")
     spec_file = bundle / "config.json"
     spec = json.loads(spec_file.read_text())
-    adapt_runtime_spec(spec)
+    container.adapt_runtime_spec(spec)
     spec_file.write_text(json.dumps(spec, indent=2) + "\n")
     # umoci's bookkeeping (mtree manifest, umoci.json) is of no use in the guest.
     for extra in bundle.iterdir():
         if extra.name not in ("rootfs", "config.json"):
             extra.unlink()
-    (bundle / "hosts").write_text(HOSTS)
-
-
-# Docker's default capabilities: images expect them (an entrypoint that chowns its
-# data directory, then drops to a service user).
-DEFAULT_CAPABILITIES = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-    "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
-]  # fmt: skip
-OPEN_FILES = 1048576
-HOSTS = "127.0.0.1\tlocalhost drafter\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-
-
-def adapt_runtime_spec(spec: dict[str, Any]) -> None:
-    """umoci's runtime config, changed to behave as under Docker and to fit the VM.
-
-    The container shares the VM's network (no namespace of its own), so it answers on
-    the guest address; it has no terminal; it sees its own ``/etc/hosts`` and the
-    VM's ``/etc/resolv.conf``.
-    """
-    linux = spec.setdefault("linux", {})
-    linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
-    process = spec.setdefault("process", {})
-    process["terminal"] = False
-    process.pop("consoleSize", None)
-    root_user = process.get("user", {}).get("uid", 0) == 0
-    granted = DEFAULT_CAPABILITIES if root_user else []
-    process["capabilities"] = {
-        "bounding": DEFAULT_CAPABILITIES,
-        "effective": granted,
-        "permitted": granted,
-        "inheritable": [],
-        "ambient": [],
-    }
-    process["noNewPrivileges"] = False
-    limits = [r for r in process.get("rlimits", []) if r.get("type") != "RLIMIT_NOFILE"]
-    process["rlimits"] = [
-        *limits,
-        {"type": "RLIMIT_NOFILE", "hard": OPEN_FILES, "soft": OPEN_FILES},
-    ]
-    spec["hostname"] = "drafter"
-    spec.setdefault("root", {})["readonly"] = False
-    mounts = [m for m in spec.get("mounts", []) if m.get("destination") not in GUEST_FILES]
-    for destination, source in GUEST_FILES.items():
-        mounts.append({
-            "destination": destination, "type": "bind", "source": source,
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-        })  # fmt: skip
-    spec["mounts"] = mounts
-
-
-# Files of the VM bound into the container (as Docker does), destination → source.
-GUEST_FILES = {
-    "/etc/hosts": f"/{GUEST_BUNDLE}/hosts",
-    "/etc/resolv.conf": "/etc/resolv.conf",
-}
+    (bundle / "hosts").write_text(container.HOSTS)
 
 
 def check_command(image: ImportedImage, options: OciOptions) -> None:
@@ -486,11 +411,3 @@ def check_command(image: ImportedImage, options: OciOptions) -> None:
         raise DrafterError(
             f"OCI image {image.ref.text} has no entrypoint or command; give --oci-cmd"
         )
-
-
-def liveness_args(options: OciOptions) -> str:
-    """Arguments of drafter-liveness: the container runs (and the port answers)."""
-    args = f"--wait-container {CONTAINER_ID}"
-    if options.ready_port:
-        args += f" --wait-tcp {options.ready_port}"
-    return args
