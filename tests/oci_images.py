@@ -162,8 +162,13 @@ def craft_layout(
     entries: list[tuple[str, bytes | Symlink]],
     tag: str = "crafted",
     cmd: list[str] | None = ["/bin/sh"],  # noqa: B006 (never changed)
+    arch: str = "amd64",
+    multi_arch: bool = False,
 ) -> Path:
-    """An OCI layout with one hand-written layer (names as given, even hostile ones)."""
+    """An OCI layout with one hand-written layer (names as given, even hostile ones).
+
+    ``multi_arch``: the tag names an image index whose one entry is for ``arch``.
+    """
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in entries:
@@ -180,7 +185,7 @@ def craft_layout(
     config = _blob(
         layout,
         json.dumps({
-            "architecture": "amd64", "os": "linux", "config": {"Cmd": cmd} if cmd else {},
+            "architecture": arch, "os": "linux", "config": {"Cmd": cmd} if cmd else {},
             "rootfs": {"type": "layers",
                        "diff_ids": [f"sha256:{hashlib.sha256(raw).hexdigest()}"]},
         }).encode(),
@@ -194,11 +199,23 @@ def craft_layout(
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
         }).encode(),
     )  # fmt: skip
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    if multi_arch:
+        manifest = _blob(
+            layout,
+            json.dumps({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [{"mediaType": media_type, **manifest,
+                               "platform": {"architecture": arch, "os": "linux"}}],
+            }).encode(),
+        )  # fmt: skip
+        media_type = "application/vnd.oci.image.index.v1+json"
     (layout / "index.json").write_text(
         json.dumps({
             "schemaVersion": 2,
             "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
+                "mediaType": media_type, **manifest,
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             }],
         })

@@ -274,6 +274,12 @@ def junk_file(workdir: Path) -> str:
     return str(workdir / "junk.tar")
 
 
+def two_tags(layout: Path, workdir: Path) -> str:
+    copy = copy_layout(layout, workdir / "two")
+    umoci("tag", "--image", f"{copy}:bb", "other")
+    return str(copy)
+
+
 BAD_IMAGES = {
     "missing": (lambda layout, w: str(w / "nosuch"), "does not exist"),
     "not a layout": (lambda layout, w: not_a_layout(w), "not an OCI image layout"),
@@ -282,6 +288,11 @@ BAD_IMAGES = {
     "unknown tag": (lambda layout, w: f"{layout}:nosuch", "has no tag 'nosuch'"),
     "corrupt blob": (corrupt_blob, "cannot read OCI image"),
     "other architecture": (arm64_image, "linux/arm64"),
+    "several images, no tag": (two_tags, "holds 2 images"),
+    "multi-arch without amd64": (
+        lambda layout, w: str(craft_layout(w / "m", [("a", b"")], arch="arm64", multi_arch=True)),
+        "has no linux/amd64 variant",
+    ),
     "path escapes": (
         lambda layout, w: str(craft_layout(w / "e", [("../escape", b"x")])),
         "path outside the root: ../escape",
@@ -355,6 +366,12 @@ def test_oci_flags_need_an_image() -> None:
 
 
 # ------------------------------------------------------------------ pure helpers (fast)
+
+
+def test_multi_arch_image_uses_the_amd64_variant(workdir: Path) -> None:
+    layout = craft_layout(workdir / "m", [("a", b"")], multi_arch=True)
+    with oci.open_image(oci.OciOptions(f"{layout}:crafted"), workdir) as image:
+        assert image.config["architecture"] == "amd64"
 
 
 def test_reference_parsing(busybox_layout: Path) -> None:

@@ -249,11 +249,18 @@ def _blob(layout: Path, digest: Any) -> Path:
 def import_image(ref: ImageRef, layout: Path) -> ImportedImage:
     """Copy the image (its linux/amd64 variant) into ``layout`` and check its config."""
     shutil.rmtree(layout, ignore_errors=True)
-    _tool(
-        ["skopeo", "copy", "--quiet", "--override-os", "linux", "--override-arch", ARCH,
-         ref.skopeo(), f"oci:{layout}:{WORK_TAG}"],
-        f"read OCI image {ref.text}",
-    )  # fmt: skip
+    try:
+        _tool(
+            ["skopeo", "copy", "--quiet", "--override-os", "linux", "--override-arch", ARCH,
+             ref.skopeo(), f"oci:{layout}:{WORK_TAG}"],
+            f"read OCI image {ref.text}",
+        )  # fmt: skip
+    except DrafterError as e:
+        if "no image found in" not in str(e):  # skopeo's words for a missing platform
+            raise
+        raise DrafterError(
+            f"OCI image {ref.text} has no linux/{ARCH} variant; the VM runs linux/{ARCH}"
+        ) from None
     index = _load_json((layout / "index.json").read_bytes(), "copied index.json")
     desc = index["manifests"][0]
     manifest = _load_json(_blob(layout, desc["digest"]).read_bytes(), "image manifest")
