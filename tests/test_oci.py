@@ -377,6 +377,9 @@ def test_multi_arch_image_uses_the_amd64_variant(workdir: Path) -> None:
 def test_reference_parsing(busybox_layout: Path) -> None:
     assert oci.resolve(f"{busybox_layout}:bb").tag == "bb"
     assert oci.resolve(str(busybox_layout)).tag == ""  # the only image
+    assert oci._docker_name("docker.io/library/redis") == "redis:latest"
+    assert oci._docker_name("docker.io/drafter/bb:1") == "drafter/bb:1"
+    assert oci._docker_name("localhost:5000/app") == "localhost:5000/app:latest"
     assert oci.parse_args_list('["a", "b c"]', "--oci-cmd") == ["a", "b c"]
     assert oci.parse_args_list("a 'b c'", "--oci-cmd") == ["a", "b c"]
     with pytest.raises(DrafterError, match="JSON array"):

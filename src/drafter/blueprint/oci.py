@@ -111,16 +111,23 @@ def _split(text: str) -> tuple[Path, str]:
     raise DrafterError(f"OCI image {text} does not exist")
 
 
-def _pick(tags: list[str], count: int, ref: ImageRef, normalize: bool = False) -> None:
-    """Check that the reference names exactly one image of the ``count`` there."""
+def _docker_name(name: str) -> str:
+    """A docker reference in its short form: ``docker.io/library/redis`` → ``redis:latest``."""
+    name = name.removeprefix("docker.io/").removeprefix("library/")
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def _pick(tags: list[str], count: int, ref: ImageRef, docker: bool = False) -> None:
+    """Check that the reference names exactly one image of the ``count`` there.
+
+    ``docker``: the tags are docker references (a docker save tar's ``RepoTags``).
+    """
     known = ", ".join(tags) or "none"
     if ref.tag:
-        wanted = {ref.tag}
-        if normalize:  # docker save writes "redis:7"; users may write the long form
-            wanted |= {ref.tag.removeprefix("docker.io/").removeprefix("library/")}
-            wanted |= {t.removeprefix("docker.io/library/") for t in list(wanted)}
-        short = {t.removeprefix("docker.io/library/").removeprefix("docker.io/") for t in tags}
-        if not wanted & (set(tags) | short):
+        found = (
+            _docker_name(ref.tag) in {_docker_name(t) for t in tags} if docker else ref.tag in tags
+        )
+        if not found:
             raise DrafterError(f"OCI image {ref.path} has no tag {ref.tag!r} (tags: {known})")
     elif count == 0:
         raise DrafterError(f"OCI image {ref.path} holds no image")
@@ -181,7 +188,7 @@ def resolve(text: str) -> ImageRef:
                 if not isinstance(manifest, list):
                     raise DrafterError(f"OCI image {path} is malformed: bad manifest.json")
                 tags = [t for m in manifest if isinstance(m, dict) for t in m.get("RepoTags") or []]
-                _pick(tags, len(manifest), ref, normalize=True)
+                _pick(tags, len(manifest), ref, docker=True)
                 return ref
             if "index.json" in names and "oci-layout" in names:
                 ref = ImageRef(path, tag, "oci-archive", text)
