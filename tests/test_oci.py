@@ -10,8 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,12 +25,14 @@ import pytest
 from conftest import (
     CACHE,
     OUT,
+    TMP_PREFIX,
     assert_one_line_error,
     copy_package,
     run_command,
 )
 from drafter.blueprint import container, oci
 from drafter.blueprint.builder import Blueprint
+from drafter.devicefs import unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.guest import liveness
 from drafter.package import open_package
@@ -97,14 +101,17 @@ def redis_oci_package(network) -> Path:
 @pytest.fixture(scope="module")
 def busybox_vm(busybox_blueprint, network) -> Iterator[str]:
     """The busybox container running in a VM (never written back); its address."""
-    directory = OUT / "test" / "oci-busybox"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = package(busybox_blueprint, network.name(0), directory / "busybox.drft")
-    with runner(path, network.name(1), "--persist=false") as proc:
-        assert proc.stdout is not None
-        assert "resumed" in proc.stdout.readline()
-        yield network.info(1).external_address
-        ctrl_c(proc)
+    directory = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "oci-"))
+    try:
+        path = package(busybox_blueprint, network.name(0), directory / "busybox.drft")
+        with runner(path, network.name(1), "--persist=false") as proc:
+            assert proc.stdout is not None
+            assert "resumed" in proc.stdout.readline()
+            yield network.info(1).external_address
+            ctrl_c(proc)
+    finally:
+        unmount_stale_under(directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def http_get(address: str, path: str, timeout: float = 30) -> tuple[int, str]:
@@ -236,6 +243,17 @@ def test_docker_save_and_oci_archive_give_the_same_blueprint(
                 hashlib.sha256((workdir / "bp" / "drafter.drftdisk").read_bytes()).hexdigest()
                 == want
             )
+
+
+def test_disk_size_follows_the_image_unless_given(
+    busybox_layout, busybox_blueprint, redis_oci_package, workdir
+) -> None:
+    busybox = busybox_blueprint.disk.stat().st_size
+    redis = (OUT / "test" / "blueprint-oci-redis" / "drafter.drftdisk").stat().st_size
+    assert redis > busybox + (150 << 20)  # the Redis image's root holds about 140 MiB more
+    result = blueprint(f"{busybox_layout}:bb", workdir / "bp", "--disk-size", "700M")
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "bp" / "drafter.drftdisk").stat().st_size == 700 << 20
 
 
 # --------------------------------------------------------------------------- bad input
