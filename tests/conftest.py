@@ -35,6 +35,9 @@ BIN = Path(sys.executable).parent
 # session under another prefix.
 TEST_PREFIX = os.environ.get("DRAFTER_TEST_PREFIX", "dt")
 TEST_CIDR_BASE = int(os.environ.get("DRAFTER_TEST_CIDR_BASE", "230"))
+# Temporary directories of this session; the pid keeps another session's apart (a
+# suite running at the same time in another checkout has mounts of its own).
+TMP_PREFIX = f"drafter-test-{os.getpid()}-"
 
 
 def command(name: str) -> str:
@@ -48,7 +51,7 @@ def nothing_left_behind() -> Iterator[None]:
     mounts = [
         line.split()[1]
         for line in Path("/proc/mounts").read_text().splitlines()
-        if " fuse" in line and "drafter-test-" in line
+        if " fuse" in line and TMP_PREFIX in line
     ]
     assert mounts == [], f"tests left FUSE mounts behind: {mounts}"
 
@@ -66,7 +69,7 @@ def postgresql_blueprint() -> Blueprint:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A temporary directory removed after the test (pytest's tmp_path is kept)."""
-    path = Path(tempfile.mkdtemp(prefix="drafter-test-"))
+    path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
     try:
         yield path
     finally:
@@ -137,7 +140,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
 
 @pytest.fixture(scope="session")
 def network() -> Iterator[TestNetwork]:
-    state_dir = Path(tempfile.mkdtemp(prefix="drafter-test-net-"))
+    state_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "net-"))
     proc = start_daemon(state_dir, TEST_PREFIX, 4, TEST_CIDR_BASE)
     try:
         yield TestNetwork(state_dir, TEST_PREFIX, 4)
@@ -243,7 +246,7 @@ def copy_package(src: Path, dst_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def seeded_package(redis_package, network) -> Iterator[Path]:
     """The Redis package with one key written into it (through drafter-runner)."""
-    directory = Path(tempfile.mkdtemp(prefix="drafter-test-seeded-"))
+    directory = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "seeded-"))
     package = copy_package(redis_package, directory)
     from test_runner import ctrl_c, runner, wait_for_redis
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from drafter.blueprint import container
+
 
 @dataclass(frozen=True)
 class AppRecipe:
@@ -49,5 +51,19 @@ echo "host all all 0.0.0.0/0 trust" >> "$conf/pg_hba.conf"
 )
 
 NONE = AppRecipe(name="none")
+
+# The base of ``drafter-blueprint --oci-image``: the OCI runtime and the service that
+# starts the container; the image itself is added per image (see oci.py).
+OCI = AppRecipe(
+    name="oci",
+    packages=[container.RUNTIME],
+    service=container.SERVICE,
+    setup=f"""
+cat > /etc/init.d/{container.SERVICE} <<'EOF_INIT'
+{container.CONTAINER_INIT}EOF_INIT
+chmod 755 /etc/init.d/{container.SERVICE}
+update-rc.d {container.SERVICE} defaults >/dev/null
+""",
+)
 
 RECIPES: dict[str, AppRecipe] = {r.name: r for r in (REDIS, POSTGRESQL, NONE)}

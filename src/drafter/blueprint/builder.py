@@ -7,6 +7,7 @@ where the file system allows it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,14 +15,14 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from drafter.blueprint import disk, initramfs, kernel
-from drafter.blueprint.apps import RECIPES, AppRecipe
+from drafter.blueprint import container, disk, initramfs, kernel, oci
+from drafter.blueprint.apps import OCI, RECIPES, AppRecipe
 from drafter.errors import DrafterError
 from drafter.progress import Steps
 
@@ -45,9 +46,12 @@ class BlueprintSpec:
     extra_packages: list[str] = field(default_factory=list)
     customize_script: str = ""  # shell text run in the chroot
     kernel_path: str = ""  # the user's own ELF vmlinux; empty: Debian's cloud kernel
+    oci: oci.OciOptions | None = None  # an OCI image run as the VM's service (app "oci")
 
     def recipe(self) -> AppRecipe:
         """The app's recipe; DrafterError for an unknown app."""
+        if self.oci is not None:
+            return OCI
         try:
             return RECIPES[self.app]
         except KeyError:
@@ -114,15 +118,38 @@ def _cache_entry(cache: Path, name: str) -> Iterator[tuple[Path, bool]]:
 def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None = None) -> Blueprint:
     """Build (or reuse) the blueprint described by ``spec`` into ``out_dir``."""
     recipe = spec.recipe()
-    size = disk.parse_size(spec.disk_size or recipe.disk_size)
+    if spec.oci is not None:
+        spec.oci.check()
+    if spec.disk_size:
+        size = disk.parse_size(spec.disk_size)
+    else:  # 0: derived from the image
+        size = 0 if spec.oci else disk.parse_size(recipe.disk_size)
     steps = steps or Steps()
     out = Blueprint.at(out_dir)
     if spec.kernel_path and not Path(spec.kernel_path).is_file():
         raise DrafterError(f"kernel {spec.kernel_path} does not exist")
     if spec.kernel_path and not kernel.is_elf(Path(spec.kernel_path)):
         raise DrafterError(f"kernel {spec.kernel_path} is not an ELF vmlinux (PVH)")
+    with contextlib.ExitStack() as stack:
+        image = None
+        if spec.oci is not None:  # a bad image fails here, before anything is built
+            with steps.step(f"OCI image {spec.oci.image} (copied, checked)"):
+                image = stack.enter_context(oci.open_image(spec.oci, cache))
+        kdir = _kernel(spec, cache, steps)
+        rkey, tree = _rootfs(spec, recipe, cache, steps)
+        if image is None or spec.oci is None:
+            ddir = _disk(cache, _key("disk", rkey, size), size, steps, lambda d: tree)
+        else:
+            ddir = _oci_disk(spec.oci, image, rkey, tree, size, cache, steps)
+    with steps.step("copy to " + str(out_dir)):
+        _copy(kdir / KERNEL_NAME, out.kernel)
+        _copy(kdir / INITRAMFS_NAME, out.initramfs)
+        _copy(ddir / DISK_NAME, out.disk)
+    return out
 
-    # Kernel and initramfs: keyed by the kernel package version.
+
+def _kernel(spec: BlueprintSpec, cache: Path, steps: Steps) -> Path:
+    """Kernel and initramfs: keyed by the kernel package version."""
     if spec.kernel_path:
         kver = "user:" + hashlib.sha256(Path(spec.kernel_path).read_bytes()).hexdigest()[:16]
     else:
@@ -131,49 +158,114 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
     with _cache_entry(cache, f"kernel-{kkey}") as (kdir, present):
         if present:
             steps.skip(f"kernel {kver} (cached)")
+        elif spec.kernel_path:
+            with steps.step(f"kernel from {spec.kernel_path}"):
+                shutil.copy2(spec.kernel_path, kdir / KERNEL_NAME)
+                initramfs.build_initramfs(kdir / INITRAMFS_NAME, None)
         else:
-            if spec.kernel_path:
-                with steps.step(f"kernel from {spec.kernel_path}"):
-                    shutil.copy2(spec.kernel_path, kdir / KERNEL_NAME)
-                    initramfs.build_initramfs(kdir / INITRAMFS_NAME, None)
-            else:
-                with steps.step(f"kernel {kver} from Debian"):
-                    pkg = kernel.fetch_debian_kernel(kdir / "work", kver)
-                    shutil.move(pkg.vmlinux, kdir / KERNEL_NAME)
-                with steps.step("initramfs"):
-                    initramfs.build_initramfs(kdir / INITRAMFS_NAME, pkg.modules)
-                shutil.rmtree(kdir / "work")
+            with steps.step(f"kernel {kver} from Debian"):
+                pkg = kernel.fetch_debian_kernel(kdir / "work", kver)
+                shutil.move(pkg.vmlinux, kdir / KERNEL_NAME)
+            with steps.step("initramfs"):
+                initramfs.build_initramfs(kdir / INITRAMFS_NAME, pkg.modules)
+            shutil.rmtree(kdir / "work")
+    return cache / f"kernel-{kkey}"
 
-        # Root tree: keyed by what is installed; the image adds the size.
-        packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
-        net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
-        rkey = _key(
-            "rootfs",
-            BUILD_VERSION,
-            packages,
-            asdict(recipe),
-            asdict(net),
-            spec.customize_script,
-            _guest_code_hash(),
-        )
-        with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, rpresent):
-            tree = rdir / "tree"
-            if rpresent:
-                steps.skip("root file system (cached)")
-            else:
-                with steps.step(f"root file system: Debian bookworm + {recipe.name}"):
-                    disk.install_rootfs(tree, packages)
-                with steps.step("guest configuration, agent and liveness"):
-                    disk.customize(tree, recipe, net, spec.customize_script)
-            dkey = _key("disk", rkey, size)
-            with _cache_entry(cache, f"disk-{dkey}") as (ddir, dpresent):
-                if dpresent:
-                    steps.skip(f"disk image {size >> 20}M (cached)")
-                else:
-                    with steps.step(f"disk image {size >> 20}M (ext4)"):
-                        disk.make_image(tree, ddir / DISK_NAME, size)
-                with steps.step("copy to " + str(out_dir)):
-                    _copy(kdir / KERNEL_NAME, out.kernel)
-                    _copy(kdir / INITRAMFS_NAME, out.initramfs)
-                    _copy(ddir / DISK_NAME, out.disk)
-    return out
+
+def _rootfs(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -> tuple[str, Path]:
+    """The root tree, keyed by what is installed: (its key, the tree)."""
+    packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
+    net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
+    rkey = _key(
+        "rootfs",
+        BUILD_VERSION,
+        packages,
+        asdict(recipe),
+        asdict(net),
+        spec.customize_script,
+        _guest_code_hash(),
+    )
+    with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, present):
+        if present:
+            steps.skip("root file system (cached)")
+        else:
+            with steps.step(f"root file system: Debian bookworm + {recipe.name}"):
+                disk.install_rootfs(rdir / "tree", packages)
+            with steps.step("guest configuration, agent and liveness"):
+                disk.customize(rdir / "tree", recipe, net, spec.customize_script)
+    return rkey, cache / f"rootfs-{rkey}" / "tree"
+
+
+def _disk(
+    cache: Path, dkey: str, size: int, steps: Steps, make_tree: Callable[[Path], Path]
+) -> Path:
+    """An ext4 image of ``size`` bytes (cached under ``dkey``) of ``make_tree(workdir)``."""
+    with _cache_entry(cache, f"disk-{dkey}") as (ddir, present):
+        if present:
+            steps.skip(f"disk image {size >> 20}M (cached)")
+        else:
+            tree = make_tree(ddir)
+            with steps.step(f"disk image {size >> 20}M (ext4)"):
+                disk.make_image(tree, ddir / DISK_NAME, size)
+            if tree.is_relative_to(ddir):
+                shutil.rmtree(tree)
+    return cache / f"disk-{dkey}"
+
+
+def auto_size(need: int) -> int:
+    """Room for ``need`` bytes plus headroom for what the service writes, in whole MiB."""
+    headroom = max(256 << 20, need // 2)
+    return ((need + headroom + (1 << 20) - 1) >> 20) << 20
+
+
+def _oci_disk(
+    options: oci.OciOptions,
+    image: oci.ImportedImage,
+    rkey: str,
+    tree: Path,
+    size: int,
+    cache: Path,
+    steps: Steps,
+) -> Path:
+    """The base tree plus the image as a runtime bundle, keyed by the image's content.
+
+    The key is the image's content, so the same image reached through another form
+    (docker save, oci-archive) reuses the cache. ``size`` 0: derived from the image.
+    """
+    bkey = _key("bundle", BUILD_VERSION, image.content_key(), options.overrides(), _oci_hash())
+    with _cache_entry(cache, f"bundle-{bkey}") as (bdir, present):
+        if present:
+            steps.skip("container bundle (cached)")
+        else:
+            with steps.step("container bundle (umoci unpack)"):
+                oci.unpack(image, options, bdir / "bundle")
+    bundle = cache / f"bundle-{bkey}" / "bundle"
+    need = disk.required_size(tree, bundle)
+    size = size or auto_size(need)
+    disk.check_fits(size, need)
+
+    def merged(workdir: Path) -> Path:
+        with steps.step("guest root file system + container bundle"):
+            # Hard links (cache and work dir share a file system): mkfs only reads them.
+            root = workdir / "tree"
+            subprocess.run(["cp", "-al", f"{tree}/.", str(root)], check=True)
+            target = root / container.GUEST_BUNDLE
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-al", str(bundle), str(target)], check=True)
+            # A new file, not a write through the link into the cached base tree.
+            (root / disk.LIVENESS_SERVICE).unlink()
+            disk.install_liveness(
+                root, container.SERVICE, container.liveness_args(options.ready_port)
+            )
+        return root
+
+    dkey = _key("disk", rkey, bkey, size, options.ready_port)
+    return _disk(cache, dkey, size, steps, merged)
+
+
+def _oci_hash() -> str:
+    """How bundles are made: the code that makes them."""
+    h = hashlib.sha256()
+    for module in (oci, container):
+        h.update(Path(str(module.__file__)).read_bytes())
+    return h.hexdigest()[:16]

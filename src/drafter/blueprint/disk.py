@@ -108,6 +108,19 @@ def install_guest_programs(tree: Path) -> None:
         )
 
 
+LIVENESS_SERVICE = "etc/init.d/drafter-liveness"
+
+
+def install_liveness(tree: Path, after: str, args: str) -> None:
+    """The liveness service, started after ``after`` and the agent, with ``args``."""
+    command = "/usr/sbin/drafter-liveness" + (f" {args}" if args else "")
+    _write(
+        tree / LIVENESS_SERVICE,
+        _init_script("drafter-liveness", command, f"{after} drafter-agent"),
+        0o755,
+    )
+
+
 def customize(tree: Path, app: AppRecipe, net: GuestNetwork, script: str) -> None:
     """Configure the installed tree: network, console, services, the app."""
     _write(
@@ -135,14 +148,7 @@ def customize(tree: Path, app: AppRecipe, net: GuestNetwork, script: str) -> Non
         _init_script("drafter-agent", "/usr/sbin/drafter-agent", after),
         0o755,
     )
-    wait = f" --wait-tcp {app.port}" if app.port else ""
-    _write(
-        tree / "etc/init.d/drafter-liveness",
-        _init_script(
-            "drafter-liveness", f"/usr/sbin/drafter-liveness{wait}", f"{after} drafter-agent"
-        ),
-        0o755,
-    )
+    install_liveness(tree, after, f"--wait-tcp {app.port}" if app.port else "")
     setup = "set -e\necho root:root | chpasswd\n" + app.setup + "\n" + script + "\n"
     setup += "update-rc.d drafter-agent defaults >/dev/null\n"
     setup += "update-rc.d drafter-liveness defaults >/dev/null\n"
@@ -171,14 +177,22 @@ def parse_size(text: str) -> int:
         raise DrafterError(f"bad size {text!r} (use e.g. 384M or 2G)") from None
 
 
-def make_image(tree: Path, out: Path, size: int) -> None:
-    """ext4 image of ``size`` bytes holding ``tree``; a clear error if it cannot fit."""
-    need = int(tree_size(tree) * 1.2) + (24 << 20)
+def required_size(*trees: Path) -> int:
+    """The smallest ext4 image that holds ``trees`` (metadata and reserve included)."""
+    return int(sum(tree_size(t) for t in trees) * 1.2) + (24 << 20)
+
+
+def check_fits(size: int, need: int) -> None:
     if size < need:
         raise DrafterError(
             f"disk size {size >> 20}M is too small for the root file system "
             f"(needs at least {need >> 20}M); raise --disk-size"
         )
+
+
+def make_image(tree: Path, out: Path, size: int) -> None:
+    """ext4 image of ``size`` bytes holding ``tree``; a clear error if it cannot fit."""
+    check_fits(size, required_size(tree))
     tmp = out.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     with tmp.open("wb") as f:

@@ -8,6 +8,7 @@ from pathlib import Path
 from drafter import cli
 from drafter.blueprint.apps import RECIPES
 from drafter.blueprint.builder import BlueprintSpec, build
+from drafter.blueprint.oci import OciOptions, parse_args_list
 from drafter.errors import DrafterError
 from drafter.progress import Steps
 
@@ -16,7 +17,9 @@ PROG = "drafter-blueprint"
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, "Build a blueprint (kernel, initramfs, disk) from Debian packages.")
-    p.add_argument("--app", default="redis", help=f"application: {', '.join(sorted(RECIPES))}")
+    p.add_argument(
+        "--app", default=None, help=f"application: {', '.join(sorted(RECIPES))} (default: redis)"
+    )
     p.add_argument(
         "--disk-size", default="", help="disk image size (default: the app's, e.g. 384M)"
     )
@@ -26,6 +29,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-packages", default="", help="comma-separated Debian packages to add")
     p.add_argument(
         "--customize-script", default="", help="shell script run in the guest tree (chroot)"
+    )
+    oci_group = p.add_argument_group(
+        "container images (see docs/oci.md)",
+        "Run an OCI image as the VM's service instead of --app.",
+    )
+    oci_group.add_argument(
+        "--oci-image",
+        default="",
+        metavar="REF",
+        help="OCI layout directory (PATH[:TAG]), oci-archive tar or docker save tar",
+    )
+    oci_group.add_argument(
+        "--oci-entrypoint", default=None, help="entrypoint (JSON array or shell words)"
+    )
+    oci_group.add_argument("--oci-cmd", default=None, help="command (JSON array or shell words)")
+    oci_group.add_argument(
+        "--oci-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable (repeatable)",
+    )
+    oci_group.add_argument("--oci-workdir", default="", help="working directory")
+    oci_group.add_argument("--oci-user", default="", help="user[:group], names or numbers")
+    oci_group.add_argument(
+        "--oci-ready-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="liveness also waits until this TCP port accepts connections",
     )
     p.add_argument("--output-dir", default="out/blueprint", help="where the blueprint goes")
     p.add_argument("--cache-dir", default="out/cache", help="content-addressed build cache")
@@ -40,14 +73,37 @@ def main(argv: list[str] | None = None) -> int:
                 script = Path(args.customize_script).read_text()
             except OSError as e:
                 raise DrafterError(f"cannot read --customize-script: {e.strerror}") from None
+        options = None
+        if args.oci_image:
+            if args.app is not None:
+                raise DrafterError("--app and --oci-image exclude each other")
+            options = OciOptions(
+                image=args.oci_image,
+                entrypoint=None
+                if args.oci_entrypoint is None
+                else parse_args_list(args.oci_entrypoint, "--oci-entrypoint"),
+                cmd=None if args.oci_cmd is None else parse_args_list(args.oci_cmd, "--oci-cmd"),
+                env=args.oci_env,
+                workdir=args.oci_workdir,
+                user=args.oci_user,
+                ready_port=args.oci_ready_port,
+            )
+        else:
+            used = [f for f in ("oci_entrypoint", "oci_cmd") if getattr(args, f) is not None]
+            used += [f for f in ("oci_env", "oci_workdir", "oci_user", "oci_ready_port")
+                     if getattr(args, f)]  # fmt: skip
+            if used:
+                flag = "--" + used[0].replace("_", "-")
+                raise DrafterError(f"{flag} needs --oci-image")
         spec = BlueprintSpec(
-            app=args.app,
+            app=args.app or "redis",
             disk_size=args.disk_size,
             guest_cidr=args.guest_cidr,
             gateway=args.gateway_ip,
             extra_packages=[x for x in args.extra_packages.split(",") if x],
             customize_script=script,
             kernel_path=args.kernel_path,
+            oci=options,
         )
         bp = build(spec, Path(args.output_dir), Path(args.cache_dir), Steps())
         print(f"blueprint ready: {bp.kernel}, {bp.initramfs}, {bp.disk}")
