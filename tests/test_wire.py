@@ -33,6 +33,7 @@ from drafter.transport.channel import FrameProtocol
 from drafter.transport.client import Priority, RemoteSource
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import ErrorCode, MsgType
+from drafter.transport.registry import PackageProvider
 from wire_helpers import (
     CHUNK,
     LOOPBACK,
@@ -189,6 +190,27 @@ def test_four_clients_at_once(package: Path) -> None:
     run(go())
 
 
+def test_clients_connecting_at_once_share_one_hashing_run(package: Path) -> None:
+    """The first clients of a registry that has not hashed its package yet all wait
+    for the same run, and none sees a half-filled table."""
+    expected = contents(package)
+
+    async def go() -> None:
+        provider = PackageProvider(open_package(package), CHUNK)
+        runs = []
+        hash_all = provider.hash_all
+        provider.hash_all = lambda: (runs.append(1), hash_all())  # type: ignore[method-assign]
+        names = list(provider.manifest())
+        asked = [name for name in reversed(names) for _ in range(3)]
+        got = await asyncio.gather(*(provider.hashes(name) for name in asked))
+        for name, hashes in zip(asked, got, strict=True):
+            blob = expected[name]
+            assert hashes == [chunk_hash(blob[i : i + CHUNK]) for i in range(0, len(blob), CHUNK)]
+        assert len(runs) == 1
+
+    run(go())
+
+
 def test_demand_overtakes_queued_background_requests(package: Path) -> None:
     expected = contents(package)
 
@@ -252,9 +274,10 @@ def test_token_right_one_works_others_are_refused(
             raw.abort()
             assert server.stats.accepted == 0
             assert server.stats.chunks == server.stats.zero_chunks == 0
-            # (The client without a token left after the hello, like a port probe: not
-            # counted as refused.)
-            assert server.stats.refused == server.stats.auth_failures == 2
+            # Refused: the client without a token (it left after the hello), the wrong
+            # token, the raw client.
+            assert server.stats.refused == 3
+            assert server.stats.auth_failures == 2
             # A client with a token does not trust a server that has none.
             open_server = await start_server(package)
             with pytest.raises(DrafterError, match="does not ask for a token"):

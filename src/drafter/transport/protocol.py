@@ -34,6 +34,7 @@ HEADER_SIZE = HEADER.size
 MAX_CHUNK_SIZE = 4 << 20
 MAX_BODY = MAX_CHUNK_SIZE + 64  # a chunk and its fixed fields
 HANDSHAKE_MAX_BODY = 1024  # what a server reads before the client has proved the token
+MAX_CLIENT_BODY = 64 << 10  # what a server reads from a client afterwards
 NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
 HASH_SIZE = 32  # BLAKE3-256 of a chunk's bytes

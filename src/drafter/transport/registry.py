@@ -38,12 +38,15 @@ class PackageProvider:
         except OSError as e:
             raise DrafterError(f"cannot open {package.path}: {e.strerror or e}") from None
         self._hashes: dict[str, list[bytes]] = {}
+        self._hashing: asyncio.Future[None] | None = None  # the first hashes() call's
 
     def hash_all(self) -> None:
         """Hash every chunk now (blocking; run it in a thread before serving)."""
         start = time.monotonic()
+        hashes: dict[str, list[bytes]] = {}  # published whole, never seen half done
         for r, m in self._members.items():
-            self._hashes[r] = file_hashes(self._fd, m.offset, m.size, self.chunk_size)
+            hashes[r] = file_hashes(self._fd, m.offset, m.size, self.chunk_size)
+        self._hashes = hashes
         total = sum(m.size for m in self._members.values())
         log.debug("hashed %d MiB in %.2fs", total >> 20, time.monotonic() - start)
 
@@ -58,7 +61,9 @@ class PackageProvider:
     async def hashes(self, resource: str) -> list[bytes]:
         """Every chunk's hash of ``resource`` (computed on first use)."""
         if not self._hashes:
-            await asyncio.to_thread(self.hash_all)
+            if self._hashing is None:  # clients connecting meanwhile wait for the same run
+                self._hashing = asyncio.ensure_future(asyncio.to_thread(self.hash_all))
+            await asyncio.shield(self._hashing)
         return self._hashes[resource]
 
     def hot(self) -> dict[str, list[int]]:

@@ -50,6 +50,8 @@ def check_token(token: str, origin: str) -> str:
         )
     if not token.isprintable():
         raise DrafterError(f"the token from {origin} holds unprintable characters: {_MAKE_ONE}")
+    if len(set(token)) < 8:  # only catches the worst (a repeated character or word)
+        raise DrafterError(f"the token from {origin} is not random: {_MAKE_ONE}")
     return token
 
 

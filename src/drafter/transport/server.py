@@ -386,6 +386,9 @@ class ChunkServer:
                 recv, send = security.seals(token, client_hello, server_hello)
         compress = bool(int.from_bytes(choice, "big") & wire.HELLO_ZSTD & hello.flags)
         channel.seal(send, recv)
+        # What a client sends is small (requests, control calls): a header cannot make
+        # the server set aside a chunk-sized buffer.
+        channel.protocol.max_body = wire.MAX_CLIENT_BODY
         conn = Connection(peer, compress)
         manifest = dict(zip(self._names, self._sizes, strict=True))
         channel.write(
