@@ -335,7 +335,7 @@ class Run:
         return self.start(Proc(name, [
             str(self.args.bin / "drafter-peer"), "--netns", ns,
             "--raddr", f"127.0.0.1:{raddr_port}", "--laddr", f"127.0.0.1:{laddr_port}",
-            "--work-dir", str(self.work / "vms"),
+            "--work-dir", str(self.work / "vms"), *self.args.peer_arg,
         ]))  # fmt: skip
 
     def stop_all(self) -> None:
@@ -510,6 +510,9 @@ def main() -> None:
     p.add_argument("--cidr-base", type=int, default=250,
                    help="host veths in 10.N.0.0/24, namespaces in 10.N+1.0.0/24")  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--peer-arg", action="append", default=[],
+                   help="one more drafter-peer argument (repeatable), "
+                   "e.g. --peer-arg=--compress=none")  # fmt: skip
     args = p.parse_args()
     args.bin = args.bin.resolve()
     rtts = [float(x) for x in args.rtts.split(",") if x.strip()]
