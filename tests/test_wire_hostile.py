@@ -39,6 +39,7 @@ from wire_helpers import (
     MIB,
     FrameProxy,
     Raw,
+    WrappedProvider,
     build_package,
     contents,
     data_chunks,
@@ -331,27 +332,14 @@ def test_frames_injected_replayed_or_dropped_fail_authentication(
         assert len([ln for ln in lines if "failed authentication" in ln]) == 1, lines
 
 
-class LyingProvider:
+class LyingProvider(WrappedProvider):
     """Serves the package's true hash list, but wrong bytes (of the right length) for
     one chunk, with no hash: the server hashes the wrong bytes itself, so the chunk's
     own hash matches them."""
 
     def __init__(self, inner: PackageProvider, resource: str, index: int) -> None:
-        self.inner = inner
-        self.chunk_size = inner.chunk_size
+        super().__init__(inner)
         self.target = (resource, index)
-
-    def manifest(self) -> dict[str, int]:
-        return self.inner.manifest()
-
-    def config(self) -> bytes:
-        return self.inner.config()
-
-    async def hashes(self, resource: str) -> list[bytes]:
-        return await self.inner.hashes(resource)
-
-    def hot(self) -> dict[str, list[int]]:
-        return self.inner.hot()
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
         data, known = await self.inner.read_chunk(resource, index)

@@ -102,13 +102,12 @@ def data_chunks(data: dict[str, bytes], chunk: int = CHUNK) -> list[tuple[str, i
 # --- servers -------------------------------------------------------------------------
 
 
-class SlowProvider:
-    """A provider that takes ``delay`` seconds per chunk (to keep queues full)."""
+class WrappedProvider:
+    """Serves what ``inner`` serves; subclasses change how chunks are read."""
 
-    def __init__(self, inner: Any, delay: float) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.chunk_size = inner.chunk_size
-        self.delay = delay
 
     def manifest(self) -> dict[str, int]:
         return self.inner.manifest()
@@ -121,6 +120,17 @@ class SlowProvider:
 
     def hot(self) -> dict[str, list[int]]:
         return self.inner.hot()
+
+    async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        return await self.inner.read_chunk(resource, index)
+
+
+class SlowProvider(WrappedProvider):
+    """A provider that takes ``delay`` seconds per chunk (to keep queues full)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
         await asyncio.sleep(self.delay)

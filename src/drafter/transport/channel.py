@@ -313,10 +313,6 @@ class Channel:
         """Whether a drain would wait (the send buffer is above its high-water mark)."""
         return self.protocol._write_paused or self.transport.is_closing()
 
-    def buffered(self) -> int:
-        """Bytes written but not yet handed to the kernel."""
-        return self.transport.get_write_buffer_size()
-
     def is_closing(self) -> bool:
         return self.transport.is_closing()
 

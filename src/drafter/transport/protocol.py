@@ -13,7 +13,6 @@ other side: every decoder checks lengths and ranges and raises :class:`ProtocolE
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import struct
@@ -147,19 +146,6 @@ def parse_header(head: bytes, max_body: int) -> tuple[int, int, int]:
             ErrorCode.PROTOCOL, f"frame of {length} bytes exceeds the limit of {max_body}"
         )
     return length, kind, request_id
-
-
-async def read_frame(
-    reader: asyncio.StreamReader, max_body: int = MAX_BODY
-) -> tuple[int, int, bytes]:
-    """Read one unsealed frame: ``(type, request id, body)``.
-
-    ProtocolError for a declared length above ``max_body`` (before reading the body),
-    asyncio.IncompleteReadError on a cut connection.
-    """
-    length, kind, request_id = parse_header(await reader.readexactly(HEADER_SIZE), max_body)
-    body = await reader.readexactly(length) if length else b""
-    return kind, request_id, body
 
 
 # --- handshake ---------------------------------------------------------------------
