@@ -569,6 +569,8 @@ class Peer:
         self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
         self.summary.wire_bytes = sum(s.stats.wire_bytes for s in self.sources)
         self._report()
+        if not self.summary.migrated:  # every chunk is here: the registry is not needed
+            await _close_all(self.sources)
 
     def _back_to_the_source(self) -> None:
         """After a lost connection during post-copy: tell the source we are back, so it
@@ -595,6 +597,7 @@ class Peer:
         except DrafterError as e:
             log.warning("could not tell the source the migration is done: %s", e)
             return False
+        await self.host.run(_close_all(self.sources))  # the source stops now
         return True
 
     async def wait_done(self) -> bool:
@@ -664,6 +667,10 @@ class Peer:
 
 async def _connect_all(sources: list[RemoteSource]) -> None:
     await asyncio.gather(*(s.connect() for s in sources))
+
+
+async def _close_all(sources: list[RemoteSource]) -> None:
+    await asyncio.gather(*(s.close() for s in sources))
 
 
 def _quiet(future: asyncio.Future[None]) -> None:
