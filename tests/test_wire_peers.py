@@ -264,3 +264,35 @@ def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network
         dest.send_signal(signal.SIGINT)
         dest.communicate(timeout=60)
         assert dest.returncode == 0
+
+
+def test_auto_compression_is_off_on_loopback_only(network, workdir) -> None:
+    """--compress auto: raw bytes to a server on this host's loopback (the CPU is the
+    limit there), zstd to any other address (here the host end of a namespace's veth)."""
+    import asyncio
+
+    from drafter.package import open_package
+    from drafter.transport.client import RemoteSource
+    from drafter.transport.registry import PackageProvider
+    from drafter.transport.server import ChunkServer
+    from wire_helpers import build_package
+
+    package = open_package(build_package(workdir))
+
+    async def compressed(host: str) -> bool:
+        provider = PackageProvider(package, 64 * 1024)
+        server = ChunkServer(provider)
+        await server.start(host, 0)
+        source = RemoteSource(f"{host}:{server.port}")
+        try:
+            await source.connect()
+            data = await source.fetch("initramfs", 0)  # text: compresses well
+            assert data == package.read("initramfs")[: 64 * 1024]
+            return source.compressed and source.stats.wire_bytes < source.stats.bytes
+        finally:
+            await source.close()
+            await server.close()
+            provider.close()
+
+    assert asyncio.run(compressed("127.0.0.1")) is False
+    assert asyncio.run(compressed(network.info(0).host_address)) is True

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--compress", default="auto", choices=["auto", "zstd", "none"],
-        help="compressed chunks (auto: on links with round trips of 2 ms or more)",
+        help="compressed chunks (auto: unless the server is on this host, under 2 ms away)",
     )  # fmt: skip
     p.add_argument(
         "--local-package", default="",
