@@ -356,3 +356,63 @@ def test_an_idle_offer_times_out_and_the_next_destination_migrates(
         dest.send_signal(signal.SIGINT)
         dest.communicate(timeout=60)
         assert dest.returncode == 0
+
+
+def test_a_failure_after_the_pause_resumes_the_vm_at_the_source(
+    seeded_package, network, workdir
+) -> None:
+    """Saving the state fails once the source VM is paused (a failpoint): the source
+    resumes its VM, AfterResume included, and keeps answering; the destination stops."""
+    import os
+
+    address = network.info(0).external_address
+    env = {**os.environ, "DRAFTER_FAILPOINTS": "after-pause"}
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(
+            peer(raddr, network.name(0), workdir, laddr=f"127.0.0.1:{port}", env=env)
+        )
+        wait_resumed(source)
+        watch = StderrWatch(source)
+        wait_for_redis(address).delete("log")
+        with writing([address]) as writer:
+            dest = stack.enter_context(migrate(f"127.0.0.1:{port}", network.name(1), workdir, ""))
+            _, err = dest.communicate(timeout=120)
+            assert dest.returncode != 0
+            assert "switch-over failed" in err.strip().splitlines()[-1], err
+            watch.wait_for("the VM runs here again (resumed, AfterResume done)")
+            acked = len(writer.acked)
+            time.sleep(1)
+            assert len(writer.acked) > acked, "the source VM does not answer"
+        assert source.poll() is None
+        check_no_loss(address, writer)
+
+
+def test_done_from_another_connection_is_refused(seeded_package, network, workdir) -> None:
+    import asyncio
+
+    from drafter.errors import DrafterError
+    from drafter.migration import encode_id
+
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}"))
+        wait_resumed(source)
+
+        async def done_from_elsewhere(body: bytes) -> str:
+            other = RemoteSource(f"127.0.0.1:{port}")
+            try:
+                await other.connect()
+                await other.call(MsgType.MIGRATE_DONE, body)
+            except DrafterError as e:
+                return str(e)
+            finally:
+                await other.close()
+            return "accepted"
+
+        with offered_migration(f"127.0.0.1:{port}"):
+            for body in (b"", encode_id("not-the-migration")):
+                answer = asyncio.run(done_from_elsewhere(body))
+                assert "no such switched-over migration" in answer, answer
+        assert source.poll() is None  # the VM was not handed over
+        assert wait_for_redis(network.info(0).external_address).ping()

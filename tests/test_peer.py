@@ -35,7 +35,12 @@ def registry(package: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str
 
 @contextlib.contextmanager
 def peer(
-    raddr: str, netns: str, workdir: Path, *extra: str, laddr: str = ""
+    raddr: str,
+    netns: str,
+    workdir: Path,
+    *extra: str,
+    laddr: str = "",
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(
         [command("drafter-peer"), "--netns", netns, "--raddr", raddr, "--laddr", laddr,
@@ -43,6 +48,7 @@ def peer(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )  # fmt: skip
     try:
         yield proc

@@ -472,13 +472,18 @@ class Peer:
             try:
                 await snapshot.suspend(machine, state_file, timings)
                 return state_file.read_bytes(), timings.paused_at
-            except BaseException:
+            except BaseException as e:
                 # Whatever step failed, the VM runs here again, AfterResume included.
-                with contextlib.suppress(Exception):
+                try:
                     if timings.paused_at:
                         await machine.resume()
                     async with AgentClient(machine.agent_socket) as agent:
                         await agent.after_resume()
+                except Exception as again:
+                    log.error("could not resume the VM here after that: %s", again)
+                else:
+                    log.warning("switch-over failed (%s): the VM runs here again "
+                                "(resumed, AfterResume done)", e)  # fmt: skip
                 raise
 
         async def resume_here() -> None:

@@ -74,6 +74,7 @@ async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = N
     start = time.monotonic()
     await machine.pause()
     t.paused_at = time.time()
+    failpoint("after-pause")
     await machine.save_state(state)
     fsync_file(Path(machine.config.memory))
     t.pause_and_save = time.monotonic() - start
@@ -97,6 +98,13 @@ async def resume(machine: QemuMachine, state: Path, timings: Timings | None = No
         raise
     t.after_resume = time.monotonic() - start
     log.debug("resumed: %s", t)
+
+
+def failpoint(name: str) -> None:
+    """Fail here if $DRAFTER_FAILPOINTS names ``name`` (comma-separated): how the tests
+    make a step fail that cannot be made to fail from outside."""
+    if name in os.environ.get("DRAFTER_FAILPOINTS", "").split(","):
+        raise DrafterError(f"failpoint {name}")
 
 
 def fsync_file(path: Path) -> None:
