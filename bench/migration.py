@@ -142,7 +142,8 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, An
                     summary = line
                     break
             downtime = re.search(r"downtime (\d+) ms", summary)
-            moved = sum(float(m) for m in re.findall(r"([0-9.]+) MiB", summary))
+            moved_part = summary.split(" moved ", 1)[-1].split(";")[0]  # logical, not wire
+            moved = sum(float(m) for m in re.findall(r"([0-9.]+) MiB", moved_part))
             total = re.search(r"total ([0-9.]+)s", summary)
             time.sleep(1.5)  # steady state before the next hop; the gap window ends here
             runs.append({
