@@ -194,8 +194,25 @@ class Device:
     async def _fetch(self, index: int, priority: Priority) -> None:
         assert self.fetcher is not None
         expected = self.hashes[index] if self.binding else None
-        data, digest = await self.fetcher(index, priority, expected)
+        try:
+            data, digest = await self.fetcher(index, priority, expected)
+        except DrafterError:
+            if self.local[index]:  # another fetch of it (a background run) got it
+                return
+            raise
         self._store(index, data, digest)
+
+    async def settle(self) -> None:
+        """Wait for every fetch on its way (their failures are their callers')."""
+        while self._inflight:
+            futures = [future for _, future in list(self._inflight.values())]
+            await asyncio.gather(*futures, return_exceptions=True)
+
+    def stop_recording(self) -> list[int]:
+        """Stop recording reads; the chunks read since it started, in first-read order."""
+        with self._lock:
+            touched, self.recording = self.recording or {}, None
+        return list(touched)
 
     def _store(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
         """A verified chunk arrived: keep it unless the chunk became local meanwhile."""

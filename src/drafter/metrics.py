@@ -134,9 +134,13 @@ class Metrics:
         started, self._phase_started = self._phase_started, now
         if old is new:
             return
-        if started is not None and old in (Phase.PRECOPY, Phase.SUSPENDED):
-            phase = "pre-copy" if old is Phase.PRECOPY else "post-copy"
-            self.phase_seconds.labels(SOURCE, phase).observe(now - started)
+        names = {
+            Phase.PRECOPY: "pre-copy",
+            Phase.SWITCHING: "switch-over",
+            Phase.SUSPENDED: "post-copy",
+        }
+        if started is not None and old in names:
+            self.phase_seconds.labels(SOURCE, names[old]).observe(now - started)
         if new is Phase.DONE:
             self.migration_ended(SOURCE, COMPLETED)
         elif new is Phase.IDLE and old is not Phase.DONE:

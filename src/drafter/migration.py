@@ -46,7 +46,9 @@ _SUSPENDED_HEAD = struct.Struct(">I")  # length of the JSON part; the state foll
 class Phase(enum.Enum):
     IDLE = "idle"
     PRECOPY = "pre-copy"
+    SWITCHING = "switching over"  # BeforeSuspend, pause, state: no other step meanwhile
     SUSPENDED = "suspended"
+    RESCUING = "rescuing"  # resuming the VM here after the destination was lost
     DONE = "done"
 
 
@@ -157,6 +159,7 @@ class MigrationSource:
         # so that the next one can migrate the VM.
         self.offer_timeout = offer_timeout
         self._watch_task: asyncio.Task[None] | None = None
+        self._lost_while_switching = False
         self.chunk_size = next(iter(devices.values())).chunk_size
         self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
         self._phase = Phase.IDLE
@@ -238,6 +241,8 @@ class MigrationSource:
             return json.dumps(await self._collect_dirty()).encode()
         if kind == MsgType.MIGRATE_SUSPENDED:
             self._expect(conn, Phase.PRECOPY)
+            self.phase = Phase.SWITCHING  # the offer watchdog and other offers keep off
+            self._lost_while_switching = False
             try:
                 state, paused_at = await self.vm.run(self.vm.suspend)
             except Exception as e:
@@ -260,6 +265,8 @@ class MigrationSource:
             self.phase = Phase.SUSPENDED
             self.paused_at = time.monotonic()
             log.info("switched over: the VM is paused here, the destination resumes it")
+            if self._lost_while_switching:  # the answer will not arrive: as if lost now
+                self.connection_closed(conn)
             return encode_suspended(dirty, state, paused_at)
         if kind == MsgType.MIGRATE_RESUME:
             # The destination came back after a lost connection: it owns the migration
@@ -310,6 +317,9 @@ class MigrationSource:
     def connection_closed(self, conn: object) -> None:
         if conn is not self.migrating:
             return
+        if self.phase is Phase.SWITCHING:
+            self._lost_while_switching = True
+            return
         if self.phase is Phase.PRECOPY:
             log.warning("the destination left before switch-over; the VM keeps running here")
             self.phase = Phase.IDLE
@@ -326,6 +336,7 @@ class MigrationSource:
         await asyncio.sleep(self.grace)
         if self.phase is not Phase.SUSPENDED:
             return
+        self.phase = Phase.RESCUING  # a destination coming back now is refused
         log.error(
             "the destination did not finish the migration: resuming the VM here from its "
             "paused state; writes the destination took after switch-over are lost"
@@ -334,6 +345,7 @@ class MigrationSource:
             await self.vm.run(self.vm.resume_here)
         except Exception as e:
             log.error("could not resume the VM here either: %s", e)
+            self.phase = Phase.SUSPENDED
             return
         self.phase = Phase.IDLE
         self.migrating = None

@@ -333,9 +333,7 @@ class Peer:
 
         def stop() -> None:
             for name in ("memory", "disk"):
-                device = self.devices[name]
-                touched, device.recording = device.recording or {}, None
-                self.hot[name] = list(touched)
+                self.hot[name] = self.devices[name].stop_recording()
             if self.source is not None:
                 self.source.hot_chunks = dict(self.hot)
             log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
@@ -562,13 +560,21 @@ class Peer:
                 self.progress.done += end - start * device.chunk_size
                 self._report()
 
-        count = min(queue.qsize(), max(1, self.options.pull_workers))
-        workers = [asyncio.ensure_future(worker()) for _ in range(count)]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
+        for _ in range(10):  # a chunk fetched elsewhere may have failed: pull it again
+            count = min(queue.qsize(), max(1, self.options.pull_workers))
+            workers = [asyncio.ensure_future(worker()) for _ in range(count)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+            for device in self.devices.values():
+                await device.settle()  # demand and prefetch fetches still on their way
+            queue = self._runs()
+            if queue.empty():
+                break
+        else:
+            raise DrafterError("chunks stay missing after pulling them ten times")
         self.progress.done = self.progress.total
         self.progress.finished = time.monotonic()
         self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
@@ -593,15 +599,27 @@ class Peer:
         self._prefetches.append(task)  # kept referenced until close
 
     async def _tell_done(self) -> bool:
-        """Once the VM runs here and every chunk is local, the source may stop."""
+        """Once the VM runs here and every chunk is local, the source may stop. Retried
+        through reconnects for ``retry_timeout`` seconds: a source that never hears it
+        would keep the VM paused (and, after its rescue timeout, resume it)."""
         assert self.host is not None and self.remote is not None
-        await self.wait_pulled()
         try:
-            body = encode_id(self._migration)
-            await self.host.run(self.remote.call(MsgType.MIGRATE_DONE, body))
-        except DrafterError as e:
-            log.warning("could not tell the source the migration is done: %s", e)
+            await self.wait_pulled()
+        except Exception as e:
+            log.error("the migration cannot finish: %s", e)
             return False
+        deadline = time.monotonic() + self.options.retry_timeout
+        while True:
+            try:
+                body = encode_id(self._migration)
+                await self.host.run(self.remote.call(MsgType.MIGRATE_DONE, body))
+                break
+            except DrafterError as e:
+                if self.remote.failed or time.monotonic() > deadline:
+                    log.warning("could not tell the source the migration is done: %s", e)
+                    return False
+                log.debug("telling the source the migration is done: %s; again", e)
+                await asyncio.sleep(0.2)
         await self.host.run(_close_all(self.sources))  # the source stops now
         return True
 

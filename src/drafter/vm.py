@@ -207,10 +207,9 @@ class LocalVM:
             return
         self._hot = {}
         for name in ("memory", "disk"):
-            device = self.mount.devices[name]
-            touched, device.recording = device.recording, None
+            touched = self.mount.devices[name].stop_recording()
             if touched:
-                self._hot[name] = list(touched)
+                self._hot[name] = touched
 
     def hot(self) -> HotRanges:
         """What the next flush stores as the hot set (the package's, if none recorded)."""

@@ -46,6 +46,10 @@ _BACKOFF_MAX = 2.0
 INITIAL_WINDOW = 16 << 20  # requests wait at the server, where demand overtakes them
 MAX_WINDOW = 128 << 20
 _MAX_BACKGROUND_REQUESTS = wire.MAX_OUTSTANDING - 64  # room for demand requests
+# Requests of every priority together stay under the server's limit; prefetches and
+# background requests leave room for demand ones.
+_MAX_REQUESTS = wire.MAX_OUTSTANDING - 16
+_MAX_QUEUED_REQUESTS = wire.MAX_OUTSTANDING - 128
 COMPRESS_RTT = 0.002  # "auto" asks for compressed chunks from this round-trip time on
 PING_INTERVAL = 30.0
 
@@ -154,6 +158,9 @@ class RemoteSource:
         self.window = INITIAL_WINDOW
         self._in_flight = 0  # bytes of background requests sent and not answered
         self._in_flight_requests = 0
+        self._requests = 0  # requests of every priority sent (or about to be) and unanswered
+        self._demand_waiters: deque[asyncio.Future[None]] = deque()
+        self._other_waiters: deque[asyncio.Future[None]] = deque()
         self._window_waiters: deque[asyncio.Future[None]] = deque()
         self._names: list[str] = []
         self._index: dict[str, int] = {}
@@ -167,6 +174,11 @@ class RemoteSource:
         self._lost_since: float | None = None
         self._lost_reason = ""
         self._dctx = zstandard.ZstdDecompressor()
+
+    @property
+    def failed(self) -> bool:
+        """Whether the connection is lost for good (every fetch and call fails)."""
+        return self._failed is not None or self._closed
 
     @property
     def zero_chunks(self) -> int:
@@ -262,9 +274,15 @@ class RemoteSource:
         if priority == Priority.BACKGROUND:
             size = sum(self._chunk_length(r, i) for i in range(start, start + count))
             await self._admit(pending, size)
-            if self._failed is not None or self._closed:  # while it waited for room
-                self._release(pending, pending.windowed)
-                self._check(resource, start, count)  # raises
+        try:
+            await self._take_slot(priority == Priority.DEMAND)
+        except BaseException:
+            self._release(pending, pending.windowed)
+            raise
+        if self._failed is not None or self._closed:  # while it waited for room
+            self._release(pending, pending.windowed)
+            self._give_slot()
+            self._check(resource, start, count)  # raises
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
         conn = self._conn
@@ -278,6 +296,7 @@ class RemoteSource:
         finally:
             self._pending.pop(request_id, None)
             self._release(pending, pending.windowed)
+            self._give_slot()
 
     def _check(self, resource: str, start: int, count: int) -> tuple[int, int]:
         if self._failed is not None:
@@ -359,6 +378,36 @@ class RemoteSource:
         self._in_flight += size
         self._in_flight_requests += 1
         pending.windowed = size
+
+    async def _take_slot(self, demand: bool) -> None:
+        """Wait until one more request keeps every priority's total under the cap."""
+        cap, waiters = (
+            (_MAX_REQUESTS, self._demand_waiters)
+            if demand
+            else (_MAX_QUEUED_REQUESTS, self._other_waiters)
+        )
+        while self._requests >= cap:
+            waiter = asyncio.get_running_loop().create_future()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._give_slot(taken=False)  # pass the turn on
+                raise
+        self._requests += 1
+
+    def _give_slot(self, taken: bool = True) -> None:
+        if taken:
+            self._requests -= 1
+        for cap, waiters in (
+            (_MAX_REQUESTS, self._demand_waiters),
+            (_MAX_QUEUED_REQUESTS, self._other_waiters),
+        ):
+            while waiters and self._requests < cap:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     def _release(self, pending: _Pending, size: int) -> None:
         """``size`` bytes of a background request arrived (or will not)."""
@@ -663,7 +712,9 @@ class RemoteSource:
         while not conn.dead:
             await asyncio.sleep(period)
             now = loop.time()
-            if (self._pending or self._calls) and now - conn.last_progress > self.chunk_timeout:
+            # Fetches only: a control call has its own timeout (a switch-over may take a
+            # while, and nothing else need be outstanding meanwhile).
+            if self._pending and now - conn.last_progress > self.chunk_timeout:
                 self._lost(conn, f"no answer for {self.chunk_timeout:g} s")
                 return
             if now - conn.last_sent > PING_INTERVAL and not conn.dead:

@@ -116,12 +116,14 @@ class Connection:
         self.background: deque[tuple[int, int, int, int]] = deque()
         self.wake = asyncio.Event()
         self.busy = False
+        self.in_call = False  # a control call is being answered (it counts as outstanding)
         self.last_activity = time.monotonic()  # any frame either way
         self.last_work = self.last_activity  # a request, a control call or a chunk sent
 
     @property
     def outstanding(self) -> int:
-        return len(self.demand) + len(self.prefetch) + len(self.background) + int(self.busy)
+        queued = len(self.demand) + len(self.prefetch) + len(self.background)
+        return queued + int(self.busy) + int(self.in_call)
 
     def priority_of(self, queue: deque[tuple[int, int, int, int]]) -> wire.Priority:
         if queue is self.demand:
@@ -513,7 +515,11 @@ class ChunkServer:
                     )
                 # Answered inline: one control call at a time per connection.
                 conn.last_work = conn.last_activity
-                reply = await control(conn, kind, body)
+                conn.in_call = True
+                try:
+                    reply = await control(conn, kind, body)
+                finally:
+                    conn.in_call = False
                 channel.write(kind, reply, request_id)
                 await self._drain(channel)
             else:
