@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import shutil
 import signal
@@ -26,7 +27,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_command
 from drafter.errors import DrafterError
-from drafter.package import open_package
+from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.channel import FrameProtocol
@@ -38,6 +39,7 @@ from wire_helpers import (
     CHUNK,
     LOOPBACK,
     MIB,
+    SlowProvider,
     build_package,
     contents,
     data_chunks,
@@ -697,3 +699,43 @@ def test_registry_command(package: Path, workdir: Path) -> None:
     ):  # fmt: skip
         assert_one_line_error(run_command("drafter-registry", *args, env=env, timeout=30), needle)
     assert sha256(package) == before
+
+
+def test_thousands_of_requests_at_once_stay_under_the_servers_limit(workdir: Path) -> None:
+    """A client asked for far more chunks at once than a connection may have outstanding
+    (as a peer's hot set can be, at small chunk sizes): it paces its requests, every
+    priority together, and the server never answers TOO_MANY."""
+    files: dict[str, Source | Path] = {}
+    for name in RESOURCES[1:]:
+        files[name] = workdir / name
+        files[name].write_bytes(os.urandom(8 * MIB if name == "memory" else 4096))
+    pkg = workdir / "dense.drft"
+    write_package(pkg, PackageConfig(8, 1, "console=ttyS0", "02:00:00:00:00:01"), files)
+    memory = (workdir / "memory").read_bytes()
+    small = 4096
+
+    async def go() -> None:
+        provider = PackageProvider(open_package(pkg), small)
+        # A slow server, so that requests pile up there.
+        server = await start_server(pkg, provider=SlowProvider(provider, 0.0002))
+        source = RemoteSource(f"{LOOPBACK}:{server.port}")
+        try:
+            await source.connect()
+            jobs = [
+                (i, priority)
+                for i in range(source.chunks("memory"))
+                for priority in (Priority.PREFETCH, Priority.DEMAND, Priority.BACKGROUND)
+            ]
+            assert len(jobs) > 4 * wire.MAX_OUTSTANDING
+
+            async def one(i: int, priority: Priority) -> None:
+                data = await source.fetch("memory", i, priority)
+                assert data == memory[i * small : (i + 1) * small]
+
+            await asyncio.gather(*(one(*job) for job in jobs))
+        finally:
+            await source.close()
+            await server.close()
+            provider.close()
+
+    run(go(), timeout=120)
