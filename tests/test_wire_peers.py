@@ -187,12 +187,18 @@ class CuttableProxy(threading.Thread):
         self.port = self.listener.getsockname()[1]
         self.open: list[socket.socket] = []
         self.cuts = 0
+        self.refuse_until = 0.0  # connections before this moment are closed at once
         self.start()
 
     def run(self) -> None:
+        import time
+
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self.listener.accept()
+                if time.monotonic() < self.refuse_until:
+                    client.close()
+                    continue
                 server = socket.create_connection(("127.0.0.1", self.target))
                 self.open += [client, server]
                 for a, b in ((client, server), (server, client)):
@@ -210,10 +216,11 @@ class CuttableProxy(threading.Thread):
         self.cuts += 1
         sockets, self.open = self.open, []
         for s in sockets:
+            # shutdown() ends the connection even while a pipe thread is blocked in
+            # recv() on it (close() alone would wait for that thread).
             with contextlib.suppress(OSError):
-                s.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 s.close()
 
     def close(self) -> None:
@@ -296,3 +303,51 @@ def test_auto_compression_is_off_on_loopback_only(network, workdir) -> None:
 
     assert asyncio.run(compressed("127.0.0.1")) is False
     assert asyncio.run(compressed(network.info(0).host_address)) is True
+
+
+def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, workdir) -> None:
+    """The link goes down at switch-over and stays down for longer than the source's
+    rescue timeout: the source resumes the VM itself, and the destination stops (it
+    lost the switch-over answer, or its RESUME is refused), so only one copy of the
+    VM answers."""
+    import time
+
+    from test_migration import StderrWatch
+
+    addresses = [network.info(i).external_address for i in range(2)]
+    with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
+        port = free_port()
+        source = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", "--rescue-timeout", "2")
+        )
+        wait_resumed(source)
+        watch = StderrWatch(source)
+        proxy = CuttableProxy(port)
+        stack.callback(proxy.close)
+        dest = stack.enter_context(
+            migrate(
+                f"127.0.0.1:{proxy.port}",
+                network.name(1),
+                workdir,
+                "",
+                "--precopy-rounds",
+                "0",
+                "--retry-timeout",
+                "30",
+            )  # fmt: skip
+        )
+        watch.wait_for("switched over")
+        proxy.refuse_until = time.monotonic() + 6
+        proxy.cut()
+        watch.wait_for("resuming the VM here", timeout=30)
+        _, err = dest.communicate(timeout=60)
+        assert dest.returncode != 0
+        assert "error:" in err.strip().splitlines()[-1], err
+        assert wait_for_redis(addresses[0]).ping()  # the source's copy runs
+        with contextlib.suppress(Exception):  # and the destination's does not
+            import redis
+
+            answered = redis.Redis(host=addresses[1], socket_timeout=0.5,
+                                   socket_connect_timeout=0.5).ping()  # fmt: skip
+            raise AssertionError(f"the destination still answers: {answered}")
+        assert source.poll() is None

@@ -170,6 +170,10 @@ class Peer:
         self.summary = MigrationSummary(source=options.raddr)
         self.server: ChunkServer | None = None
         self.migrated_away = asyncio.Event()
+        # Set when the source took the VM back (it resumed it itself after losing us):
+        # this copy must stop.
+        self.taken_back = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.source: MigrationSource | None = None
         self._done: asyncio.Future[bool] | None = None
         self._paused_at = 0.0
@@ -184,6 +188,7 @@ class Peer:
     async def start(self) -> float:
         """Connect, resume the VM, call AfterResume; return seconds from start to resumed."""
         start = time.monotonic()
+        self._loop = asyncio.get_running_loop()
         try:
             await self._start()
         except BaseException:
@@ -593,7 +598,13 @@ class Peer:
             try:
                 await remote.call(MsgType.MIGRATE_RESUME, encode_id(self._migration))
             except DrafterError as e:
-                log.warning("could not tell the source we are back: %s", e)
+                if "no such switched-over migration" not in str(e):
+                    log.warning("could not tell the source we are back: %s", e)
+                    return
+                # The source gave up on us and runs the VM again: one copy only.
+                log.error("the source has taken the VM back (it resumed it itself)")
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self.taken_back.set)
 
         task = asyncio.ensure_future(resume())
         self._prefetches.append(task)  # kept referenced until close

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from drafter import cli, console, metrics
+from drafter.errors import DrafterError
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -130,10 +131,11 @@ async def run(a: argparse.Namespace) -> int:
             pulled = asyncio.ensure_future(peer.wait_pulled())
             stopped = asyncio.ensure_future(stop.wait())
             away = asyncio.ensure_future(peer.migrated_away.wait())
+            back = asyncio.ensure_future(peer.taken_back.wait())
             raw = console.raw_terminal(sys.stdin.fileno()) if a.enable_input else None
             with raw or contextlib.nullcontext():
-                waiting = {pulled, stopped, away}
-                while not (stopped.done() or away.done()):
+                waiting = {pulled, stopped, away, back}
+                while not (stopped.done() or away.done() or back.done()):
                     done, waiting = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
                     if pulled in done:
                         pulled.result()  # raises if the pull failed
@@ -142,11 +144,16 @@ async def run(a: argparse.Namespace) -> int:
                                  (p.finished or p.started) - p.started)  # fmt: skip
                         print(peer.summary.line(), flush=True)
             attach.cancel()
-            for task in (pulled, stopped, away):
+            for task in (pulled, stopped, away, back):
                 task.cancel()
         if away.done():
             print("the VM migrated away; stopping here", flush=True)
             return 0
+        if back.done():
+            raise DrafterError(
+                "the source resumed the VM itself after losing this destination; "
+                "stopped the copy here (its writes since the switch-over are lost)"
+            )
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)  # finish stopping first
         if a.package_output_path:
