@@ -334,6 +334,16 @@ HOSTILE: dict[str, Hostile] = {
     "duplicate hot member": Hostile(
         appended(member(HOT_MEMBER, b"{}"), member(HOT_MEMBER, b"{}")), "appears more than once"
     ),
+    "hot member not JSON": Hostile(appended(member(HOT_MEMBER, b"{nope")), "not valid JSON"),
+    "hot member nested 50,000 deep": Hostile(
+        appended(member(HOT_MEMBER, b"[" * 50_000 + b"]" * 50_000)), "not valid JSON"
+    ),
+    "hot range beyond the memory": Hostile(
+        appended(member(HOT_MEMBER, b'{"memory": [[0, 1099511627776]]}')), "bad range in memory"
+    ),
+    "hot range of a float": Hostile(
+        appended(member(HOT_MEMBER, b'{"memory": [[0.5, 4096]]}')), "bad range in memory"
+    ),
     # Fields out of type or range.
     "cpus 0": Hostile(with_fields(cpus=0), "cpus must be"),
     "cpus -5": Hostile(with_fields(cpus=-5), "cpus must be"),
