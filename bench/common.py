@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,3 +31,22 @@ def first_reply(address: str, timeout: float = 120) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.002)
+
+
+def make_package(
+    blueprint: Path,
+    netns: str,
+    memory_mib: int,
+    output: Path,
+    bin_dir: Path = BIN,
+    timeout: float | None = None,
+) -> None:
+    """drafter-packager: the blueprint in ``blueprint`` (a directory) as a package."""
+    subprocess.run(
+        [bin_dir / "drafter-packager", "--netns", netns, "--memory-size", str(memory_mib),
+         "--kernel-path", str(blueprint / "drafter.drftkernel"),
+         "--initramfs-path", str(blueprint / "drafter.drftinitramfs"),
+         "--disk-path", str(blueprint / "drafter.drftdisk"),
+         "--package-output-path", str(output)],
+        check=True, capture_output=True, timeout=timeout,
+    )  # fmt: skip

@@ -32,7 +32,7 @@ from qemu.qmp import EventListener
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common import BIN, first_reply, free_port
+from common import BIN, first_reply, free_port, make_package
 from drafter import snapshot
 from drafter.network import Network, NetworkConfig
 from drafter.vmm import MachineConfig, QemuMachine
@@ -93,13 +93,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, Any]:
     package = work / "redis.drft"
-    subprocess.run(
-        [BIN / "drafter-packager", "--netns", nets[0].namespace, "--memory-size", str(MEMORY_MIB),
-         "--kernel-path", str(bp / "drafter.drftkernel"),
-         "--initramfs-path", str(bp / "drafter.drftinitramfs"),
-         "--disk-path", str(bp / "drafter.drftdisk"), "--package-output-path", str(package)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    make_package(bp, nets[0].namespace, MEMORY_MIB, package)
     reg_port = free_port()
     registry = subprocess.Popen(
         [BIN / "drafter-registry", "--package-path", str(package),

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import BIN, first_reply, free_port
+from common import BIN, first_reply, free_port, make_package
 from drafter.device import Priority
 from drafter.network import Network, NetworkConfig
 from drafter.package import PackageConfig, write_package
@@ -72,14 +72,7 @@ def lazy_start(work: Path, bp: Path, ns: str, address: str, rounds: int) -> dict
     results: dict[str, object] = {}
     for mib in (512, 2048):
         package = work / f"redis-{mib}.drft"
-        subprocess.run(
-            [BIN / "drafter-packager", "--netns", ns, "--memory-size", str(mib),
-             "--kernel-path", str(bp / "drafter.drftkernel"),
-             "--initramfs-path", str(bp / "drafter.drftinitramfs"),
-             "--disk-path", str(bp / "drafter.drftdisk"),
-             "--package-output-path", str(package)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        make_package(bp, ns, mib, package)
         registry, raddr = start_registry(package)
         try:
             peer = [

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from common import BIN, first_reply
+from common import BIN, first_reply, make_package
 from drafter.network import Network, NetworkConfig
 
 
@@ -75,25 +75,7 @@ def main() -> None:
             ns = net.namespaces[0]
             for mib in (512, 2048):
                 package = Path(tmp) / f"redis-{mib}.drft"
-                subprocess.run(
-                    [
-                        BIN / "drafter-packager",
-                        "--netns",
-                        ns.namespace,
-                        "--memory-size",
-                        str(mib),
-                        "--kernel-path",
-                        str(bp / "drafter.drftkernel"),
-                        "--initramfs-path",
-                        str(bp / "drafter.drftinitramfs"),
-                        "--disk-path",
-                        str(bp / "drafter.drftdisk"),
-                        "--package-output-path",
-                        str(package),
-                    ],  # fmt: skip
-                    check=True,
-                    capture_output=True,
-                )
+                make_package(bp, ns.namespace, mib, package)
                 results[f"{mib}MiB"] = measure(package, ns.namespace, ns.external_address,
                                                args.rounds)  # fmt: skip
     small = results["512MiB"]["start_to_first_reply_s"]["median"]  # type: ignore[index]

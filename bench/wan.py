@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from common import BIN, first_reply, free_port
+from common import BIN, first_reply, free_port, make_package
 
 MIB = 1 << 20
 LINK = Path(__file__).resolve().parent / "link.py"
@@ -212,14 +212,7 @@ def ensure_package(bin_dir: Path, blueprint: Path, package: Path, ns: str) -> No
         return
     package.parent.mkdir(parents=True, exist_ok=True)
     partial = package.with_suffix(".partial.drft")
-    subprocess.run(
-        [bin_dir / "drafter-packager", "--netns", ns, "--memory-size", str(MEMORY_MIB),
-         "--kernel-path", str(blueprint / "drafter.drftkernel"),
-         "--initramfs-path", str(blueprint / "drafter.drftinitramfs"),
-         "--disk-path", str(blueprint / "drafter.drftdisk"),
-         "--package-output-path", str(partial)],
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
+    make_package(blueprint, ns, MEMORY_MIB, partial, bin_dir, timeout=900)
     partial.rename(package)
 
 
