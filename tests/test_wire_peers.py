@@ -228,6 +228,13 @@ class CuttableProxy(threading.Thread):
         self.cut()
 
 
+def post_copy_through(proxy: CuttableProxy, network, workdir: Path):
+    """A destination in namespace 1 that migrates the VM through ``proxy``, resuming
+    at once (pure post-copy), and rides out cuts for 30 s."""
+    return migrate(f"127.0.0.1:{proxy.port}", network.name(1), workdir, "",
+                   "--precopy-rounds", "0", "--retry-timeout", "30")  # fmt: skip
+
+
 def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network, workdir) -> None:
     """The link to the source drops right after switch-over: the destination comes back
     with the migration's id, the source keeps the migration its own instead of resuming
@@ -246,18 +253,7 @@ def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network
         proxy = CuttableProxy(port)
         stack.callback(proxy.close)
         with writing(addresses) as writer:
-            dest = stack.enter_context(
-                migrate(
-                    f"127.0.0.1:{proxy.port}",
-                    network.name(1),
-                    workdir,
-                    "",
-                    "--precopy-rounds",
-                    "0",
-                    "--retry-timeout",
-                    "30",
-                )  # fmt: skip
-            )
+            dest = stack.enter_context(post_copy_through(proxy, network, workdir))
             watch.wait_for("switched over")
             proxy.cut()
             wait_resumed(dest)
@@ -324,18 +320,7 @@ def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, work
         watch = StderrWatch(source)
         proxy = CuttableProxy(port)
         stack.callback(proxy.close)
-        dest = stack.enter_context(
-            migrate(
-                f"127.0.0.1:{proxy.port}",
-                network.name(1),
-                workdir,
-                "",
-                "--precopy-rounds",
-                "0",
-                "--retry-timeout",
-                "30",
-            )  # fmt: skip
-        )
+        dest = stack.enter_context(post_copy_through(proxy, network, workdir))
         watch.wait_for("switched over")
         proxy.refuse_until = time.monotonic() + 6
         proxy.cut()
