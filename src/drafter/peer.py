@@ -76,9 +76,10 @@ class PeerOptions:
     netns: str | None
     token: str | None = None
     tls_ca: str | None = None
-    # Most background chunks requested at once; the client's window bounds the bytes.
+    # Most background requests (runs of up to PULL_RUN chunks) at once; the client's
+    # window bounds the bytes in flight.
     pull_workers: int = 512
-    compress: str = "auto"  # zstd on long links ("auto"), always ("zstd") or never
+    compress: str = "auto"  # zstd unless the server is this host's loopback ("auto")
     # A package on this host: chunks whose hash matches are taken from it, not moved.
     local_package: Path | None = None
     # Seconds after the resume during which the chunks the VM reads are recorded as

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
     p.add_argument("--pull-workers", type=int, default=512,
-                   help="most background chunks requested at once")  # fmt: skip
+                   help="most background requests (runs of up to 16 chunks) at once; "
+                   "the window of bytes in flight bounds them too")  # fmt: skip
     p.add_argument(
         "--resume-threshold", type=float, default=1.0,
         help="fraction of the VM's data that may still be missing at resume "
