@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,19 @@ def failpoint(name: str) -> None:
 
 def fsync_file(path: Path) -> None:
     """Sync ``path``; for the memory file this pushes the pages the guest dirtied in
-    QEMU's shared mapping down to the file (or device) below."""
-    fd = os.open(path, os.O_RDONLY)
+    QEMU's shared mapping down to the file (or device) below.
+
+    The sync runs in a child process (coreutils ``sync FILE``), never on a thread of
+    this one: the file is usually served by this very process through FUSE, and a
+    process killed (SIGKILL) while one of its own threads waits on its own FUSE mount
+    can never exit (the thread waits for an answer only the dead server thread could
+    give, and the mount stays open while the thread lives). A child's wait ends with
+    an error when this process is gone.
+    """
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        done = subprocess.run(["sync", "--", str(path)], capture_output=True, text=True)
+    except OSError as e:
+        raise DrafterError(f"cannot sync {path}: {e.strerror or e}") from None
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise DrafterError(f"cannot sync {path}: {reason[0]}")
