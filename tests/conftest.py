@@ -134,8 +134,38 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            wait_killed(proc)
     return proc.returncode
+
+
+def wait_killed(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """Wait for a process we killed. One stuck on its own FUSE mount (D state) would
+    hang the suite: its mounts are aborted through fusectl, and the test fails."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    aborted = abort_fuse_mounts(lambda point: f".{proc.pid}." in point or TMP_PREFIX in point)
+    proc.wait(30)
+    raise AssertionError(f"process {proc.pid} was stuck after SIGKILL; aborted FUSE {aborted}")
+
+
+def abort_fuse_mounts(select: Callable[[str], bool]) -> list[str]:
+    """Abort the FUSE connections of the drafter mounts ``select`` picks."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not any(connections.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], check=False)
+    aborted = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point, kind = fields[4], fields[fields.index("-") + 1]
+        if kind.startswith("fuse") and select(point):
+            major, minor = fields[2].split(":")
+            abort = connections / str(os.makedev(int(major), int(minor))) / "abort"
+            with contextlib.suppress(OSError):
+                abort.write_text("1")
+                aborted.append(point)
+    return aborted
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import command, copy_package, stop_process
+from conftest import command, copy_package, stop_process, wait_killed
 from test_runner import wait_for_redis
 
 
@@ -66,7 +66,7 @@ def test_sigkill_at_random_moments_never_breaks_the_package(
                 proc.kill()
                 kills["after flush" if finished else "flush"] += 1
                 possible = {attempt} if finished and proc.returncode == 0 else {generation, attempt}
-            proc.wait()
+            wait_killed(proc)
             wait_gone(qemu)
         finally:
             stop_process(proc, signal.SIGKILL)

@@ -16,6 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from conftest import wait_killed
 from drafter.transport.client import RemoteSource
 from drafter.transport.protocol import MsgType
 from test_peer import peer, registry, wait_resumed
@@ -248,7 +249,7 @@ def test_rollback_when_the_destination_dies_in_precopy(seeded_package, network, 
             )
             events.wait_for("pre-copy starts")  # the source logs the offer
             dest.kill()  # while it pulls, long before switch-over
-            dest.wait()
+            wait_killed(dest)
             assert not any("switched over" in line for line in events.lines)
             events.wait_for("left before switch-over")
             time.sleep(2)
@@ -281,7 +282,7 @@ def test_source_death_after_switch_over_with_threshold_zero(
         )
         wait_resumed(dest)
         source.kill()
-        source.wait()
+        wait_killed(source)
         client = wait_for_redis(network.info(1).external_address)
         for i in range(20):
             assert client.set(f"after{i}", i)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import command, stop_process
+from conftest import command, stop_process, wait_killed
 from test_runner import ctrl_c, free_port, runner, wait_for_redis
 
 
@@ -127,7 +127,7 @@ def test_registry_gone_mid_pull_stops_the_peer_with_a_clear_error(
     ):
         wait_resumed(p)
         reg.kill()  # the registry's network goes away while the peer still pulls
-        reg.wait()
+        wait_killed(reg)
         start = time.monotonic()
         _, stderr = p.communicate(timeout=60)
         assert p.returncode != 0
