@@ -178,13 +178,17 @@ def test_a_migration_sources_phases_and_outcomes() -> None:
         vm: Any = None  # no VM: only the phases change here
         source = MigrationSource(devices, b"{}", Path("/nonexistent"), vm)
         m.attach_source(source)
-        for phase in (Phase.PRECOPY, Phase.IDLE, Phase.PRECOPY, Phase.SUSPENDED, Phase.DONE):
-            source.phase = phase  # a destination left in pre-copy; the next one finished
+        # A destination left in pre-copy; the next one finished.
+        for phase in (Phase.PRECOPY, Phase.IDLE, Phase.PRECOPY, Phase.SWITCHING):
+            source._to(phase)
+        for phase in (Phase.SUSPENDED, Phase.HANDED_OVER, Phase.DONE):
+            source._to(phase)
         s = Samples(addr)
         source_side = {"role": "source"}
         assert s.value("drafter_migrations_total", outcome="rolled_back", **source_side) == 1
         assert s.value("drafter_migrations_total", outcome="completed", **source_side) == 1
         assert s.value(PHASES, phase="pre-copy") == 2
+        assert s.value(PHASES, phase="hand-over") == 1
         assert s.value(PHASES, phase="post-copy") == 1
     finally:
         m.close()

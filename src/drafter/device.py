@@ -15,6 +15,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -119,6 +120,7 @@ class Device:
         self.run_fetcher: RunFetcher | None = None  # background pulls in runs
         self._inflight: dict[int, tuple[Priority, asyncio.Future[None]]] = {}
         self.fetched_bytes = 0
+        self.first_demand_at: float | None = None  # monotonic: a chunk fetched on demand
         # The content hash of each chunk where it is known (from the remote's manifest
         # or the chunk's verified fetch); None once the chunk changed here.
         self.hashes: list[bytes | None] = [None] * self.chunks
@@ -201,6 +203,8 @@ class Device:
                 return
             raise
         self._store(index, data, digest)
+        if priority == Priority.DEMAND and self.first_demand_at is None:
+            self.first_demand_at = time.monotonic()
 
     async def settle(self) -> None:
         """Wait for every fetch on its way (their failures are their callers')."""

@@ -137,7 +137,8 @@ class Metrics:
         names = {
             Phase.PRECOPY: "pre-copy",
             Phase.SWITCHING: "switch-over",
-            Phase.SUSPENDED: "post-copy",
+            Phase.SUSPENDED: "hand-over",
+            Phase.HANDED_OVER: "post-copy",
         }
         if started is not None and old in names:
             self.phase_seconds.labels(SOURCE, names[old]).observe(now - started)

@@ -1,18 +1,25 @@
-"""Live migration between peers: the source side, and the wire format of its answers.
+"""Live migration between peers: both halves of the protocol, and its wire formats.
 
-The destination drives (see :meth:`drafter.peer.Peer`): it offers a migration, pulls
-every chunk while the source VM keeps running, asks for the chunks dirtied since
-(pre-copy rounds), then asks the source to switch over: BeforeSuspend, pause, save
-state, flush memory, final dirty list. It resumes its VM at once and fetches what is
-left on demand and in the background (post-copy), then says it is done and the
-source stops. Until switch-over the source VM runs as if nothing happened; a
-destination that leaves early costs nothing.
+The destination (:class:`MigrationDestination`, driven by :class:`drafter.peer.Peer`)
+offers a migration, pulls every chunk while the source VM keeps running, asks for the
+chunks dirtied since (pre-copy rounds), then asks the source (:class:`MigrationSource`)
+to switch over: BeforeSuspend, pause, save state, sync memory, final dirty list. It
+loads the state and asks for the **hand-over**, the right to run the VM: from the
+grant on, the VM is the destination's and the source never resumes it by itself. The
+destination resumes its VM, fetches what is left on demand and in the background
+(post-copy), then says it is done and the source stops.
+
+Until the grant the source can always take the VM back (the destination never ran
+it); after it, a lost link is recovered (the destination reconnects and names the
+migration), never forked. Every phase and transition is in the two tables below;
+docs/migration.md draws them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import json
 import logging
@@ -20,11 +27,13 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drafter.device import Device, Priority
-from drafter.snapshot import fsync_file
+from drafter.errors import DrafterError
+from drafter.snapshot import failpoint, fsync_file
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import (
     ErrorCode,
@@ -36,6 +45,7 @@ from drafter.transport.protocol import (
 
 if TYPE_CHECKING:
     from drafter.metrics import Metrics
+    from drafter.transport.client import RemoteSource
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +54,102 @@ _SUSPENDED_HEAD = struct.Struct(">I")  # length of the JSON part; the state foll
 
 
 class Phase(enum.Enum):
-    IDLE = "idle"
-    PRECOPY = "pre-copy"
+    """The source's phase: who may run the VM is the source until HANDED_OVER."""
+
+    IDLE = "idle"  # no migration; the VM runs here
+    PRECOPY = "pre-copy"  # a destination pulls; the VM runs here
     SWITCHING = "switching over"  # BeforeSuspend, pause, state: no other step meanwhile
-    SUSPENDED = "suspended"
-    RESCUING = "rescuing"  # resuming the VM here after the destination was lost
-    DONE = "done"
+    SUSPENDED = "suspended"  # paused here, state sent; the destination has not the right
+    HANDED_OVER = "handed over"  # the destination may run the VM; this copy never will
+    RESCUING = "rescuing"  # resuming the VM here (hand-over provably not done, or asked)
+    DONE = "done"  # the destination holds everything; this process stops
 
 
-def encode_suspended(dirty: dict[str, list[int]], state: bytes, paused_at: float) -> bytes:
-    """The switch-over answer: final dirty lists, when the VM paused (wall clock), state."""
-    head = json.dumps({"dirty": dirty, "paused_at": paused_at}).encode()
-    return _SUSPENDED_HEAD.pack(len(head)) + head + state
+SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.IDLE: frozenset({Phase.PRECOPY}),  # an offer
+    # the destination left, fell silent, or asks to switch over
+    Phase.PRECOPY: frozenset({Phase.IDLE, Phase.SWITCHING}),
+    # paused and answered; or a step failed and the VM runs here again
+    Phase.SWITCHING: frozenset({Phase.SUSPENDED, Phase.IDLE}),
+    # granted; or ABORT, rescue timeout, operator
+    Phase.SUSPENDED: frozenset({Phase.HANDED_OVER, Phase.RESCUING}),
+    # DONE; or ABORT (the destination never ran it), operator
+    Phase.HANDED_OVER: frozenset({Phase.DONE, Phase.RESCUING}),
+    # resumed here; or the resume failed and it stays where it was
+    Phase.RESCUING: frozenset({Phase.IDLE, Phase.SUSPENDED, Phase.HANDED_OVER}),
+    Phase.DONE: frozenset(),
+}
 
 
-def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], float, bytes]:
+class DestinationPhase(enum.Enum):
+    """The destination's phase: it may run the VM only from RUNNING on."""
+
+    CONNECTED = "connected"  # nothing offered yet
+    PRECOPY = "pre-copy"  # pulling while the source VM runs
+    SWITCHING = "switching over"  # asked the source to pause; waiting for the state
+    LOADING = "loading"  # the state is here; the hand-over is asked, not yet granted
+    RUNNING = "running"  # granted: the VM is ours (post-copy until everything is here)
+    DONE = "done"  # every chunk is here and the source was told: it stops
+    FAILED = "failed"  # gave up before running the VM: the source keeps or takes it back
+    TAKEN_BACK = "taken back"  # the source resumed the VM itself: this copy must stop
+
+
+DESTINATION_TRANSITIONS: dict[DestinationPhase, frozenset[DestinationPhase]] = {
+    DestinationPhase.CONNECTED: frozenset({DestinationPhase.PRECOPY, DestinationPhase.FAILED}),
+    DestinationPhase.PRECOPY: frozenset({DestinationPhase.SWITCHING, DestinationPhase.FAILED}),
+    DestinationPhase.SWITCHING: frozenset(
+        {DestinationPhase.LOADING, DestinationPhase.FAILED, DestinationPhase.TAKEN_BACK}
+    ),
+    DestinationPhase.LOADING: frozenset(
+        {DestinationPhase.RUNNING, DestinationPhase.FAILED, DestinationPhase.TAKEN_BACK}
+    ),
+    DestinationPhase.RUNNING: frozenset(
+        {DestinationPhase.DONE, DestinationPhase.FAILED, DestinationPhase.TAKEN_BACK}
+    ),
+    DestinationPhase.DONE: frozenset(),
+    DestinationPhase.FAILED: frozenset(),
+    DestinationPhase.TAKEN_BACK: frozenset(),
+}
+
+TAKEN_BACK = "no such switched-over migration"  # the refusal a taken-back destination gets
+MAX_PHASES = 16  # timed steps a switch-over answer may name
+
+
+@dataclass
+class SwitchOver:
+    """The source's answer to a switch-over: the chunks dirtied since the last round,
+    when the VM paused (wall clock), the milliseconds each step took there, the state."""
+
+    dirty: dict[str, list[int]]
+    paused_at: float
+    phases: dict[str, float]
+    state: bytes
+
+
+def encode_suspended(answer: SwitchOver) -> bytes:
+    """The switch-over answer on the wire: u32 length, JSON head, then the state."""
+    head = json.dumps(
+        {"dirty": answer.dirty, "paused_at": answer.paused_at, "phases": answer.phases}
+    ).encode()
+    return _SUSPENDED_HEAD.pack(len(head)) + head + answer.state
+
+
+def _is_phases(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= MAX_PHASES
+        and all(
+            isinstance(k, str)
+            and len(k) <= 32
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and 0 <= v < 1e7
+            for k, v in value.items()
+        )
+    )
+
+
+def decode_suspended(body: bytes) -> SwitchOver:
     """The switch-over answer from a source; ProtocolError if it is malformed."""
     if len(body) < _SUSPENDED_HEAD.size:
         raise ProtocolError(ErrorCode.PROTOCOL, "malformed switch-over answer")
@@ -70,9 +161,11 @@ def decode_suspended(body: bytes) -> tuple[dict[str, list[int]], float, bytes]:
             isinstance(v, dict)
             and is_chunk_lists(v.get("dirty"), TRACKED)
             and isinstance(v.get("paused_at", 0.0), (int, float))
+            and _is_phases(v.get("phases", {}))
         ),
     )
-    return head["dirty"], float(head.get("paused_at", 0.0)), body[4 + length :]
+    phases = {k: float(v) for k, v in head.get("phases", {}).items()}
+    return SwitchOver(head["dirty"], float(head.get("paused_at", 0.0)), phases, body[4 + length :])
 
 
 def decode_offer(body: bytes) -> tuple[str, dict[str, list[int]]]:
@@ -120,7 +213,7 @@ class VMControl:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        suspend: Callable[[], Awaitable[tuple[bytes, float]]],
+        suspend: Callable[[], Awaitable[tuple[bytes, float, dict[str, float]]]],
         resume_here: Callable[[], Awaitable[None]],
         finished: Callable[[], None],
     ) -> None:
@@ -147,13 +240,15 @@ class MigrationSource:
         config: bytes,
         memory_file: Path,
         vm: VMControl,
-        grace: float = 30.0,
+        grace: float | None = 30.0,
         offer_timeout: float = 30.0,
     ) -> None:
         self.devices = devices
         self._config = config
         self.memory_file = memory_file
         self.vm = vm
+        # After switch-over and before the hand-over, how long a lost destination has to
+        # come back before the VM resumes here (None: only when an operator asks).
         self.grace = grace
         # A destination that offered and then falls silent this long loses the migration,
         # so that the next one can migrate the VM.
@@ -168,14 +263,21 @@ class MigrationSource:
         self.hot_chunks: dict[str, list[int]] = {}  # what the VM touched after its resume
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
+        self._destination_lost = False  # after switch-over: its connection is gone
 
     @property
     def phase(self) -> Phase:
         return self._phase
 
-    @phase.setter
-    def phase(self, new: Phase) -> None:
-        old, self._phase = self._phase, new
+    def _to(self, new: Phase) -> None:
+        """The one place the phase changes; only along SOURCE_TRANSITIONS."""
+        old = self._phase
+        if new not in SOURCE_TRANSITIONS[old]:
+            raise AssertionError(f"migration source: {old.value} -> {new.value}")
+        self._phase = new
+        log.debug("migration source: %s -> %s", old.value, new.value)
+        if new in (Phase.IDLE, Phase.DONE):
+            self.migrating = None
         if self.metrics is not None:
             self.metrics.source_phase(old, new)
 
@@ -225,7 +327,7 @@ class MigrationSource:
         if kind == MsgType.MIGRATE_OFFER:
             if self.phase is not Phase.IDLE:
                 raise ProtocolError(ErrorCode.BUSY, f"a migration is already {self.phase.value}")
-            self.phase = Phase.PRECOPY
+            self._to(Phase.PRECOPY)
             self.migrating = conn
             self.migration_id = secrets.token_hex(16)
             # What changed since it was last collected, the destination's hashes of it
@@ -241,48 +343,66 @@ class MigrationSource:
             return json.dumps(await self._collect_dirty()).encode()
         if kind == MsgType.MIGRATE_SUSPENDED:
             self._expect(conn, Phase.PRECOPY)
-            self.phase = Phase.SWITCHING  # the offer watchdog and other offers keep off
-            self._lost_while_switching = False
-            try:
-                state, paused_at = await self.vm.run(self.vm.suspend)
-            except Exception as e:
-                log.error("switch-over failed, the VM keeps running here: %s", e)
-                self.phase = Phase.IDLE
-                self.migrating = None
-                raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
-            try:
-                # The suspend synced memory after the pause (and QEMU flushes the disk
-                # when it pauses): nothing more to push, no second sync in the downtime.
-                dirty = await self._collect_dirty(sync=False)
-            except Exception as e:
-                log.error("switch-over failed after the pause (%s); resuming the VM here", e)
-                try:
-                    await self.vm.run(self.vm.resume_here)
-                finally:
-                    self.phase = Phase.IDLE
-                    self.migrating = None
-                raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
-            self.phase = Phase.SUSPENDED
-            self.paused_at = time.monotonic()
-            log.info("switched over: the VM is paused here, the destination resumes it")
-            if self._lost_while_switching:  # the answer will not arrive: as if lost now
-                self.connection_closed(conn)
-            return encode_suspended(dirty, state, paused_at)
+            return encode_suspended(await self._switch_over(conn))
         if kind == MsgType.MIGRATE_RESUME:
             # The destination came back after a lost connection: it owns the migration
             # again, and the source must not resume the VM itself.
-            self._adopt(conn, body)
+            self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
             log.info("the destination of migration %s is back", self.migration_id)
             return b""
+        if kind == MsgType.MIGRATE_HANDOVER:
+            # The destination has the state and asks for the right to run the VM. Asked
+            # again (its answer was lost), the grant is given again.
+            self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+            if self.phase is Phase.SUSPENDED:
+                self._to(Phase.HANDED_OVER)
+                log.info("handed the VM over: it runs at the destination from now on")
+            failpoint("after-handover")
+            return b""
+        if kind == MsgType.MIGRATE_ABORT:
+            # The destination gives up before it ran the VM: it runs here again.
+            self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+            log.warning("the destination gave the migration up before running the VM")
+            await self._resume_here("the destination did not run it; no write is lost")
+            return b""
         if kind == MsgType.MIGRATE_DONE:
-            self._adopt(conn, body)
-            self.phase = Phase.DONE
-            if self._grace_task is not None:
-                self._grace_task.cancel()
+            self._adopt(conn, body, Phase.HANDED_OVER)
+            self._to(Phase.DONE)
             log.info("the destination holds everything and runs the VM")
             self.vm.loop.call_soon_threadsafe(self.vm.finished)
             return b""
         raise ProtocolError(ErrorCode.REFUSED, f"unknown control call {kind}")
+
+    async def _switch_over(self, conn: object) -> SwitchOver:
+        self._to(Phase.SWITCHING)  # the offer watchdog and other offers keep off
+        self._lost_while_switching = False
+        try:
+            state, paused_at, phases = await self.vm.run(self.vm.suspend)
+        except Exception as e:
+            # The suspend resumed the VM here itself (AfterResume included) if it paused.
+            log.error("switch-over failed, the VM keeps running here: %s", e)
+            self._to(Phase.IDLE)
+            raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+        start = time.monotonic()
+        try:
+            failpoint("before-answer")
+            # The suspend synced memory after the pause (and QEMU flushes the disk when
+            # it pauses): nothing more to push, no second sync in the downtime.
+            dirty = await self._collect_dirty(sync=False)
+        except Exception as e:
+            log.error("switch-over failed after the pause (%s); resuming the VM here", e)
+            try:
+                await self.vm.run(self.vm.resume_here)
+            finally:
+                self._to(Phase.IDLE)
+            raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+        phases["final dirty set"] = (time.monotonic() - start) * 1000
+        self._to(Phase.SUSPENDED)
+        self.paused_at = time.monotonic()
+        log.info("switched over: the VM is paused here, the destination loads it")
+        if self._lost_while_switching:  # the answer will not arrive: as if lost now
+            self.connection_closed(conn)
+        return SwitchOver(dirty, paused_at, phases, state)
 
     async def _watch_precopy(self, conn: object) -> None:
         """Forget a migration whose destination fell silent during pre-copy."""
@@ -298,14 +418,15 @@ class MigrationSource:
                     self.migration_id,
                     self.offer_timeout,
                 )
-                self.phase = Phase.IDLE
-                self.migrating = None
+                self._to(Phase.IDLE)
 
-    def _adopt(self, conn: object, body: bytes) -> None:
-        """The connection that names the switched-over migration owns it from now on."""
-        if self.phase is not Phase.SUSPENDED or decode_id(body) != self.migration_id:
-            raise ProtocolError(ErrorCode.REFUSED, "no such switched-over migration")
+    def _adopt(self, conn: object, body: bytes, *phases: Phase) -> None:
+        """A call that names the switched-over migration: its connection owns it from
+        now on (a destination that reconnected). Anything else is refused."""
+        if self.phase not in phases or decode_id(body) != self.migration_id:
+            raise ProtocolError(ErrorCode.REFUSED, TAKEN_BACK)
         self.migrating = conn
+        self._destination_lost = False
         if self._grace_task is not None:
             self._grace_task.cancel()
             self._grace_task = None
@@ -322,31 +443,276 @@ class MigrationSource:
             return
         if self.phase is Phase.PRECOPY:
             log.warning("the destination left before switch-over; the VM keeps running here")
-            self.phase = Phase.IDLE
-            self.migrating = None
-        elif self.phase is Phase.SUSPENDED and self._grace_task is None:
+            self._to(Phase.IDLE)
+            return
+        if self.phase not in (Phase.SUSPENDED, Phase.HANDED_OVER):
+            return
+        self._destination_lost = True
+        if self.phase is Phase.HANDED_OVER:
             log.warning(
-                "lost the destination after switch-over; waiting %.0fs for it to come back",
+                "lost the destination after the hand-over: the VM is its own now; waiting "
+                "for it to come back (SIGUSR1 takes the VM back here, losing the writes "
+                "it took since the hand-over)"
+            )
+        elif self.grace is None:
+            log.warning(
+                "lost the destination before the hand-over; waiting for it to come back "
+                "(SIGUSR1 resumes the VM here, no write is lost)"
+            )
+        elif self._grace_task is None:
+            log.warning(
+                "lost the destination before the hand-over; waiting %.0fs for it to come back",
                 self.grace,
             )
-            self._grace_task = asyncio.ensure_future(self._rescue())
+            self._grace_task = asyncio.ensure_future(self._rescue(self.grace))
 
-    async def _rescue(self) -> None:
-        """After switch-over, a destination that never comes back: resume here."""
-        await asyncio.sleep(self.grace)
-        if self.phase is not Phase.SUSPENDED:
-            return
-        self.phase = Phase.RESCUING  # a destination coming back now is refused
-        log.error(
-            "the destination did not finish the migration: resuming the VM here from its "
-            "paused state; writes the destination took after switch-over are lost"
+    async def _rescue(self, after: float) -> None:
+        """Before the hand-over, a destination that never comes back: resume here."""
+        await asyncio.sleep(after)
+        if self.phase is Phase.SUSPENDED:
+            self._grace_task = None
+            with contextlib.suppress(ProtocolError):  # logged; the VM stays paused here
+                await self._resume_here("the hand-over did not happen: no write is lost")
+
+    async def take_back(self) -> str:
+        """The operator's call: resume the VM here while its destination is away. Says
+        what that costs; refused while the destination is connected."""
+        if self.phase not in (Phase.SUSPENDED, Phase.HANDED_OVER):
+            return f"nothing to take back: the migration is {self.phase.value}"
+        if not self._destination_lost:
+            return "the destination is connected: it runs or loads the VM; not taking it back"
+        lost = (
+            "writes the destination took since the hand-over are lost"
+            if self.phase is Phase.HANDED_OVER
+            else "the hand-over did not happen: no write is lost"
         )
+        try:
+            await self._resume_here(lost)
+        except ProtocolError as e:
+            return e.message
+        return f"took the VM back: {lost}"
+
+    async def _resume_here(self, cost: str) -> None:
+        back = self.phase
+        self._to(Phase.RESCUING)  # a destination coming back now is refused
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
+        log.error("resuming the VM here from its paused state: %s", cost)
         try:
             await self.vm.run(self.vm.resume_here)
         except Exception as e:
-            log.error("could not resume the VM here either: %s", e)
-            self.phase = Phase.SUSPENDED
+            log.error("could not resume the VM here: %s", e)
+            self._to(back)
+            raise ProtocolError(ErrorCode.REFUSED, f"could not resume the VM: {e}") from None
+        self._to(Phase.IDLE)
+
+
+class MigrationDestination:
+    """The destination's half of a migration, over a connection to the source.
+
+    Runs on the device loop. The caller pulls chunks (``pull_missing``) and runs the
+    VM; this object makes the protocol's calls in order and keeps the phase:
+    :meth:`precopy`, :meth:`switch_over`, :meth:`hand_over` (then the caller may run
+    the VM), :meth:`finish`; or :meth:`abort` before the VM ever ran.
+    """
+
+    def __init__(
+        self,
+        remote: RemoteSource,
+        devices: dict[str, Device],
+        pull_missing: Callable[[], Awaitable[None]],
+        drop_cache: Callable[[list[str]], Awaitable[None]],
+        rounds: int = 5,
+        precopy_bytes: int = 8 << 20,
+        retry_timeout: float = 30.0,
+        handover_timeout: float = 15.0,
+    ) -> None:
+        self.remote = remote
+        self.tracked = [devices[name] for name in TRACKED]
+        self.pull_missing = pull_missing
+        self.drop_cache = drop_cache
+        self.rounds = rounds
+        self.precopy_bytes = precopy_bytes
+        self.retry_timeout = retry_timeout
+        # How long the grant may take (through reconnects) before the destination gives
+        # the migration up and the source resumes the VM.
+        self.handover_timeout = handover_timeout
+        self.migration_id = ""
+        self.rounds_done = 0
+        self.phases: dict[str, float] = {}  # step -> milliseconds, both sides
+        self.told_to_run = False  # set by the caller right before the VM runs here
+        self.on_taken_back: Callable[[], None] | None = None
+        self._phase = DestinationPhase.CONNECTED
+        self._calls: set[asyncio.Task[Any]] = set()
+
+    @property
+    def phase(self) -> DestinationPhase:
+        return self._phase
+
+    def _to(self, new: DestinationPhase) -> None:
+        """The one place the phase changes; only along DESTINATION_TRANSITIONS."""
+        old = self._phase
+        if new not in DESTINATION_TRANSITIONS[old]:
+            raise AssertionError(f"migration destination: {old.value} -> {new.value}")
+        self._phase = new
+        log.debug("migration destination: %s -> %s", old.value, new.value)
+        if new is DestinationPhase.TAKEN_BACK:
+            log.error("the source has taken the VM back (it resumed it itself)")
+            if self.on_taken_back is not None:
+                self.on_taken_back()
+
+    def _taken_back(self) -> None:
+        """The source refused this migration's id: it has the VM back."""
+        if DestinationPhase.TAKEN_BACK in DESTINATION_TRANSITIONS[self._phase]:
+            self._to(DestinationPhase.TAKEN_BACK)
+
+    async def precopy(self) -> None:
+        """Offer the migration, then pull and re-pull what the running VM dirtied."""
+        try:
+            body = await self.remote.call(MsgType.MIGRATE_OFFER)
+            self.migration_id, changed = decode_offer(body)
+            self._to(DestinationPhase.PRECOPY)
+            self._invalidate(changed)  # changed at the source since it hashed them for us
+            for _ in range(max(0, self.rounds)):  # 0 rounds: pure post-copy
+                await self.pull_missing()
+                dirty = decode_dirty(await self.remote.call(MsgType.DIRTY_LIST))
+                self.rounds_done += 1
+                dirty_bytes = self._invalidate(dirty)
+                log.debug("pre-copy round %d: %d KiB dirtied", self.rounds_done, dirty_bytes >> 10)
+                if dirty_bytes <= self.precopy_bytes:
+                    break
+            if self.rounds > 0:
+                await self.pull_missing()
+        except BaseException:
+            if self._phase is not DestinationPhase.FAILED:
+                self._to(DestinationPhase.FAILED)
+            raise
+
+    async def switch_over(self) -> SwitchOver:
+        """Ask the source to pause and send the state (the VM then runs nowhere); the
+        chunks it dirtied since the last round are dropped here, to be fetched again."""
+        self._to(DestinationPhase.SWITCHING)
+        asked = time.monotonic()
+        try:
+            answer = decode_suspended(
+                await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
+            )
+        except BaseException:
+            # Still SWITCHING: the caller aborts, so that a source that paused resumes
+            # at once (it never handed the VM over; lost, it resumes after its timeout).
+            raise
+        self.remote.on_reconnect = self._reconnected
+        took = (time.monotonic() - asked) * 1000
+        self.phases.update(answer.phases)
+        self.phases["transfer"] = max(0.0, took - sum(answer.phases.values()))
+        self._invalidate(answer.dirty)
+        await self.drop_cache(list(TRACKED))  # QEMU is up: no stale cached pages
+        self._to(DestinationPhase.LOADING)
+        return answer
+
+    async def hand_over(self) -> None:
+        """Ask for the right to run the VM, through reconnects, for ``handover_timeout``
+        seconds. Returns once granted; DrafterError if not (the caller must not run the
+        VM, and should :meth:`abort`)."""
+        failpoint("before-handover")
+        deadline = time.monotonic() + self.handover_timeout
+        while True:
+            try:
+                await self.remote.call(
+                    MsgType.MIGRATE_HANDOVER,
+                    encode_id(self.migration_id),
+                    timeout=max(0.1, deadline - time.monotonic()),
+                )
+            except DrafterError as e:
+                if TAKEN_BACK in str(e) or self._phase is DestinationPhase.TAKEN_BACK:
+                    self._taken_back()
+                    raise DrafterError("the source took the VM back; it runs there") from None
+                if self.remote.failed or time.monotonic() >= deadline:
+                    raise DrafterError(f"the source did not hand the VM over: {e}") from None
+                log.debug("asking for the hand-over: %s; again", e)
+                await asyncio.sleep(0.05)
+                continue
+            if self._phase is DestinationPhase.LOADING:  # not taken back meanwhile
+                self._to(DestinationPhase.RUNNING)
+                return
+            raise DrafterError(f"the migration is {self._phase.value}")
+
+    async def abort(self) -> None:
+        """Give the migration up before the VM ran here: the source resumes it. Safe to
+        call in any phase; does nothing once the VM ran here or it is over."""
+        if self._phase in (DestinationPhase.CONNECTED, DestinationPhase.PRECOPY):
+            self._to(DestinationPhase.FAILED)  # the source forgets it when we leave
             return
-        self.phase = Phase.IDLE
-        self.migrating = None
-        self._grace_task = None
+        if self.told_to_run or self._phase not in (
+            DestinationPhase.SWITCHING,
+            DestinationPhase.LOADING,
+            DestinationPhase.RUNNING,
+        ):
+            return
+        self._to(DestinationPhase.FAILED)
+        deadline = time.monotonic() + self.retry_timeout
+        while True:
+            try:
+                await self.remote.call(MsgType.MIGRATE_ABORT, encode_id(self.migration_id))
+                log.warning("gave the migration up: the VM runs at the source again")
+                return
+            except DrafterError as e:
+                if TAKEN_BACK in str(e):
+                    return  # the source took it back already
+                if self.remote.failed or time.monotonic() >= deadline:
+                    log.error(
+                        "could not tell the source to take the VM back (%s): it stays "
+                        "paused there until the source's rescue timeout or its operator",
+                        e,
+                    )
+                    return
+                await asyncio.sleep(0.2)
+
+    async def finish(self) -> bool:
+        """Every chunk is here: tell the source, through reconnects for
+        ``retry_timeout`` seconds (it stops once told); whether it was told."""
+        deadline = time.monotonic() + self.retry_timeout
+        while True:
+            try:
+                await self.remote.call(MsgType.MIGRATE_DONE, encode_id(self.migration_id))
+                break
+            except DrafterError as e:
+                if TAKEN_BACK in str(e):
+                    self._taken_back()
+                    return False
+                if self.remote.failed or time.monotonic() > deadline:
+                    log.warning("could not tell the source the migration is done: %s", e)
+                    return False
+                log.debug("telling the source the migration is done: %s; again", e)
+                await asyncio.sleep(0.2)
+        self._to(DestinationPhase.DONE)
+        return True
+
+    def _reconnected(self) -> None:
+        """After a lost connection past switch-over: tell the source we are back, so it
+        keeps the migration ours instead of resuming the VM itself."""
+        if self._phase not in (DestinationPhase.LOADING, DestinationPhase.RUNNING):
+            return
+
+        async def resume() -> None:
+            try:
+                await self.remote.call(MsgType.MIGRATE_RESUME, encode_id(self.migration_id))
+            except DrafterError as e:
+                if TAKEN_BACK not in str(e):
+                    log.warning("could not tell the source we are back: %s", e)
+                elif self._phase in (DestinationPhase.LOADING, DestinationPhase.RUNNING):
+                    self._taken_back()
+
+        task = asyncio.ensure_future(resume())
+        self._calls.add(task)  # referenced until it is done
+        task.add_done_callback(self._calls.discard)
+
+    def _invalidate(self, dirty: dict[str, list[int]]) -> int:
+        """Forget the local copy of these chunks; the bytes they hold."""
+        total = 0
+        for device in self.tracked:
+            chunks = dirty.get(device.name, [])
+            device.invalidate(chunks)
+            total += len(chunks) * device.chunk_size
+        return total

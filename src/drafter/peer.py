@@ -30,12 +30,9 @@ from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.migration import (
     TRACKED,
+    MigrationDestination,
     MigrationSource,
     VMControl,
-    decode_dirty,
-    decode_offer,
-    decode_suspended,
-    encode_id,
 )
 from drafter.package import (
     MAX_STATE_SIZE,
@@ -49,7 +46,6 @@ from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.client import ChunkData, RemoteSource
 from drafter.transport.hashes import file_hashes
-from drafter.transport.protocol import MsgType
 from drafter.transport.server import ChunkServer
 from drafter.vmm.qemu import QemuMachine
 
@@ -102,9 +98,13 @@ class PeerOptions:
     # chunks; they end early once a round's dirty chunks total at most precopy_bytes.
     precopy_rounds: int = 5
     precopy_bytes: int = 8 << 20
-    # After switch-over, how long a source waits for a lost destination to come back
-    # before it resumes the VM itself.
-    grace: float = 30.0
+    # After switch-over and before the hand-over, how long a source waits for a lost
+    # destination to come back before it resumes the VM itself (None: never by itself;
+    # after the hand-over only its operator can, with SIGUSR1).
+    grace: float | None = 30.0
+    # How long a destination asks for the hand-over (through reconnects) before it
+    # gives the migration up and the source resumes the VM.
+    handover_timeout: float = 15.0
     # A destination silent this long during pre-copy loses the migration (source side).
     offer_timeout: float = 30.0
     metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
@@ -122,6 +122,8 @@ class MigrationSummary:
     switch_s: float = 0.0  # switch-over asked to AfterResume done
     precopy_s: float = 0.0  # migration offered to switch-over asked
     moved: dict[str, int] = field(default_factory=dict)  # resource -> bytes fetched
+    # Switch-over steps in order, both sides (BeforeSuspend ... first chunk served), ms.
+    phases: dict[str, float] = field(default_factory=dict)
     reused: int = 0  # bytes taken from a local package instead of moved
     wire_bytes: int = 0  # chunk payload bytes that crossed the network (compressed)
 
@@ -136,8 +138,13 @@ class MigrationSummary:
         return (
             f"migrated from {self.source}: total {self.total_s:.2f}s, downtime "
             f"{self.downtime_s * 1000:.0f} ms (switch-over to AfterResume "
-            f"{self.switch_s * 1000:.0f} ms), {self.rounds} pre-copy round(s), moved {moved}"
+            f"{self.switch_s * 1000:.0f} ms: {self.phase_line()}), {self.rounds} pre-copy "
+            f"round(s), moved {moved}"
         )
+
+    def phase_line(self) -> str:
+        """The switch-over's steps and their milliseconds, in order."""
+        return ", ".join(f"{name} {ms:.0f}" for name, ms in self.phases.items())
 
 
 @dataclass
@@ -182,7 +189,8 @@ class Peer:
         self._prefetches: list[asyncio.Future[None]] = []
         self._first: asyncio.Future[list[None]] | None = None
         self._takeover: asyncio.Future[None] | None = None
-        self._migration = ""  # the id of the migration to here, once offered
+        self.migration: MigrationDestination | None = None  # a migration to here
+        self._grant: asyncio.Future[None] | None = None  # its hand-over (device loop)
 
     # -- start -----------------------------------------------------------------
 
@@ -196,6 +204,10 @@ class Peer:
             metrics = self.options.metrics
             if metrics is not None and self.summary.migrated and self._done is None:
                 metrics.destination_failed()  # after the resume, _done counts the outcome
+            if self.migration is not None and self.host is not None:
+                # Never ran here: the source resumes the VM at once, not after a timeout.
+                with contextlib.suppress(Exception):
+                    await self.host.run(self.migration.abort())
             await self.close()
             raise
         self.resume_seconds = time.monotonic() - start
@@ -319,13 +331,13 @@ class Peer:
         timings = snapshot.Timings()
         try:
             await asyncio.wait_for(
-                snapshot.resume(self.machine, work / "state", timings), o.resume_timeout
+                snapshot.resume(self.machine, work / "state", timings, self._may_run()),
+                o.resume_timeout,
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
         if switched_at is not None:
-            self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
-            self.summary.switch_s = time.monotonic() - switched_at
+            self._summarise_switch_over(switched_at, timings)
             self._done = asyncio.ensure_future(self._tell_done())
             if o.metrics is not None:
                 o.metrics.migrated_in(self.summary, self._done)
@@ -400,39 +412,74 @@ class Peer:
         log.info("took %d MiB from %s instead of moving them", taken >> 20, path)
 
     async def _precopy_and_switch(self, state_file: Path) -> float:
-        """Pre-copy rounds then switch-over (device loop); returns when it was asked."""
-        assert self.remote is not None
+        """Pre-copy rounds then switch-over (device loop); returns when it was asked.
+        The hand-over is asked at once, while QEMU loads the state."""
+        assert self.remote is not None and self.host is not None
         o = self.options
-        tracked = [self.devices[name] for name in TRACKED]
+        loop = self._loop
+        migration = self.migration = MigrationDestination(
+            self.remote,
+            self.devices,
+            self._pull_missing,
+            self.host.drop_cache,
+            rounds=o.precopy_rounds,
+            precopy_bytes=o.precopy_bytes,
+            retry_timeout=o.retry_timeout,
+            handover_timeout=o.handover_timeout,
+        )
+        if loop is not None:
+
+            def taken_back() -> None:
+                loop.call_soon_threadsafe(self.taken_back.set)
+
+            migration.on_taken_back = taken_back
         offered = time.monotonic()
-        # What changed at the source since it hashed the chunks for us: fetch it again.
-        self._migration, changed = decode_offer(await self.remote.call(MsgType.MIGRATE_OFFER))
-        for device in tracked:
-            device.invalidate(changed.get(device.name, []))
-        for _ in range(max(0, o.precopy_rounds)):  # 0 rounds: pure post-copy
-            await self._pull_missing()
-            dirty = decode_dirty(await self.remote.call(MsgType.DIRTY_LIST))
-            self.summary.rounds += 1
-            dirty_bytes = 0
-            for device in tracked:
-                device.invalidate(dirty.get(device.name, []))
-                dirty_bytes += len(dirty.get(device.name, [])) * device.chunk_size
-            log.debug("pre-copy round %d: %d KiB dirtied", self.summary.rounds, dirty_bytes >> 10)
-            if dirty_bytes <= o.precopy_bytes:
-                break
-        if o.precopy_rounds > 0:
-            await self._pull_missing()
+        await migration.precopy()
+        self.summary.rounds = migration.rounds_done
         switched_at = time.monotonic()
         self.summary.precopy_s = switched_at - offered
-        body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
-        dirty, self._paused_at, state = decode_suspended(body)
-        self.remote.on_reconnect = self._back_to_the_source
-        for device in tracked:
-            device.invalidate(dirty.get(device.name, []))
-        assert self.host is not None
-        await self.host.drop_cache(list(TRACKED))  # QEMU is up: no stale cached pages
-        state_file.write_bytes(state)
+        answer = await migration.switch_over()
+        self._paused_at = answer.paused_at
+        self._grant = asyncio.ensure_future(migration.hand_over())
+        self._grant.add_done_callback(_quiet)  # awaited by _may_run, or the start failed
+        await asyncio.to_thread(state_file.write_bytes, answer.state)
         return switched_at
+
+    def _may_run(self) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """For a migration: what the resume awaits between the load and the run (the
+        hand-over; then the VM is ours). None for a start from a registry."""
+        migration, host = self.migration, self.host
+        if migration is None or host is None:
+            return None
+
+        async def granted() -> None:
+            async def wait() -> None:
+                assert self._grant is not None
+                await self._grant
+
+            await host.run(wait())
+            migration.told_to_run = True
+            for device in self.devices.values():
+                device.first_demand_at = None
+
+        return granted
+
+    def _summarise_switch_over(self, switched_at: float, timings: snapshot.Timings) -> None:
+        assert self.migration is not None
+        resumed = time.monotonic()
+        self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
+        self.summary.switch_s = resumed - switched_at
+        phases = self.summary.phases
+        phases.update(self.migration.phases)
+        phases["load"] = timings.load * 1000
+        phases["hand-over granted after"] = timings.granted * 1000
+        phases["resume"] = timings.cont * 1000
+        phases["AfterResume"] = timings.after_resume * 1000
+        resumed_at = resumed - timings.after_resume
+        served = [d.first_demand_at for d in self.devices.values() if d.first_demand_at]
+        if served:
+            phases["first chunk served"] = max(0.0, min(served) - resumed_at) * 1000
+        log.info("switch-over phases (ms): %s", self.summary.phase_line())
 
     def _runs(self) -> asyncio.Queue[tuple[Device, int, int]]:
         """Every missing chunk, as runs of consecutive chunks, in PULL_ORDER."""
@@ -471,11 +518,17 @@ class Peer:
         machine = self.machine
         state_file = machine.run_dir.parent / "state"
 
-        async def suspend() -> tuple[bytes, float]:
+        async def suspend() -> tuple[bytes, float, dict[str, float]]:
             timings = snapshot.Timings()
             try:
                 await snapshot.suspend(machine, state_file, timings)
-                return state_file.read_bytes(), timings.paused_at
+                phases = {
+                    "BeforeSuspend": timings.before_suspend * 1000,
+                    "pause": timings.pause * 1000,
+                    "state save": timings.save * 1000,
+                    "memory sync": timings.sync * 1000,
+                }
+                return state_file.read_bytes(), timings.paused_at, phases
             except BaseException as e:
                 # Whatever step failed, the VM runs here again, AfterResume included.
                 try:
@@ -522,7 +575,7 @@ class Peer:
         self, server: ChunkServer, start: Callable[[], Coroutine[Any, Any, None]]
     ) -> None:
         assert self.host is not None
-        deadline = time.monotonic() + max(60.0, self.options.grace * 2)
+        deadline = time.monotonic() + max(60.0, (self.options.grace or 0.0) * 2)
         while True:
             await asyncio.sleep(0.2)
             try:
@@ -589,51 +642,25 @@ class Peer:
         if not self.summary.migrated:  # every chunk is here: the registry is not needed
             await _close_all(self.sources)
 
-    def _back_to_the_source(self) -> None:
-        """After a lost connection during post-copy: tell the source we are back, so it
-        keeps the migration ours instead of resuming the VM itself (device loop)."""
-        remote = self.remote
-        assert remote is not None
-
-        async def resume() -> None:
-            try:
-                await remote.call(MsgType.MIGRATE_RESUME, encode_id(self._migration))
-            except DrafterError as e:
-                if "no such switched-over migration" not in str(e):
-                    log.warning("could not tell the source we are back: %s", e)
-                    return
-                # The source gave up on us and runs the VM again: one copy only.
-                log.error("the source has taken the VM back (it resumed it itself)")
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self.taken_back.set)
-
-        task = asyncio.ensure_future(resume())
-        self._prefetches.append(task)  # kept referenced until close
-
     async def _tell_done(self) -> bool:
-        """Once the VM runs here and every chunk is local, the source may stop. Retried
-        through reconnects for ``retry_timeout`` seconds: a source that never hears it
-        would keep the VM paused (and, after its rescue timeout, resume it)."""
-        assert self.host is not None and self.remote is not None
+        """Once the VM runs here and every chunk is local, the source may stop."""
+        assert self.host is not None and self.migration is not None
         try:
             await self.wait_pulled()
         except Exception as e:
             log.error("the migration cannot finish: %s", e)
             return False
-        deadline = time.monotonic() + self.options.retry_timeout
-        while True:
-            try:
-                body = encode_id(self._migration)
-                await self.host.run(self.remote.call(MsgType.MIGRATE_DONE, body))
-                break
-            except DrafterError as e:
-                if self.remote.failed or time.monotonic() > deadline:
-                    log.warning("could not tell the source the migration is done: %s", e)
-                    return False
-                log.debug("telling the source the migration is done: %s; again", e)
-                await asyncio.sleep(0.2)
+        if not await self.host.run(self.migration.finish()):
+            return False
         await self.host.run(_close_all(self.sources))  # the source stops now
         return True
+
+    async def take_back(self) -> str:
+        """The operator's call on a source whose destination is away after switch-over:
+        resume the VM here. Returns what was done and what it cost (lost writes)."""
+        if self.source is None or self.host is None:
+            return "this peer does not serve its VM for migration: nothing to take back"
+        return await self.host.run(self.source.take_back())
 
     async def wait_done(self) -> bool:
         """After a migration to here: wait until the source was told it is done (every

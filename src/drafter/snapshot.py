@@ -6,10 +6,13 @@ maps shared and therefore already holds every page the guest wrote.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +29,14 @@ class Timings:
 
     boot_to_liveness: float = 0.0
     before_suspend: float = 0.0
-    pause_and_save: float = 0.0
-    restore: float = 0.0
+    pause_and_save: float = 0.0  # pause + save + sync
+    pause: float = 0.0
+    save: float = 0.0
+    sync: float = 0.0
+    restore: float = 0.0  # load the state (+ the cont)
+    load: float = 0.0
+    granted: float = 0.0  # waiting for the right to run (a migration's hand-over)
+    cont: float = 0.0
     after_resume: float = 0.0
     paused_at: float = 0.0  # wall clock: when the VM stopped running (suspend)
     resumed_at: float = 0.0  # wall clock: when it ran again (resume)
@@ -75,20 +84,37 @@ async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = N
     start = time.monotonic()
     await machine.pause()
     t.paused_at = time.time()
+    t.pause = time.monotonic() - start
     failpoint("after-pause")
     await machine.save_state(state)
-    fsync_file(Path(machine.config.memory))
+    t.save = time.monotonic() - start - t.pause
+    await asyncio.to_thread(fsync_file, Path(machine.config.memory))
+    failpoint("after-sync")
     t.pause_and_save = time.monotonic() - start
+    t.sync = t.pause_and_save - t.pause - t.save
     log.debug("suspended: %s", t)
 
 
-async def resume(machine: QemuMachine, state: Path, timings: Timings | None = None) -> None:
-    """Restore ``machine`` from ``state`` and its memory file, resume, AfterResume."""
+async def resume(
+    machine: QemuMachine,
+    state: Path,
+    timings: Timings | None = None,
+    granted: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Restore ``machine`` from ``state`` and its memory file, resume, AfterResume.
+    ``granted``, if given, is awaited between the load and the resume: the VM runs
+    only once it returns (a migration's hand-over); if it raises, the VM never ran."""
     t = timings or Timings()
     start = time.monotonic()
     await machine.restore(state)
+    t.load = time.monotonic() - start
+    failpoint("after-load")
+    if granted is not None:
+        await granted()
+    t.granted = time.monotonic() - start - t.load
     await machine.resume()
-    t.restore = time.monotonic() - start
+    t.restore = time.monotonic() - start - t.granted
+    t.cont = t.restore - t.load
     t.resumed_at = time.time()
     start = time.monotonic()
     try:
@@ -103,8 +129,13 @@ async def resume(machine: QemuMachine, state: Path, timings: Timings | None = No
 
 def failpoint(name: str) -> None:
     """Fail here if $DRAFTER_FAILPOINTS names ``name`` (comma-separated): how the tests
-    make a step fail that cannot be made to fail from outside."""
-    if name in os.environ.get("DRAFTER_FAILPOINTS", "").split(","):
+    make a step fail that cannot be made to fail from outside. ``name:kill`` instead
+    kills this process on the spot (SIGKILL), as a crash there would."""
+    named = os.environ.get("DRAFTER_FAILPOINTS", "").split(",")
+    if f"{name}:kill" in named:
+        log.warning("failpoint %s: killing this process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name in named:
         raise DrafterError(f"failpoint {name}")
 
 

@@ -108,14 +108,26 @@ async def run(a: argparse.Namespace) -> int:
         tls_key=a.tls_key or None,
         precopy_rounds=a.precopy_rounds,
         precopy_bytes=int(a.precopy_threshold * (1 << 20)),
-        grace=a.rescue_timeout,
+        grace=a.rescue_timeout or None,
         offer_timeout=a.offer_timeout,
+        handover_timeout=a.handover_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
         metrics=metrics.start(a.metrics),
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
+    taking_back: set[asyncio.Task[None]] = set()
+
+    async def take_back() -> None:
+        log.warning("%s", await peer.take_back())
+
+    def on_usr1() -> None:  # the operator: resume the VM here while its destination is away
+        task = asyncio.ensure_future(take_back())
+        taking_back.add(task)
+        task.add_done_callback(taking_back.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     try:
         with bar:
             took = await peer.start()
@@ -190,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offer-timeout", type=float, default=30,
                    help="seconds a destination may stay silent in pre-copy")  # fmt: skip
     p.add_argument("--rescue-timeout", type=float, default=30,
-                   help="seconds a source waits for a lost destination")  # fmt: skip
+                   help="seconds a source waits for a destination lost after switch-over "
+                   "and before the hand-over, then resumes the VM itself (0: only on "
+                   "SIGUSR1, the operator's take-back)")  # fmt: skip
+    p.add_argument("--handover-timeout", type=float, default=15,
+                   help="seconds a destination asks for the hand-over before it gives "
+                   "the migration up (the source resumes the VM)")  # fmt: skip
     p.add_argument(
         "--token-file", default="", help="shared token (else $DRAFTER_TOKEN); see drafter-token"
     )
@@ -225,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     if not 0.0 <= args.resume_threshold <= 1.0:
         p.error("--resume-threshold must be between 0 and 1")
+    for flag in ("offer_timeout", "handover_timeout", "resume_timeout", "retry_timeout"):
+        if not 0.0 < getattr(args, flag) <= 86400:
+            p.error(f"--{flag.replace('_', '-')} must be above 0 and at most 86400 seconds")
+    if not 0.0 <= args.rescue_timeout <= 86400:
+        p.error("--rescue-timeout must be between 0 and 86400 seconds")
 
     def body() -> int:
         cli.require_root(PROG)

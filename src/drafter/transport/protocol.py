@@ -83,6 +83,8 @@ class MsgType(IntEnum):
     MIGRATE_SUSPENDED = 34  # switch-over -> u32 n, n bytes of JSON, then the state
     MIGRATE_DONE = 35  # JSON {"migration": id}: the client holds everything, runs the VM
     MIGRATE_RESUME = 36  # JSON {"migration": id}: the destination is back after a cut
+    MIGRATE_HANDOVER = 37  # JSON {"migration": id}: may the destination run the VM now?
+    MIGRATE_ABORT = 38  # JSON {"migration": id}: it never ran the VM; the source resumes it
 
 
 def is_control(kind: int) -> bool:
