@@ -9,21 +9,31 @@ For every migration: downtime as the VMM sees it (pause at the source to running
 the destination: ours from the peers' wall clocks, QEMU's from its STOP and RESUME
 event timestamps) and as the client
 sees it (longest gap between acknowledged writes during the migration), total
-migration time and bytes moved. Prints JSON with p50/p95 of each.
-Run as root: .venv/bin/python bench/migration.py [--migrations 10]
+migration time and bytes moved; for ours also each switch-over step the destination's
+summary names (BeforeSuspend, pause, state save, ..., first chunk served). Prints
+JSON with p50/p95 of each.
+
+``--rtt-ms 0 100`` runs everything once per round-trip time: above 0, every
+migration connection (ours: destination to source peer; QEMU's: over TCP instead of
+a unix socket) goes through bench/link.py, the WAN bench's link emulator (1 Gbit/s).
+
+Run as root: .venv/bin/python bench/migration.py [--migrations 10] [--rtt-ms 0 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,46 @@ from drafter.network import Network, NetworkConfig
 from drafter.vmm import MachineConfig, QemuMachine
 
 MEMORY_MIB = 512
+LINK = Path(__file__).resolve().parent / "link.py"
+
+
+@contextlib.contextmanager
+def link(target_port: int, rtt_ms: float) -> Iterator[int]:
+    """The port to connect to for ``target_port``: itself at 0 ms, else a link.py
+    process with that round-trip time in front of it."""
+    if rtt_ms <= 0:
+        yield target_port
+        return
+    proc = subprocess.Popen(
+        [sys.executable, str(LINK), "--target", f"127.0.0.1:{target_port}",
+         "--rtt-ms", str(rtt_ms), "--rate-mbit", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"listening on [0-9.]+:(\d+)", line)
+        if match is None:
+            raise RuntimeError(f"bench/link.py did not start: {line!r}")
+        yield int(match.group(1))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def phases(summary: str) -> dict[str, float]:
+    """The switch-over steps a destination's summary names, in ms."""
+    match = re.search(r"switch-over to AfterResume \d+ ms: ([^)]*)\)", summary)
+    out: dict[str, float] = {}
+    for part in match.group(1).split(", ") if match else []:
+        name, _, value = part.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[f"phase_{name.replace(' ', '_')}_ms"] = float(value)
+    return out
 
 
 class Writer(threading.Thread):
@@ -91,7 +141,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, Any]:
+def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float) -> dict[str, Any]:
     package = work / "redis.drft"
     make_package(bp, nets[0].namespace, MEMORY_MIB, package)
     reg_port = free_port()
@@ -125,16 +175,18 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, An
         time.sleep(2)
         for hop in range(1, migrations + 1):
             next_port = free_port()
-            start = time.monotonic()
-            dest = peer(f"127.0.0.1:{port}", nets[hop % 2].namespace, f"127.0.0.1:{next_port}")
-            source.communicate(timeout=300)  # exits once the destination holds everything
-            end = time.monotonic()
-            assert dest.stdout is not None
-            summary = ""
-            for line in iter(dest.stdout.readline, ""):
-                if line.startswith("migrated from"):
-                    summary = line
-                    break
+            with link(port, rtt_ms) as via:
+                start = time.monotonic()
+                ns = nets[hop % 2].namespace
+                dest = peer(f"127.0.0.1:{via}", ns, f"127.0.0.1:{next_port}")
+                source.communicate(timeout=600)  # exits once the destination holds everything
+                end = time.monotonic()
+                assert dest.stdout is not None
+                summary = ""
+                for line in iter(dest.stdout.readline, ""):
+                    if line.startswith("migrated from"):
+                        summary = line
+                        break
             downtime = re.search(r"downtime (\d+) ms", summary)
             moved_part = summary.split(" moved ", 1)[-1].split(";")[0]  # logical, not wire
             moved = sum(float(m) for m in re.findall(r"([0-9.]+) MiB", moved_part))
@@ -145,6 +197,7 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int) -> dict[str, An
                 "client_downtime_s": writer.longest_gap(start, time.monotonic()),
                 "total_s": float(total.group(1)) if total else end - start,
                 "moved_MiB": moved,
+                **phases(summary),
             })  # fmt: skip
             source, port = dest, next_port
     finally:
@@ -176,7 +229,7 @@ class RunningQemu(QemuMachine):
 
 
 async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
-                       postcopy: bool) -> dict[str, Any]:  # fmt: skip
+                       postcopy: bool, rtt_ms: float) -> dict[str, Any]:  # fmt: skip
     shm = Path(tempfile.mkdtemp(prefix="drafter-bench-", dir="/dev/shm"))
     disk = work / "qemu-disk"
     subprocess.run(["cp", "--sparse=always", str(bp / "drafter.drftdisk"), str(disk)], check=True)
@@ -203,22 +256,26 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
             await dest._start(incoming=True)
             await dest._execute("migrate-set-capabilities", {"capabilities": caps})
             await source._execute("migrate-set-capabilities", {"capabilities": caps})
-            await dest._execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            port = free_port()
+            incoming = f"tcp:127.0.0.1:{port}" if rtt_ms > 0 else f"unix:{sock}"
+            await dest._execute("migrate-incoming", {"uri": incoming})
             stopped, resumed = EventListener("STOP"), EventListener("RESUME")
             assert source.qmp is not None and dest.qmp is not None
             source.qmp.register_listener(stopped)
             dest.qmp.register_listener(resumed)
-            start = time.monotonic()
-            await source._execute("migrate", {"uri": f"unix:{sock}"})
-            if postcopy:
-                await asyncio.sleep(0.2)
-                await source._execute("migrate-start-postcopy")
-            while True:
-                info: Any = await source._execute("query-migrate")
-                if info.get("status") in ("completed", "failed", "cancelled"):
-                    break
-                await asyncio.sleep(0.01)
-            end = time.monotonic()
+            with link(port, rtt_ms) as via:
+                start = time.monotonic()
+                uri = f"tcp:127.0.0.1:{via}" if rtt_ms > 0 else f"unix:{sock}"
+                await source._execute("migrate", {"uri": uri})
+                if postcopy:
+                    await asyncio.sleep(0.2)
+                    await source._execute("migrate-start-postcopy")
+                while True:
+                    info: Any = await source._execute("query-migrate")
+                    if info.get("status") in ("completed", "failed", "cancelled"):
+                        break
+                    await asyncio.sleep(0.01)
+                end = time.monotonic()
             if info.get("status") != "completed":
                 raise RuntimeError(f"QEMU migration {info.get('status')}")
             # Pause to resume, from the two QEMUs' own event timestamps.
@@ -249,6 +306,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--migrations", type=int, default=10)
     p.add_argument("--blueprint", default="out/blueprint")
+    p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
+                   help="round-trip times to run at (0: direct)")  # fmt: skip
+    p.add_argument("--only-ours", action="store_true", help="skip QEMU's own migrations")
     args = p.parse_args()
     bp = Path(args.blueprint)
     Path("out").mkdir(exist_ok=True)
@@ -261,13 +321,15 @@ def main() -> None:
         )  # fmt: skip
         with Network(config) as net:
             nets = net.namespaces
-            results["drafter"] = ours(work, bp, nets, args.migrations)
-            results["qemu_precopy"] = asyncio.run(
-                qemu_builtin(work, bp, nets, args.migrations, postcopy=False)
-            )
-            results["qemu_postcopy"] = asyncio.run(
-                qemu_builtin(work, bp, nets, args.migrations, postcopy=True)
-            )
+            for rtt in args.rtt_ms:
+                at = results.setdefault(f"rtt_{rtt:g}ms", {})
+                at["drafter"] = ours(work, bp, nets, args.migrations, rtt)
+                if args.only_ours:
+                    continue
+                for name, postcopy in (("qemu_precopy", False), ("qemu_postcopy", True)):
+                    at[name] = asyncio.run(
+                        qemu_builtin(work, bp, nets, args.migrations, postcopy, rtt)
+                    )
     print(json.dumps(results, indent=2))
 
 
