@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import assert_one_line_error, command, run_command, stop_process
 from test_migration import finish_source, migrate
-from test_peer import registry, wait_resumed
+from test_peer import peer, registry, wait_resumed
 from test_runner import free_port, wait_for_redis
 
 
@@ -231,11 +231,14 @@ class CuttableProxy(threading.Thread):
         self.cut()
 
 
-def post_copy_through(proxy: CuttableProxy, network, workdir: Path):
+def post_copy_through(proxy: CuttableProxy, network, workdir: Path, failpoints: str = ""):
     """A destination in namespace 1 that migrates the VM through ``proxy``, resuming
     at once (pure post-copy), and rides out cuts for 30 s."""
-    return migrate(f"127.0.0.1:{proxy.port}", network.name(1), workdir, "",
-                   "--precopy-rounds", "0", "--retry-timeout", "30")  # fmt: skip
+    import os
+
+    env = {**os.environ, "DRAFTER_FAILPOINTS": failpoints}
+    return peer(f"127.0.0.1:{proxy.port}", network.name(1), workdir, "--precopy-rounds", "0",
+                "--retry-timeout", "30", laddr="", env=env)  # fmt: skip
 
 
 def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network, workdir) -> None:
@@ -323,7 +326,10 @@ def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, work
         watch = StderrWatch(source)
         proxy = CuttableProxy(port)
         stack.callback(proxy.close)
-        dest = stack.enter_context(post_copy_through(proxy, network, workdir))
+        # The hand-over is asked 3 s late: the cut lands before it.
+        dest = stack.enter_context(
+            post_copy_through(proxy, network, workdir, "before-handover:delay=3")
+        )
         watch.wait_for("switched over")
         proxy.refuse_until = time.monotonic() + 6
         proxy.cut()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from drafter.device import Device, Priority
 from drafter.errors import DrafterError
-from drafter.snapshot import failpoint, fsync_file
+from drafter.snapshot import failpoint, failpoint_delay, fsync_file
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import (
     ErrorCode,
@@ -616,6 +616,7 @@ class MigrationDestination:
         seconds. Returns once granted; DrafterError if not (the caller must not run the
         VM, and should :meth:`abort`)."""
         failpoint("before-handover")
+        await asyncio.sleep(failpoint_delay("before-handover"))
         deadline = time.monotonic() + self.handover_timeout
         while True:
             try:

@@ -7,6 +7,7 @@ maps shared and therefore already holds every page the guest wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -137,6 +138,16 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if name in named:
         raise DrafterError(f"failpoint {name}")
+
+
+def failpoint_delay(name: str) -> float:
+    """Seconds to wait here if $DRAFTER_FAILPOINTS names ``name:delay=SECONDS`` (0 if
+    not): how the tests hold a step back to make a fault land before it."""
+    for entry in os.environ.get("DRAFTER_FAILPOINTS", "").split(","):
+        if entry.startswith(f"{name}:delay="):
+            with contextlib.suppress(ValueError):
+                return max(0.0, min(float(entry.split("=", 1)[1]), 60.0))
+    return 0.0
 
 
 def fsync_file(path: Path) -> None:
