@@ -178,6 +178,10 @@ def test_a_destination_killed_after_the_hand_over_is_never_forked(
             source.send_signal(signal.SIGUSR1)  # the operator takes it back
             watch.wait_for("writes the destination took since the hand-over are lost")
             assert wait_for_redis(addresses[0]).ping()
+            deadline = time.monotonic() + 10
+            while prober.runs[-1:] != [addresses[0]]:  # the prober saw it too
+                assert time.monotonic() < deadline, prober.runs
+                time.sleep(0.05)
         assert prober.runs == [addresses[0], addresses[1], addresses[0]]
 
 
