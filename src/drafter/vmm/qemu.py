@@ -205,7 +205,8 @@ class QemuMachine:
             raise DrafterError(f"state file {state} does not exist")
         await self.prepare_incoming()
         await self._ignore_shared()
-        await self._execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state))})
+        await self._pass_fd(state, os.O_RDONLY, "state")
+        await self._execute("migrate-incoming", {"uri": "fd:state"})
         await self._wait_migration("restore")
 
     async def pause(self) -> None:
@@ -217,9 +218,22 @@ class QemuMachine:
     async def save_state(self, state: Path) -> None:
         tmp = Path(state).with_name(Path(state).name + ".tmp")
         await self._ignore_shared()
-        await self._execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(tmp))})
+        await self._pass_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "state")
+        await self._execute("migrate", {"uri": "fd:state"})
         await self._wait_migration("snapshot")
         os.replace(tmp, state)
+
+    async def _pass_fd(self, path: Path, flags: int, name: str) -> None:
+        """Open ``path`` here and hand the descriptor to QEMU under ``name`` (QMP
+        ``getfd``): the state moves with no shell or ``cat`` process in between."""
+        if self.qmp is None:
+            raise DrafterError("the VM is not running")
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            self.qmp.send_fd_scm(fd)
+            await self._execute("getfd", {"fdname": name})
+        finally:
+            os.close(fd)
 
     async def stop(self) -> None:
         if self.qmp is not None:
@@ -268,4 +282,4 @@ class QemuMachine:
                 raise DrafterError(f"{what} failed: {detail}")
             if loop.time() > deadline:
                 raise DrafterError(f"{what} did not finish in {timeout:.0f}s")
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.001)  # a switch-over waits on this: poll closely
