@@ -237,7 +237,9 @@ def test_a_migration_goes_through_every_phase_in_order(tmp_path: Path) -> None:
             assert answer.state == b"STATE" * 100
             assert (p.source.phase, dest.phase) == (Phase.SUSPENDED, DestinationPhase.LOADING)
             assert not p.vm.running_here
-            assert 1 in answer.dirty["memory"] or not p.devices["memory"].local[1]
+            # The chunk dirtied last came with the state: local before the VM runs.
+            assert answer.dirty["memory"] == [1] and list(answer.inline["memory"]) == [1]
+            assert p.devices["memory"].read(CHUNK, 5) == b"later"
             assert {"BeforeSuspend", "pause", "final dirty set", "transfer"} <= set(dest.phases)
             await dest.hand_over()
             assert (p.source.phase, dest.phase) == (Phase.HANDED_OVER, DestinationPhase.RUNNING)
@@ -519,3 +521,27 @@ def test_a_switch_over_answer_with_bad_phases_is_refused(phases: object) -> None
 def test_a_switch_over_answer_round_trips() -> None:
     answer = SwitchOver({"memory": [1, 2], "disk": []}, 12.5, {"pause": 0.25}, b"\0state")
     assert decode_suspended(encode_suspended(answer)) == answer
+    answer.inline = {"memory": {2: b"x" * 100}}
+    assert decode_suspended(encode_suspended(answer), {"memory": (300, 100)}) == answer
+
+
+@pytest.mark.parametrize(
+    "inline, tail, why",
+    [
+        ({"memory": [3]}, b"x" * 64, "not dirty"),
+        ({"memory": [1, 1]}, b"x" * 128, "not dirty"),
+        ({"memory": [1]}, b"x" * 10, "is cut"),
+        ({"memory": [1]}, b"x" * 65, "bytes after"),
+        ({"memory": [9]}, b"", "is cut"),
+        ({}, b"extra", "bytes after"),
+    ],  # fmt: skip
+)
+def test_a_switch_over_answer_with_bad_inline_chunks_is_refused(inline, tail, why) -> None:
+    import json
+    import struct
+
+    head = json.dumps({"dirty": {"memory": [1, 2, 9]}, "paused_at": 1.0, "state_size": 5,
+                       "inline": inline}).encode()  # fmt: skip
+    body = struct.pack(">I", len(head)) + head + b"state" + tail
+    with pytest.raises(ProtocolError, match=why):
+        decode_suspended(body, {"memory": (4 * 64, 64)})

@@ -147,8 +147,9 @@ class Device:
                 if h == ZERO_HASH:  # the overlay is sparse: its bytes are zeros already
                     self.local[index] = 1
 
-    def fill(self, index: int, data: bytes, digest: bytes) -> None:
-        """Chunk ``index`` is ``data`` (found elsewhere on this host with the same hash)."""
+    def fill(self, index: int, data: bytes, digest: bytes | None) -> None:
+        """Chunk ``index`` is ``data`` (found elsewhere on this host with the same hash,
+        or sent with a migration's state: ``digest`` None, hashed when needed)."""
         with self._lock:
             if self.local[index]:
                 return

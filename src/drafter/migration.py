@@ -27,7 +27,7 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from drafter.errors import DrafterError
 from drafter.snapshot import failpoint, failpoint_delay, fsync_file
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import (
+    MAX_BODY,
     ErrorCode,
     MsgType,
     ProtocolError,
@@ -113,25 +114,37 @@ DESTINATION_TRANSITIONS: dict[DestinationPhase, frozenset[DestinationPhase]] = {
 
 TAKEN_BACK = "no such switched-over migration"  # the refusal a taken-back destination gets
 MAX_PHASES = 16  # timed steps a switch-over answer may name
+INLINE_MARGIN = 64 << 10  # room left in the switch-over answer's frame for its head
 
 
 @dataclass
 class SwitchOver:
     """The source's answer to a switch-over: the chunks dirtied since the last round,
-    when the VM paused (wall clock), the milliseconds each step took there, the state."""
+    when the VM paused (wall clock), the milliseconds each step took there, the state,
+    and the bytes of some of the dirty chunks (``inline``: resource -> index -> bytes),
+    so that the destination need not ask for them once its VM runs."""
 
     dirty: dict[str, list[int]]
     paused_at: float
     phases: dict[str, float]
     state: bytes
+    inline: dict[str, dict[int, bytes]] = field(default_factory=dict)
 
 
 def encode_suspended(answer: SwitchOver) -> bytes:
-    """The switch-over answer on the wire: u32 length, JSON head, then the state."""
+    """The switch-over answer on the wire: u32 length, JSON head, the state, then the
+    inline chunks' bytes in the order the head lists them."""
     head = json.dumps(
-        {"dirty": answer.dirty, "paused_at": answer.paused_at, "phases": answer.phases}
+        {
+            "dirty": answer.dirty,
+            "paused_at": answer.paused_at,
+            "phases": answer.phases,
+            "state_size": len(answer.state),
+            "inline": {name: list(chunks) for name, chunks in answer.inline.items()},
+        }
     ).encode()
-    return _SUSPENDED_HEAD.pack(len(head)) + head + answer.state
+    chunks = [data for chunks in answer.inline.values() for data in chunks.values()]
+    return b"".join([_SUSPENDED_HEAD.pack(len(head)), head, answer.state, *chunks])
 
 
 def _is_phases(value: object) -> bool:
@@ -149,23 +162,47 @@ def _is_phases(value: object) -> bool:
     )
 
 
-def decode_suspended(body: bytes) -> SwitchOver:
-    """The switch-over answer from a source; ProtocolError if it is malformed."""
+def decode_suspended(body: bytes, sizes: dict[str, tuple[int, int]] | None = None) -> SwitchOver:
+    """The switch-over answer from a source; ProtocolError if it is malformed.
+    ``sizes`` (resource -> (size, chunk size)) says how long each inline chunk is."""
     if len(body) < _SUSPENDED_HEAD.size:
         raise ProtocolError(ErrorCode.PROTOCOL, "malformed switch-over answer")
     (length,) = _SUSPENDED_HEAD.unpack_from(body)
+    end = 4 + length
     head = loads_json(
-        body[4 : 4 + length],
+        body[4:end],
         "switch-over answer",
         lambda v: (
             isinstance(v, dict)
             and is_chunk_lists(v.get("dirty"), TRACKED)
             and isinstance(v.get("paused_at", 0.0), (int, float))
             and _is_phases(v.get("phases", {}))
+            and is_chunk_lists(v.get("inline", {}), TRACKED)
+            and isinstance(v.get("state_size", len(body) - end), int)
+            and 0 <= v.get("state_size", len(body) - end) <= len(body) - end
         ),
     )
     phases = {k: float(v) for k, v in head.get("phases", {}).items()}
-    return SwitchOver(head["dirty"], float(head.get("paused_at", 0.0)), phases, body[4 + length :])
+    state_end = end + head.get("state_size", len(body) - end)
+    inline: dict[str, dict[int, bytes]] = {}
+    at = state_end
+    for name, indices in head.get("inline", {}).items():
+        size, chunk_size = (sizes or {}).get(name, (0, 1))
+        if len(set(indices)) != len(indices) or not set(indices) <= set(
+            head["dirty"].get(name, [])
+        ):
+            raise ProtocolError(ErrorCode.PROTOCOL, "inline chunks that are not dirty")
+        chunks = inline[name] = {}
+        for index in indices:
+            length = min(chunk_size, size - index * chunk_size)
+            if length <= 0 or at + length > len(body):
+                raise ProtocolError(ErrorCode.PROTOCOL, f"inline chunk {name} {index} is cut")
+            chunks[index] = body[at : at + length]
+            at += length
+    if at != len(body):
+        raise ProtocolError(ErrorCode.PROTOCOL, "bytes after the switch-over answer's chunks")
+    state = body[end:state_end]
+    return SwitchOver(head["dirty"], float(head.get("paused_at", 0.0)), phases, state, inline)
 
 
 def decode_offer(body: bytes) -> tuple[str, dict[str, list[int]]]:
@@ -389,6 +426,7 @@ class MigrationSource:
             # The suspend synced memory after the pause (and QEMU flushes the disk when
             # it pauses): nothing more to push, no second sync in the downtime.
             dirty = await self._collect_dirty(sync=False)
+            inline = self._inline(dirty, MAX_BODY - INLINE_MARGIN - len(state))
         except Exception as e:
             log.error("switch-over failed after the pause (%s); resuming the VM here", e)
             try:
@@ -402,7 +440,21 @@ class MigrationSource:
         log.info("switched over: the VM is paused here, the destination loads it")
         if self._lost_while_switching:  # the answer will not arrive: as if lost now
             self.connection_closed(conn)
-        return SwitchOver(dirty, paused_at, phases, state)
+        return SwitchOver(dirty, paused_at, phases, state, inline)
+
+    def _inline(self, dirty: dict[str, list[int]], budget: int) -> dict[str, dict[int, bytes]]:
+        """The bytes of the dirty chunks that fit in ``budget``, memory first: sent
+        with the state, so the destination's VM does not fault on them over the link."""
+        inline: dict[str, dict[int, bytes]] = {}
+        for name in TRACKED:
+            device = self.devices[name]
+            for index in dirty.get(name, []):
+                length = min(device.chunk_size, device.size - index * device.chunk_size)
+                if length > budget or not device.local[index]:
+                    continue
+                inline.setdefault(name, {})[index] = device.read_chunk(index)[0]
+                budget -= length
+        return inline
 
     async def _watch_precopy(self, conn: object) -> None:
         """Forget a migration whose destination fell silent during pre-copy."""
@@ -594,10 +646,10 @@ class MigrationDestination:
         chunks it dirtied since the last round are dropped here, to be fetched again."""
         self._to(DestinationPhase.SWITCHING)
         asked = time.monotonic()
+        sizes = {d.name: (d.size, d.chunk_size) for d in self.tracked}
         try:
-            answer = decode_suspended(
-                await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
-            )
+            body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
+            answer = decode_suspended(body, sizes)
         except BaseException:
             # Still SWITCHING: the caller aborts, so that a source that paused resumes
             # at once (it never handed the VM over; lost, it resumes after its timeout).
@@ -607,6 +659,9 @@ class MigrationDestination:
         self.phases.update(answer.phases)
         self.phases["transfer"] = max(0.0, took - sum(answer.phases.values()))
         self._invalidate(answer.dirty)
+        for device in self.tracked:
+            for index, data in answer.inline.get(device.name, {}).items():
+                device.fill(index, data, None)  # hashed when it is served on
         await self.drop_cache(list(TRACKED))  # QEMU is up: no stale cached pages
         self._to(DestinationPhase.LOADING)
         return answer
