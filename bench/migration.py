@@ -135,9 +135,11 @@ def pct(values: list[float], q: float) -> float:
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"migrations": len(runs)}
-    for key in runs[0]:
-        values = [r[key] for r in runs]
+    for key in dict.fromkeys(k for r in runs for k in r):  # a step may be missing in a run
+        values = [r[key] for r in runs if key in r]
         out[key] = {"p50": round(pct(values, 0.5), 4), "p95": round(pct(values, 0.95), 4)}
+        if len(values) < len(runs):
+            out[key]["runs"] = len(values)
     return out
 
 

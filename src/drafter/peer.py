@@ -521,9 +521,9 @@ class Peer:
         async def suspend() -> tuple[bytes, float, dict[str, float]]:
             timings = snapshot.Timings()
             try:
-                await snapshot.suspend(machine, state_file, timings)
+                await snapshot.suspend(machine, state_file, timings, presync=True)
                 phases = {
-                    "BeforeSuspend": timings.before_suspend * 1000,
+                    "BeforeSuspend": timings.before_suspend * 1000,  # and a memory sync
                     "pause": timings.pause * 1000,
                     "state save": timings.save * 1000,
                     "memory sync": timings.sync * 1000,

@@ -75,12 +75,18 @@ def _console_panic(console_log: Path) -> str | None:
     return None
 
 
-async def suspend(machine: QemuMachine, state: Path, timings: Timings | None = None) -> None:
-    """BeforeSuspend, pause, save device state to ``state``, sync guest memory to disk."""
+async def suspend(
+    machine: QemuMachine, state: Path, timings: Timings | None = None, presync: bool = False
+) -> None:
+    """BeforeSuspend, pause, save device state to ``state``, sync guest memory to disk.
+    ``presync`` syncs memory once more before the pause, while the VM still runs, so
+    the sync after it (which the pause waits for) only has the last pages to push."""
     t = timings or Timings()
     start = time.monotonic()
     async with AgentClient(machine.agent_socket) as agent:
         await agent.before_suspend()
+    if presync:
+        await asyncio.to_thread(fsync_file, Path(machine.config.memory))
     t.before_suspend = time.monotonic() - start
     start = time.monotonic()
     await machine.pause()
