@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import pyfuse3.asyncio
 
+from drafter import loops
 from drafter.device import Device, Priority
 from drafter.errors import DrafterError
 
@@ -164,11 +165,11 @@ class DeviceHost:
         self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return loops.submit(self.loop, coro)
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the device loop and await it from another loop."""
-        return await asyncio.wrap_future(self.submit(coro))
+        return await loops.run_on(self.loop, coro)
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return self.submit(coro).result(timeout)

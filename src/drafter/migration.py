@@ -18,7 +18,6 @@ docs/migration.md draws them.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import enum
 import json
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from drafter import loops
 from drafter.device import Device, Priority
 from drafter.errors import DrafterError
 from drafter.snapshot import failpoint, failpoint_delay, fsync_file
@@ -260,11 +260,12 @@ class VMControl:
         self.finished = finished
 
     async def run(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one of the VM's steps on its loop, from the device loop."""
+
         async def call() -> Any:
             return await make()
 
-        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(call(), self.loop)
-        return await asyncio.wrap_future(future)
+        return await loops.run_on(self.loop, call())
 
 
 class MigrationSource:
