@@ -127,6 +127,8 @@ class Network:
             namespace_address=plan.namespace_address,
             guest_address=plan.guest_address,
             daemon_pid=os.getpid(),
+            nft_table=self.config.nft_table,
+            namespace_veth=plan.namespace_veth,
         )
 
     def _state(self) -> dict[str, Any]:
@@ -196,9 +198,23 @@ class Network:
         except NetlinkError as e:
             raise DrafterError(f"could not set up namespace {ns!r}: {e}") from None
         write_sysctl(ns, "net.ipv4.ip_forward", "1")
+        # Fail fast: without a VM on the tap its route is ignored and the forward
+        # chain answers with a reset (see nft.namespace_ruleset); no redirects back.
+        for key in ("all", cfg.namespace_interface):
+            write_sysctl(ns, f"net.ipv4.conf.{key}.ignore_routes_with_linkdown", "1")
+        for key in ("all", plan.namespace_veth):
+            write_sysctl(ns, f"net.ipv4.conf.{key}.send_redirects", "0")
         nft.create_namespace_table(
-            ns, cfg.nft_table, plan.namespace_veth, plan.external_address, plan.guest_address
+            ns,
+            cfg.nft_table,
+            plan.namespace_veth,
+            cfg.namespace_interface,
+            plan.external_address,
+            plan.guest_address,
         )
+        # Connections that follow a VM here arrive mid-flow: conntrack must take them
+        # up (the kernel's default, made explicit; the table above loaded conntrack).
+        write_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", "1")
         log.debug(
             "%s: host %s -> external %s -> guest %s",
             ns,
