@@ -37,6 +37,8 @@ from drafter.migration import (
     decode_suspended,
     encode_id,
 )
+from drafter.network.follow import Follower
+from drafter.network.state import DEFAULT_STATE_DIR
 from drafter.package import (
     MAX_STATE_SIZE,
     PackageConfig,
@@ -108,6 +110,10 @@ class PeerOptions:
     # A destination silent this long during pre-copy loses the migration (source side).
     offer_timeout: float = 30.0
     metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
+    # The daemon's state directory (the namespace's info, the handover records).
+    state_dir: str = DEFAULT_STATE_DIR
+    # A host address that follows this VM from namespace to namespace (docs/networking.md).
+    stable_address: str | None = None
 
 
 @dataclass
@@ -183,6 +189,9 @@ class Peer:
         self._first: asyncio.Future[list[None]] | None = None
         self._takeover: asyncio.Future[None] | None = None
         self._migration = ""  # the id of the migration to here, once offered
+        # Clients follow the VM: the gate of the namespace's address, the stable address.
+        self.follow = Follower(options.netns, options.state_dir, options.stable_address)
+        self._gate_closing: asyncio.Future[None] | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -232,6 +241,8 @@ class Peer:
         if any(s.config != remote.config for s in self.sources):
             raise DrafterError("the servers given for the resources serve different VMs")
         self.config = PackageConfig.from_json(remote.config, addrs["memory"])
+        # A running peer as the remote: a migration, whose source may hold the address.
+        self.follow.prepare(taking_over="state" not in remotes["memory"].manifest)
         for name in PULL_ORDER:
             if name not in remotes[name].manifest:
                 raise DrafterError(f"{addrs[name]} does not offer the {name} resource")
@@ -323,6 +334,7 @@ class Peer:
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
+        self.follow.running()  # the hand-over point: clients of the stable address come here
         if switched_at is not None:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at
@@ -475,6 +487,10 @@ class Peer:
             timings = snapshot.Timings()
             try:
                 await snapshot.suspend(machine, state_file, timings)
+                # The VM no longer runs here: resets at this namespace's address (off
+                # the switch-over's critical path).
+                self._gate_closing = asyncio.ensure_future(asyncio.to_thread(self.follow.left))
+                self._gate_closing.add_done_callback(_logged("closing the gate"))
                 return state_file.read_bytes(), timings.paused_at
             except BaseException as e:
                 # Whatever step failed, the VM runs here again, AfterResume included.
@@ -492,6 +508,9 @@ class Peer:
 
         async def resume_here() -> None:
             await machine.resume()
+            if self._gate_closing is not None:
+                await asyncio.wait([self._gate_closing])
+            await asyncio.to_thread(self.follow.running)  # it runs here again
             async with AgentClient(machine.agent_socket) as agent:
                 await agent.after_resume()
 
@@ -683,6 +702,9 @@ class Peer:
                 self._pull.cancel()
         if self.machine is not None:
             await self.machine.stop()
+        if self._gate_closing is not None:
+            await asyncio.wait([self._gate_closing])
+        await asyncio.to_thread(self.follow.release)
         if self.host is not None and self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.host.run(self.server.close()), 5)
@@ -706,6 +728,14 @@ async def _connect_all(sources: list[RemoteSource]) -> None:
 
 async def _close_all(sources: list[RemoteSource]) -> None:
     await asyncio.gather(*(s.close() for s in sources))
+
+
+def _logged(what: str) -> Callable[[asyncio.Future[None]], None]:
+    def report(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s failed: %s", what, future.exception())
+
+    return report
 
 
 def _quiet(future: asyncio.Future[None]) -> None:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from drafter import cli, console, metrics
 from drafter.errors import DrafterError
+from drafter.network import follow
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -113,6 +114,8 @@ async def run(a: argparse.Namespace) -> int:
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
         metrics=metrics.start(a.metrics),
+        state_dir=a.state_dir,
+        stable_address=a.stable_address or None,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -167,6 +170,7 @@ async def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
+    follow.add_flags(p)
     p.add_argument(
         "--raddr", default=None,
         help="registry to start from, or peer to migrate the VM from (default: a peer "

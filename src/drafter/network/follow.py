@@ -1,0 +1,318 @@
+"""Clients follow the VM: fail fast where it left, and one stable address that moves with it.
+
+Two things, both described in docs/networking.md ("Following a VM"):
+
+* **The gate.** A namespace answers connections to its external address with a TCP
+  reset once its VM no longer runs there. Without any QEMU on the tap that is the
+  kernel's doing (the namespace table, see :func:`drafter.network.nft.namespace_ruleset`),
+  so it also holds after a ``kill -9``. While QEMU still holds the tap but the VM was
+  handed over (a migration's source, paused), the VM's process puts the external
+  address into the table's ``closed`` set (:meth:`Follower.left`).
+* **The stable address.** A /32 on the host, routed to the namespace whose VM holds it
+  now. Every namespace translates it the same way (DNAT to the guest address, SNAT
+  back), and conntrack takes up flows in the middle, so a connection to it survives a
+  move between namespaces: the guest's TCP state moves with its memory. The process
+  whose VM runs takes the route over (:meth:`Follower.running`) and records it in
+  ``{state_dir}/follow/{address}.json`` (the handover record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from drafter.errors import DrafterError
+from drafter.network.namespaces import run_in_namespace
+from drafter.network.nft import CLOSED_SET
+from drafter.network.state import (
+    DEFAULT_STATE_DIR,
+    NamespaceInfo,
+    info_file,
+    namespace_info,
+    process_alive,
+    process_start_time,
+    read_json,
+    unlink,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+#: The table a VM's process adds to its namespace for its stable address.
+FOLLOW_TABLE = "drafter_follow"
+_MAIN_TABLE = 254
+
+
+def handover_file(state_dir: str | Path, address: str) -> Path:
+    """Path of the handover record of stable address ``address``."""
+    return Path(state_dir) / "follow" / f"{address}.json"
+
+
+def parse_stable_address(text: str) -> str:
+    """``text`` as a host address a VM can own; DrafterError if it cannot be one."""
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise DrafterError(f"stable address {text!r} is not an IPv4 address") from None
+    if (
+        address.is_loopback
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_link_local
+        or address.is_reserved
+        or str(address) == "255.255.255.255"
+    ):
+        raise DrafterError(f"stable address {address} is not valid on this host (not unicast)")
+    return str(address)
+
+
+def stable_ruleset(stable: str, veth: str, guest: str) -> str:
+    """The namespace's table for a stable address: the same in every namespace.
+
+    It runs before the daemon's table (priority - 5), so flows to ``stable`` and new
+    flows from the guest are translated to and from ``stable``. A flow that comes
+    here mid-way (the VM moved) is taken up by conntrack from whichever side sends
+    first and gets the same translation it had in the namespace before.
+    """
+    return f"""\
+table ip {FOLLOW_TABLE} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat - 5; policy accept;
+    iifname "{veth}" ip daddr {stable} meta l4proto {{ tcp, udp }} dnat to {guest}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat - 5; policy accept;
+    oifname "{veth}" ip saddr {guest} snat to {stable}
+  }}
+}}
+"""
+
+
+class Follower:
+    """What the process of one VM (runner or peer) does so that clients follow the VM.
+
+    ``prepare`` before the VM resumes, ``running`` once it runs here, ``left`` when it
+    was paused and handed over (its QEMU still holds the tap), ``release`` after QEMU
+    stopped. A VM outside a daemon's namespace has no gate; it cannot have a stable
+    address. Methods are blocking and quick (a netlink call or one ``nft``).
+    """
+
+    def __init__(
+        self, netns: str | None, state_dir: str | Path, stable_address: str | None = None
+    ) -> None:
+        self.netns = netns
+        self.state_dir = Path(state_dir)
+        self.stable = parse_stable_address(stable_address) if stable_address else None
+        self.info: NamespaceInfo | None = None
+        self._table_made = False
+        self._holding = False
+
+    # -- before the VM runs ---------------------------------------------------------------
+
+    def prepare(self, taking_over: bool = False) -> None:
+        """Check the stable address and set up this namespace; reopen a stale gate.
+
+        ``taking_over``: the VM comes from a peer that may hold the stable address now
+        (a migration); otherwise a live holder means the address is in use.
+        """
+        managed = self.netns is not None and info_file(self.state_dir, self.netns).exists()
+        if self.stable is not None:
+            if self.netns is None:
+                raise DrafterError("--stable-address needs --netns (a drafter-daemon namespace)")
+            self.info = namespace_info(self.netns, self.state_dir)
+            check_stable_address(self.stable, self.state_dir, taking_over=taking_over)
+        elif managed:
+            assert self.netns is not None
+            try:
+                self.info = namespace_info(self.netns, self.state_dir)
+            except DrafterError as e:  # no gate, as before; QEMU says if the namespace is gone
+                log.debug("no gate for %s: %s", self.netns, e)
+        if self.info is None or not self.info.nft_table:
+            return
+        self._gate(closed=False)  # left closed by a process killed at switch-over
+        if self.stable is not None:
+            info = self.info
+            rules = stable_ruleset(self.stable, info.namespace_veth, info.guest_address)
+            # A killed predecessor in this namespace may have left its table.
+            self._nft(f"add table ip {FOLLOW_TABLE}\ndelete table ip {FOLLOW_TABLE}\n" + rules)
+            self._table_made = True
+
+    # -- hand-over points -------------------------------------------------------------------
+
+    def running(self) -> None:
+        """The VM runs here now: open the gate, take the stable address's route over."""
+        if self.info is None:
+            return
+        self._gate(closed=False)
+        if self.stable is None:
+            return
+        started = time.monotonic()
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=self.info.host_veth)
+            if not links:
+                raise DrafterError(f"host veth {self.info.host_veth} of {self.netns} is gone")
+            try:
+                ipr.route(
+                    "replace",
+                    dst=f"{self.stable}/32",
+                    gateway=self.info.namespace_address,
+                    oif=links[0],
+                )
+            except NetlinkError as e:
+                raise DrafterError(f"cannot route {self.stable} to {self.netns}: {e}") from None
+        self._holding = True
+        write_json(
+            handover_file(self.state_dir, self.stable),
+            {
+                "address": self.stable,
+                "namespace": self.netns,
+                "host_veth": self.info.host_veth,
+                "pid": os.getpid(),
+                "start_time": process_start_time(os.getpid()),
+                "since": time.time(),
+            },
+        )
+        log.info(
+            "%s now routes to %s (%.0f ms)",
+            self.stable,
+            self.netns,
+            (time.monotonic() - started) * 1000,
+        )
+
+    def left(self) -> None:
+        """The VM was paused and handed over: its external address answers with resets."""
+        if self.info is not None:
+            self._gate(closed=True)
+
+    def release(self) -> None:
+        """After the VM's QEMU stopped: drop the route if still ours, and this namespace's
+        stable-address table; the gate is the kernel's again (no VM: resets)."""
+        if self.info is None:
+            return
+        errors: list[str] = []
+        if self.stable is not None and self._holding:
+            self._holding = False
+            try:
+                self._drop_route()
+            except DrafterError as e:
+                errors.append(str(e))
+            record = handover_file(self.state_dir, self.stable)
+            try:
+                data = read_json(record)
+            except DrafterError:
+                data = None
+            if data is not None and data.get("pid") == os.getpid():
+                unlink(record)
+        if self._table_made:
+            self._table_made = False
+            try:
+                self._nft(f"delete table ip {FOLLOW_TABLE}")
+            except DrafterError as e:
+                errors.append(str(e))
+        try:
+            self._gate(closed=False)
+        except DrafterError as e:
+            errors.append(str(e))
+        if errors:
+            log.warning("could not undo all of the network set-up: %s", "; ".join(errors))
+
+    # -- details ------------------------------------------------------------------------------
+
+    def _drop_route(self) -> None:
+        assert self.info is not None and self.stable is not None
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=self.info.host_veth)
+            if not links:
+                return
+            for route in ipr.get_routes(family=2, table=_MAIN_TABLE, dst=f"{self.stable}/32"):
+                if route.get("dst_len") == 32 and route.get_attr("RTA_OIF") == links[0]:
+                    try:
+                        ipr.route("del", dst=f"{self.stable}/32", oif=links[0])
+                    except NetlinkError as e:
+                        raise DrafterError(
+                            f"cannot remove the route of {self.stable}: {e}"
+                        ) from None
+                    log.debug("%s no longer routes to %s", self.stable, self.netns)
+
+    def _gate(self, closed: bool) -> None:
+        assert self.info is not None
+        if not self.info.nft_table:
+            return
+        element = f"ip {self.info.nft_table} {CLOSED_SET} {{ {self.info.external_address} }}"
+        # add-then-delete keeps "open" idempotent in one transaction.
+        script = f"add element {element}\n" + ("" if closed else f"delete element {element}\n")
+        self._nft(script)
+        log.debug("%s: gate of %s %s", self.netns, self.info.external_address,
+                  "closed" if closed else "open")  # fmt: skip
+
+    def _nft(self, script: str) -> None:
+        assert self.netns is not None
+        run_in_namespace(self.netns, ["nft", "-f", "-"], input_text=script)
+
+
+def check_stable_address(address: str, state_dir: str | Path, taking_over: bool = False) -> None:
+    """DrafterError (one line) unless ``address`` can be this VM's stable address here:
+    not on a host interface, not inside a host route, not held by another live VM."""
+    addr = ipaddress.IPv4Address(address)
+    record = handover_file(state_dir, address)
+    data = read_json(record)
+    holder_alive = False
+    if data is not None:
+        pid = int(data.get("pid") or 0)
+        holder_alive = process_alive(pid, data.get("start_time"))
+        if holder_alive and not taking_over and pid != os.getpid():
+            raise DrafterError(
+                f"stable address {address} is already in use by the VM of pid {pid} "
+                f"in namespace {data.get('namespace')}"
+            )
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+        for a in ipr.get_addr(family=2):
+            local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if local and ipaddress.IPv4Address(local) == addr:
+                raise DrafterError(
+                    f"stable address {address} is already in use on host interface "
+                    f"{names.get(a['index'], '?')}"
+                )
+        for r in ipr.get_routes(family=2, table=_MAIN_TABLE):
+            length = r.get("dst_len") or 0
+            if not length:
+                continue  # the default route
+            net = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{length}")
+            if addr not in net:
+                continue
+            dev = names.get(r.get_attr("RTA_OIF"), "?")
+            if length == 32 and data is not None and dev == data.get("host_veth"):
+                continue  # a previous holder's route (live and handing over, or dead)
+            if length == 32:
+                raise DrafterError(
+                    f"stable address {address} is already in use on this host (route dev {dev})"
+                )
+            raise DrafterError(
+                f"stable address {address} is not valid on this host: it is inside the host "
+                f"route {net} dev {dev}"
+            )
+        for r in ipr.get_routes(family=2, table=255):  # local table: addresses, broadcasts
+            dst = r.get_attr("RTA_DST")
+            if dst and ipaddress.IPv4Address(dst) == addr:
+                raise DrafterError(f"stable address {address} is a local address of this host")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that run a VM: --state-dir and --stable-address."""
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR,
+        help="drafter-daemon's --state-dir (namespace info, stable address records)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stable-address", default="", metavar="ADDRESS",
+        help="a host address that reaches this VM in whichever namespace of this host it "
+        "runs (taken over at each migration; see docs/networking.md)",
+    )  # fmt: skip
