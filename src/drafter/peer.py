@@ -242,7 +242,8 @@ class Peer:
             raise DrafterError("the servers given for the resources serve different VMs")
         self.config = PackageConfig.from_json(remote.config, addrs["memory"])
         # A running peer as the remote: a migration, whose source may hold the address.
-        self.follow.prepare(taking_over="state" not in remotes["memory"].manifest)
+        migrating = "state" not in remotes["memory"].manifest
+        await asyncio.to_thread(self.follow.prepare, migrating)
         for name in PULL_ORDER:
             if name not in remotes[name].manifest:
                 raise DrafterError(f"{addrs[name]} does not offer the {name} resource")
@@ -334,7 +335,9 @@ class Peer:
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
-        self.follow.running()  # the hand-over point: clients of the stable address come here
+        await asyncio.to_thread(
+            self.follow.running
+        )  # the hand-over point: clients of the stable address come here
         if switched_at is not None:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at

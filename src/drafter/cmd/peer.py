@@ -83,6 +83,9 @@ async def run(a: argparse.Namespace) -> int:
         host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
         laddr = wire.format_addr(host, port)
     security.tls_server_options(a.tls_cert or None, a.tls_key or None)  # checked up front
+    if a.stable_address:  # the host's side now, before connecting; its holder at start
+        address = follow.parse_stable_address(a.stable_address)
+        await asyncio.to_thread(follow.check_stable_address, address, a.state_dir, True)
     raddrs = {r: getattr(a, f"{r}_raddr") for r in RESOURCES if getattr(a, f"{r}_raddr")}
     raddr = a.raddr
     if raddr is None:

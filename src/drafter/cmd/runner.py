@@ -23,14 +23,14 @@ async def run(a: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     follower = Follower(a.netns or None, a.state_dir, a.stable_address or None)
-    follower.prepare()
+    await asyncio.to_thread(follower.prepare)
     vm = LocalVM(Path(a.package_path), a.netns or None, persist=a.persist, accel=a.accel)
     try:
         async with vm:
-            follower.running()
+            await asyncio.to_thread(follower.running)
             return await _until_ctrl_c(a, vm, stop)
     finally:
-        follower.release()
+        await asyncio.to_thread(follower.release)
 
 
 async def _until_ctrl_c(a: argparse.Namespace, vm: LocalVM, stop: asyncio.Event) -> int:
