@@ -213,8 +213,11 @@ class Network:
             plan.guest_address,
         )
         # Connections that follow a VM here arrive mid-flow: conntrack must take them
-        # up (the kernel's default, made explicit; the table above loaded conntrack).
+        # up (the kernel's default, made explicit; the table above loaded conntrack),
+        # and must not judge their sequence numbers by an entry left from an earlier
+        # visit of the VM (out of window: no NAT, a reset), so it only maps addresses.
         write_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", "1")
+        write_sysctl(ns, "net.netfilter.nf_conntrack_tcp_be_liberal", "1")
         log.debug(
             "%s: host %s -> external %s -> guest %s",
             ns,
