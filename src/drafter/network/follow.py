@@ -22,6 +22,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -187,9 +188,12 @@ class Follower:
         )
 
     def left(self) -> None:
-        """The VM was paused and handed over: its external address answers with resets."""
+        """The VM was paused and handed over: its external address answers with resets,
+        and the host's connections to it are cut now (a client waiting for an answer
+        sends nothing that a reset could answer)."""
         if self.info is not None:
             self._gate(closed=True)
+            cut_connections(self.info.external_address)
 
     def release(self) -> None:
         """After the VM's QEMU stopped: drop the route if still ours, and this namespace's
@@ -197,6 +201,10 @@ class Follower:
         if self.info is None:
             return
         errors: list[str] = []
+        try:
+            cut_connections(self.info.external_address)
+        except DrafterError as e:
+            errors.append(str(e))
         if self.stable is not None and self._holding:
             self._holding = False
             try:
@@ -226,6 +234,8 @@ class Follower:
     # -- details ------------------------------------------------------------------------------
 
     def _drop_route(self) -> None:
+        """The VM stopped here for good (it was not handed over): cut the host's
+        connections to the stable address while it still routes here, then unroute it."""
         assert self.info is not None and self.stable is not None
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.info.host_veth)
@@ -233,6 +243,7 @@ class Follower:
                 return
             for route in ipr.get_routes(family=2, table=_MAIN_TABLE, dst=f"{self.stable}/32"):
                 if route.get("dst_len") == 32 and route.get_attr("RTA_OIF") == links[0]:
+                    cut_connections(self.stable)
                     try:
                         ipr.route("del", dst=f"{self.stable}/32", oif=links[0])
                     except NetlinkError as e:
@@ -255,6 +266,23 @@ class Follower:
     def _nft(self, script: str) -> None:
         assert self.netns is not None
         run_in_namespace(self.netns, ["nft", "-f", "-"], input_text=script)
+
+
+def cut_connections(address: str) -> None:
+    """Abort every TCP connection of this host to ``address`` (``ss -K``): their
+    programs get an error at once and the kernel sends the VM's side a reset.
+
+    Only the host can reach a namespace's external address, so for it these are all
+    the clients there are.
+    """
+    argv = ["ss", "-K", "-t", "-n", "dst", address]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise DrafterError(f"cannot cut connections to {address}: {lines[-1] if lines else '?'}")
+    cut = max(0, len(proc.stdout.strip().splitlines()) - 1)
+    if cut:
+        log.info("cut %d connection(s) to %s", cut, address)
 
 
 def check_stable_address(address: str, state_dir: str | Path, taking_over: bool = False) -> None:
