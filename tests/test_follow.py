@@ -10,9 +10,12 @@ Each test prints its figures (``pytest -s``) for the record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -26,7 +29,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import TEST_CIDR_BASE, TMP_PREFIX, assert_one_line_error, run_command
+from conftest import TEST_CIDR_BASE, TEST_PREFIX, TMP_PREFIX, assert_one_line_error, run_command
+from drafter.network import carrier
+from drafter.network.namespaces import in_namespace
 from test_migration import finish_source
 from test_peer import peer, registry, wait_resumed
 from test_runner import ctrl_c, free_port, runner, wait_for_redis
@@ -332,6 +337,39 @@ def test_redis_benchmark_at_the_stable_address_across_a_migration(
 
 
 # -- the gate and bad input -----------------------------------------------------------------
+
+
+def test_the_daemon_cuts_connections_when_a_tap_loses_its_vm(monkeypatch) -> None:
+    """What drafter-daemon does when a VM's process is killed: QEMU lets go of the tap
+    (here: this test, holding the tap as QEMU would) and the carrier watch cuts the
+    host's connections to the namespace's address at once."""
+    namespace = f"{TEST_PREFIX}w{os.getpid() % 10000}"
+    cut: list[tuple[str, float]] = []
+    monkeypatch.setattr(carrier, "cut_connections", lambda a: cut.append((a, time.monotonic())))
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    watch = None
+    try:
+        ip = ["ip", "-n", namespace]
+        subprocess.run([*ip, "tuntap", "add", "tap0", "mode", "tap"], check=True)
+        subprocess.run([*ip, "link", "set", "tap0", "up"], check=True)
+        with in_namespace(namespace):
+            tap = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(tap, 0x400454CA, struct.pack("16sH", b"tap0", 0x0002 | 0x1000))  # TUNSETIFF
+        watch = carrier.CarrierWatch({namespace: ("tap0", "192.0.2.77")})
+        watch.start()
+        time.sleep(0.3)
+        assert cut == []
+        let_go = time.monotonic()
+        os.close(tap)
+        deadline = let_go + 5
+        while not cut and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cut and cut[0][0] == "192.0.2.77"
+        assert cut[0][1] - let_go < 1
+    finally:
+        if watch is not None:
+            watch.stop()
+        subprocess.run(["ip", "netns", "del", namespace], check=False)
 
 
 def test_an_address_without_a_vm_resets_at_once(network) -> None:

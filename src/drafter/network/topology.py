@@ -322,13 +322,21 @@ class Network:
             data = _read_json_quiet(info)
             if data is not None and data.get("daemon_pid") in (pid, None):
                 unlink(info)
+        # Handover records of stable addresses held in these namespaces (their routes
+        # went with the veths).
+        names = {plan.namespace for plan in plans}
+        for record in (Path(cfg.state_dir) / "follow").glob("*.json"):
+            data = _read_json_quiet(record)
+            if data is not None and data.get("namespace") in names:
+                unlink(record)
         try:
             nft.delete_table(table or cfg.nft_table)
         except DrafterError as e:
             errors.append(str(e))
         unlink(state_file(cfg.state_dir, cfg.namespace_prefix))
-        with contextlib.suppress(OSError):
-            (Path(cfg.state_dir) / "netns").rmdir()  # only if empty
+        for directory in ("netns", "follow"):
+            with contextlib.suppress(OSError):
+                (Path(cfg.state_dir) / directory).rmdir()  # only if empty
         if errors:
             raise DrafterError("teardown incomplete: " + "; ".join(errors))
 
