@@ -335,9 +335,8 @@ class Peer:
             )
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
-        await asyncio.to_thread(
-            self.follow.running
-        )  # the hand-over point: clients of the stable address come here
+        # The hand-over point: clients of the stable address come here from now on.
+        await asyncio.to_thread(self.follow.running)
         if switched_at is not None:
             self.summary.downtime_s = max(0.0, timings.resumed_at - self._paused_at)
             self.summary.switch_s = time.monotonic() - switched_at

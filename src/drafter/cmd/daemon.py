@@ -95,7 +95,7 @@ def _serve(cfg: NetworkConfig) -> int:
             )
         # A VM whose process was killed: its clients get an error, not silence.
         taps = {i.namespace: (cfg.namespace_interface, i.external_address) for i in net.namespaces}
-        watch = CarrierWatch(taps)
+        watch = CarrierWatch(taps, cfg.nft_table)
         watch.start()
         try:
             print(f"ready: {len(net.namespaces)} namespaces; press Ctrl-C to tear down", flush=True)

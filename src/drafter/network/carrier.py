@@ -15,7 +15,7 @@ import struct
 import threading
 
 from drafter.errors import DrafterError
-from drafter.network.follow import cut_connections
+from drafter.network.follow import cut_connections, set_gate
 from drafter.network.namespaces import in_namespace
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,17 @@ _IFINFO = struct.Struct("=BxHiII")
 
 
 class CarrierWatch(threading.Thread):
-    """Watches the tap of each namespace (``namespace -> (tap, external address)``)."""
+    """Watches the tap of each namespace (``namespace -> (tap, external address)``);
+    with ``table``, also empties the ``closed`` set of the namespace's table (a source
+    killed at switch-over left it there; without a VM the kernel resets anyway)."""
 
-    def __init__(self, taps: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, taps: dict[str, tuple[str, str]], table: str = "") -> None:
         super().__init__(name="carrier-watch", daemon=True)
         self._stopping = threading.Event()
         # One link-event socket per namespace, made in it (it stays there).
         self._watched: dict[socket.socket, tuple[int, str, str]] = {}
         self._carrier: dict[socket.socket, bool] = {}  # last seen (unknown at first)
+        self._table = table
         for namespace, (tap, address) in taps.items():
             with in_namespace(namespace):
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -66,6 +69,8 @@ class CarrierWatch(threading.Thread):
                     log.debug("%s: no VM on the tap any more", namespace)
                     try:
                         cut_connections(address)
+                        if self._table:
+                            set_gate(namespace, self._table, address, closed=False)
                     except DrafterError as e:
                         log.warning("%s: %s", namespace, e)
 

@@ -151,9 +151,12 @@ class Follower:
         """The VM runs here now: open the gate, take the stable address's route over."""
         if self.info is None:
             return
+        if self.stable is not None:
+            self._take_route()  # first: the stable address's clients wait for it
         self._gate(closed=False)
-        if self.stable is None:
-            return
+
+    def _take_route(self) -> None:
+        assert self.info is not None and self.stable is not None
         started = time.monotonic()
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.info.host_veth)
@@ -253,19 +256,23 @@ class Follower:
                     log.debug("%s no longer routes to %s", self.stable, self.netns)
 
     def _gate(self, closed: bool) -> None:
-        assert self.info is not None
-        if not self.info.nft_table:
-            return
-        element = f"ip {self.info.nft_table} {CLOSED_SET} {{ {self.info.external_address} }}"
-        # add-then-delete keeps "open" idempotent in one transaction.
-        script = f"add element {element}\n" + ("" if closed else f"delete element {element}\n")
-        self._nft(script)
-        log.debug("%s: gate of %s %s", self.netns, self.info.external_address,
-                  "closed" if closed else "open")  # fmt: skip
+        assert self.info is not None and self.netns is not None
+        if self.info.nft_table:
+            set_gate(self.netns, self.info.nft_table, self.info.external_address, closed)
 
     def _nft(self, script: str) -> None:
         assert self.netns is not None
         run_in_namespace(self.netns, ["nft", "-f", "-"], input_text=script)
+
+
+def set_gate(namespace: str, table: str, address: str, closed: bool) -> None:
+    """Put ``address`` into the ``closed`` set of the namespace's table (its connections
+    get resets) or take it out (the kernel decides: resets only without a VM)."""
+    element = f"ip {table} {CLOSED_SET} {{ {address} }}"
+    # add-then-delete keeps "open" idempotent in one transaction.
+    script = f"add element {element}\n" + ("" if closed else f"delete element {element}\n")
+    run_in_namespace(namespace, ["nft", "-f", "-"], input_text=script)
+    log.debug("%s: gate of %s %s", namespace, address, "closed" if closed else "open")
 
 
 def cut_connections(address: str) -> None:
