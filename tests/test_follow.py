@@ -39,7 +39,7 @@ from test_runner import ctrl_c, free_port, runner, wait_for_redis
 # Stable addresses: apart from every daemon's CIDRs (10.{base}.0.0/24, 10.{base+1}.0.0/24)
 # and from other sessions (they use another base).
 STABLE_NET = f"10.{TEST_CIDR_BASE}.200"
-PG_SECONDS = 14  # pgbench -T
+PG_SECONDS = 15  # pgbench -T
 PG_CLIENTS = 4
 
 
@@ -174,7 +174,7 @@ def pgbench_across_a_migration(
         wait_for_postgres(target)
         proc, started = pgbench(target)
         stack.callback(proc.kill)
-        time.sleep(3)
+        time.sleep(2)
         dest = stack.enter_context(peer(f"127.0.0.1:{port}", network.name(1), workdir, *flags))
         wait_resumed(dest)
         resumed = time.monotonic()
