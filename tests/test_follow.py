@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -29,7 +30,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import TEST_CIDR_BASE, TEST_PREFIX, TMP_PREFIX, assert_one_line_error, run_command
+from conftest import (
+    TEST_CIDR_BASE,
+    TEST_PREFIX,
+    TMP_PREFIX,
+    assert_one_line_error,
+    copy_package,
+    run_command,
+)
 from drafter.network import carrier
 from drafter.network.namespaces import in_namespace
 from test_migration import finish_source
@@ -294,6 +302,7 @@ def test_one_connection_survives_a_chain_of_three_migrations(
         assert survived and same_port
         assert counted == len(holder.answered)
         stack.close()
+    stopped_and_clean(network, address)
 
 
 def test_redis_benchmark_at_the_stable_address_across_a_migration(
@@ -334,6 +343,50 @@ def test_redis_benchmark_at_the_stable_address_across_a_migration(
         assert resumed < ended, "the migration did not happen during the run"
         assert proc.returncode == 0, out
         assert errors == [], out
+
+
+def stopped_and_clean(network, address: str) -> None:
+    """After the VM of ``address`` stopped for good: the address is unreachable (a
+    connection fails at once, nothing goes out by the default route), its record says
+    so, and no namespace keeps a drafter_follow table."""
+    shown = subprocess.run(["ip", "-j", "route", "show", f"{address}/32"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    routes = json.loads(shown.stdout)
+    assert [r.get("type") for r in routes] == ["unreachable"], routes
+    record = json.loads((network.state_dir / "follow" / f"{address}.json").read_text())
+    assert record["stopped"] and record["pid"] == 0, record
+    for i in range(network.count):
+        tables = subprocess.run(["ip", "netns", "exec", network.name(i), "nft", "list", "tables"],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "drafter_follow" not in tables, network.name(i)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="No route to host"), socket.socket() as s:
+        s.settimeout(10)
+        s.connect((address, 6379))
+    assert time.monotonic() - started < 1
+
+
+def test_runner_holds_a_stable_address_and_gives_it_back(redis_package, network, workdir) -> None:
+    address = stable(4)
+    package = copy_package(redis_package, workdir)
+    with runner(package, network.name(3), *follow_flags(network, address)) as proc:
+        client = redis.Redis(host=address, socket_timeout=10, retry=Retry(NoBackoff(), 0))
+        wait_for_redis(address)
+        assert client.set("via", "the stable address")
+        assert wait_for_redis(network.info(3).external_address).get("via")
+        ctrl_c(proc)
+        # The runner cut the connection before it let go of the address.
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+    stopped_and_clean(network, address)
+    with pytest.raises(ConnectionRefusedError), socket.socket() as s:
+        s.settimeout(10)
+        s.connect((network.info(3).external_address, 6379))
+    # The next VM takes the stopped address over.
+    with runner(package, network.name(2), *follow_flags(network, address)) as proc:
+        assert wait_for_redis(address).get("via") == b"the stable address"
+        ctrl_c(proc)
+    stopped_and_clean(network, address)
 
 
 # -- the gate and bad input -----------------------------------------------------------------

@@ -25,6 +25,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 #: The table a VM's process adds to its namespace for its stable address.
 FOLLOW_TABLE = "drafter_follow"
 _MAIN_TABLE = 254
+RTN_UNREACHABLE = 7  # the route type a stopped VM leaves for its stable address
 
 
 def handover_file(state_dir: str | Path, address: str) -> Path:
@@ -199,8 +201,9 @@ class Follower:
             cut_connections(self.info.external_address)
 
     def release(self) -> None:
-        """After the VM's QEMU stopped: drop the route if still ours, and this namespace's
-        stable-address table; the gate is the kernel's again (no VM: resets)."""
+        """After the VM's QEMU stopped: if the stable address still routes here (the VM
+        was not handed over), cut its connections and make it unreachable; drop this
+        namespace's stable-address table; the gate is the kernel's again (no VM: resets)."""
         if self.info is None:
             return
         errors: list[str] = []
@@ -211,16 +214,9 @@ class Follower:
         if self.stable is not None and self._holding:
             self._holding = False
             try:
-                self._drop_route()
+                self._park_route()
             except DrafterError as e:
                 errors.append(str(e))
-            record = handover_file(self.state_dir, self.stable)
-            try:
-                data = read_json(record)
-            except DrafterError:
-                data = None
-            if data is not None and data.get("pid") == os.getpid():
-                unlink(record)
         if self._table_made:
             self._table_made = False
             try:
@@ -236,24 +232,35 @@ class Follower:
 
     # -- details ------------------------------------------------------------------------------
 
-    def _drop_route(self) -> None:
-        """The VM stopped here for good (it was not handed over): cut the host's
-        connections to the stable address while it still routes here, then unroute it."""
+    def _park_route(self) -> None:
+        """The VM stopped here for good: cut the host's connections to the stable address
+        while it still routes here, then make it unreachable (connecting fails at once;
+        nothing goes out by the default route) and say so in the record. The next holder
+        takes both over; the daemon removes them with its namespaces."""
         assert self.info is not None and self.stable is not None
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.info.host_veth)
-            if not links:
-                return
-            for route in ipr.get_routes(family=2, table=_MAIN_TABLE, dst=f"{self.stable}/32"):
-                if route.get("dst_len") == 32 and route.get_attr("RTA_OIF") == links[0]:
-                    cut_connections(self.stable)
-                    try:
-                        ipr.route("del", dst=f"{self.stable}/32", oif=links[0])
-                    except NetlinkError as e:
-                        raise DrafterError(
-                            f"cannot remove the route of {self.stable}: {e}"
-                        ) from None
-                    log.debug("%s no longer routes to %s", self.stable, self.netns)
+            ours = [r for r in _routes_to(ipr, self.stable) if r.get_attr("RTA_OIF") in links]
+            if not ours:
+                return  # handed over: the destination routes it now
+            cut_connections(self.stable)
+            try:
+                ipr.route("replace", dst=f"{self.stable}/32", type="unreachable")
+            except NetlinkError as e:
+                raise DrafterError(f"cannot unroute {self.stable}: {e}") from None
+        write_json(
+            handover_file(self.state_dir, self.stable),
+            {
+                "address": self.stable,
+                "namespace": self.netns,
+                "host_veth": self.info.host_veth,
+                "pid": 0,
+                "start_time": None,
+                "since": time.time(),
+                "stopped": True,
+            },
+        )
+        log.info("%s is unreachable: its VM stopped", self.stable)
 
     def _gate(self, closed: bool) -> None:
         assert self.info is not None and self.netns is not None
@@ -323,12 +330,17 @@ def check_stable_address(address: str, state_dir: str | Path, taking_over: bool 
             net = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{length}")
             if addr not in net:
                 continue
-            dev = names.get(r.get_attr("RTA_OIF"), "?")
-            if length == 32 and data is not None and dev == data.get("host_veth"):
-                continue  # a previous holder's route (live and handing over, or dead)
+            oif = r.get_attr("RTA_OIF")
+            dev = names.get(oif, "?") if oif else f"type {r.get('type')}"
+            if (
+                length == 32
+                and data is not None
+                and (dev == data.get("host_veth") or r.get("type") == RTN_UNREACHABLE)
+            ):
+                continue  # a previous holder's route (live and handing over, dead, stopped)
             if length == 32:
                 raise DrafterError(
-                    f"stable address {address} is already in use on this host (route dev {dev})"
+                    f"stable address {address} is already in use on this host (a route, {dev})"
                 )
             raise DrafterError(
                 f"stable address {address} is not valid on this host: it is inside the host "
@@ -351,3 +363,36 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="a host address that reaches this VM in whichever namespace of this host it "
         "runs (taken over at each migration; see docs/networking.md)",
     )  # fmt: skip
+
+
+def _routes_to(ipr: IPRoute, address: str) -> list[Any]:
+    """The main table's /32 routes to ``address`` (a dump: ``get_routes(dst=)`` would
+    look the address up instead, and fail for an unreachable one)."""
+    return [
+        r
+        for r in ipr.get_routes(family=2, table=_MAIN_TABLE)
+        if r.get("dst_len") == 32 and r.get_attr("RTA_DST") == address
+    ]
+
+
+def remove_records(state_dir: str | Path, namespaces: set[str]) -> None:
+    """The daemon's teardown: the handover records of stable addresses last held in
+    ``namespaces``, and the unreachable routes of those whose VM stopped (routes via
+    the namespaces' veths go with the veths)."""
+    with IPRoute() as ipr:
+        for record in (Path(state_dir) / "follow").glob("*.json"):
+            try:
+                data = read_json(record)
+            except DrafterError:
+                continue
+            if data is None or data.get("namespace") not in namespaces:
+                continue
+            address = str(data.get("address"))
+            dst = f"{address}/32"
+            try:
+                for r in _routes_to(ipr, address):
+                    if r.get("type") == RTN_UNREACHABLE:
+                        ipr.route("del", dst=dst, type="unreachable")
+            except (NetlinkError, ValueError) as e:
+                log.warning("cannot remove the route of %s: %s", dst, e)
+            unlink(record)

@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from drafter.errors import DrafterError
-from drafter.network import nft
+from drafter.network import follow, nft
 from drafter.network.config import NamespacePlan, NetworkConfig, plan_namespaces
 from drafter.network.namespaces import (
     create_namespace,
@@ -322,13 +322,11 @@ class Network:
             data = _read_json_quiet(info)
             if data is not None and data.get("daemon_pid") in (pid, None):
                 unlink(info)
-        # Handover records of stable addresses held in these namespaces (their routes
-        # went with the veths).
-        names = {plan.namespace for plan in plans}
-        for record in (Path(cfg.state_dir) / "follow").glob("*.json"):
-            data = _read_json_quiet(record)
-            if data is not None and data.get("namespace") in names:
-                unlink(record)
+        # Stable addresses last held in these namespaces (drafter.network.follow).
+        try:
+            follow.remove_records(cfg.state_dir, {plan.namespace for plan in plans})
+        except (OSError, NetlinkError) as e:
+            errors.append(f"stable addresses: {e}")
         try:
             nft.delete_table(table or cfg.nft_table)
         except DrafterError as e:
