@@ -130,6 +130,10 @@ class Follower:
             if self.netns is None:
                 raise DrafterError("--stable-address needs --netns (a drafter-daemon namespace)")
             self.info = namespace_info(self.netns, self.state_dir)
+            if not self.info.nft_table:
+                raise DrafterError(
+                    f"the drafter-daemon of {self.netns} predates stable addresses: restart it"
+                )
             check_stable_address(self.stable, self.state_dir, taking_over=taking_over)
         elif managed:
             assert self.netns is not None
