@@ -118,18 +118,20 @@ class PgbenchRun:
     failed: int
     aborted: int
     idle_seconds: int  # progress intervals (-P 1) with 0 tps
+    longest_s: float  # the longest transaction a client waited for (pgbench -l)
     ended_at: float
     stderr: str
 
 
-def pgbench(host: str) -> tuple[subprocess.Popen[str], float]:
+def pgbench(host: str, logs: Path) -> tuple[subprocess.Popen[str], float]:
     argv = ["pgbench", "-h", host, "-U", "postgres", "-n", "-c", str(PG_CLIENTS),
-            "-j", "2", "-T", str(PG_SECONDS), "-P", "1", "postgres"]  # fmt: skip
+            "-j", "2", "-T", str(PG_SECONDS), "-P", "1", "-l", f"--log-prefix={logs}",
+            "postgres"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, time.monotonic()
 
 
-def pgbench_result(proc: subprocess.Popen[str], started: float) -> PgbenchRun:
+def pgbench_result(proc: subprocess.Popen[str], started: float, logs: Path) -> PgbenchRun:
     # Ends within -T plus a few seconds, or the test fails (it never hangs).
     out, err = proc.communicate(timeout=PG_SECONDS + 30)
     ended = time.monotonic()
@@ -139,6 +141,13 @@ def pgbench_result(proc: subprocess.Popen[str], started: float) -> PgbenchRun:
         return int(found.group(1)) if found else 0
 
     progress = re.findall(r"progress: [\d.]+ s, ([\d.]+) tps", err)
+    # Per transaction: client, number, latency (us), script, epoch s, us.
+    latencies = [
+        int(line.split()[2])
+        for log in logs.parent.glob(f"{logs.name}.*")
+        for line in log.read_text().splitlines()
+        if len(line.split()) >= 3
+    ]
     return PgbenchRun(
         seconds=ended - started,
         returncode=proc.returncode,
@@ -146,6 +155,7 @@ def pgbench_result(proc: subprocess.Popen[str], started: float) -> PgbenchRun:
         failed=number(r"number of failed transactions: (\d+)"),
         aborted=len(re.findall(r"client \d+ aborted", err)),
         idle_seconds=sum(1 for tps in progress if float(tps) == 0.0),
+        longest_s=max(latencies, default=0) / 1e6,
         ended_at=ended,
         stderr=err,
     )
@@ -180,7 +190,8 @@ def pgbench_across_a_migration(
                                           laddr=f"127.0.0.1:{port}"))  # fmt: skip
         wait_resumed(source)
         wait_for_postgres(target)
-        proc, started = pgbench(target)
+        logs = workdir / "pgbench"
+        proc, started = pgbench(target, logs)
         stack.callback(proc.kill)
         time.sleep(2)
         # Post-copy: the switch-over comes within seconds even on a loaded machine, so
@@ -189,7 +200,7 @@ def pgbench_across_a_migration(
                                         "--precopy-rounds", "0"))  # fmt: skip
         wait_resumed(dest)
         resumed = time.monotonic()
-        run = pgbench_result(proc, started)
+        run = pgbench_result(proc, started, logs)
         finish_source(source)
         rows = check_ledger(network.info(1).external_address, run)
     return run, resumed, rows
@@ -212,7 +223,8 @@ def test_pgbench_at_the_stable_address_sees_a_pause_not_an_error(
     run, resumed, rows = pgbench_across_a_migration(pgbench_package, network, workdir, stable(1))
     print(f"\npgbench at the stable address: ended after {run.seconds:.1f}s (-T {PG_SECONDS}), "
           f"aborted {run.aborted}, failed {run.failed}, processed {run.processed}, "
-          f"history rows {rows}, seconds with 0 tps {run.idle_seconds}")  # fmt: skip
+          f"history rows {rows}, seconds with 0 tps {run.idle_seconds}, longest "
+          f"transaction {run.longest_s:.2f}s")  # fmt: skip
     assert resumed < run.ended_at - 1, "the migration did not happen during the run"
     assert run.returncode == 0, run.stderr
     assert (run.aborted, run.failed) == (0, 0), run.stderr
