@@ -7,13 +7,17 @@ Two things, both described in docs/networking.md ("Following a VM"):
   kernel's doing (the namespace table, see :func:`drafter.network.nft.namespace_ruleset`),
   so it also holds after a ``kill -9``. While QEMU still holds the tap but the VM was
   handed over (a migration's source, paused), the VM's process puts the external
-  address into the table's ``closed`` set (:meth:`Follower.left`).
+  address into the table's ``closed`` set (:meth:`Follower.left`). Clients that wait
+  for an answer send nothing to reset, so the process also cuts the host's
+  connections to the address (:func:`cut_connections`) when its VM leaves or stops;
+  the daemon does it for a killed process (:mod:`drafter.network.carrier`).
 * **The stable address.** A /32 on the host, routed to the namespace whose VM holds it
   now. Every namespace translates it the same way (DNAT to the guest address, SNAT
   back), and conntrack takes up flows in the middle, so a connection to it survives a
   move between namespaces: the guest's TCP state moves with its memory. The process
   whose VM runs takes the route over (:meth:`Follower.running`) and records it in
-  ``{state_dir}/follow/{address}.json`` (the handover record).
+  ``{state_dir}/follow/{address}.json`` (the handover record). When the VM stops for
+  good the address becomes unreachable until the next VM takes it.
 """
 
 from __future__ import annotations
