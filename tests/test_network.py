@@ -435,6 +435,14 @@ def test_daemon_creates_namespaces(shared: tuple[Env, Daemon]) -> None:
         rules = sh("ip", "netns", "exec", ns, "nft", "list", "table", "ip", table).stdout
         assert f"dnat to {GUEST}" in rules
         assert f"snat to {plan.external_address}" in rules
+        assert "reject with tcp reset" in rules  # fail fast: see test_follow.py
+        for key, value in (
+            ("net.ipv4.conf.tap0.ignore_routes_with_linkdown", "1"),
+            ("net.netfilter.nf_conntrack_tcp_loose", "1"),
+            ("net.netfilter.nf_conntrack_tcp_be_liberal", "1"),
+        ):
+            got = sh("ip", "netns", "exec", ns, "sysctl", "-n", key).stdout
+            assert got.strip() == value, key
         info = json.loads((env.state_dir / "netns" / f"{ns}.json").read_text())
         assert info == {
             "namespace": ns,
@@ -444,6 +452,8 @@ def test_daemon_creates_namespaces(shared: tuple[Env, Daemon]) -> None:
             "namespace_address": plan.namespace_address,
             "guest_address": GUEST,
             "daemon_pid": d.proc.pid,
+            "nft_table": table,
+            "namespace_veth": "veth0",
         }
         assert namespace_info(ns, env.state_dir).external_address == plan.external_address
     with pytest.raises(DrafterError, match="not managed"):

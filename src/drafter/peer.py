@@ -34,6 +34,8 @@ from drafter.migration import (
     MigrationSource,
     VMControl,
 )
+from drafter.network.follow import Follower
+from drafter.network.state import DEFAULT_STATE_DIR
 from drafter.package import (
     MAX_STATE_SIZE,
     PackageConfig,
@@ -108,6 +110,10 @@ class PeerOptions:
     # A destination silent this long during pre-copy loses the migration (source side).
     offer_timeout: float = 30.0
     metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
+    # The daemon's state directory (the namespace's info, the handover records).
+    state_dir: str = DEFAULT_STATE_DIR
+    # A host address that follows this VM from namespace to namespace (docs/networking.md).
+    stable_address: str | None = None
 
 
 @dataclass
@@ -191,6 +197,9 @@ class Peer:
         self._takeover: asyncio.Future[None] | None = None
         self.migration: MigrationDestination | None = None  # a migration to here
         self._grant: asyncio.Future[None] | None = None  # its hand-over (device loop)
+        # Clients follow the VM: the gate of the namespace's address, the stable address.
+        self.follow = Follower(options.netns, options.state_dir, options.stable_address)
+        self._gate_closing: asyncio.Future[None] | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -244,6 +253,9 @@ class Peer:
         if any(s.config != remote.config for s in self.sources):
             raise DrafterError("the servers given for the resources serve different VMs")
         self.config = PackageConfig.from_json(remote.config, addrs["memory"])
+        # A running peer as the remote: a migration, whose source may hold the address.
+        migrating = "state" not in remotes["memory"].manifest
+        await asyncio.to_thread(self.follow.prepare, migrating)
         for name in PULL_ORDER:
             if name not in remotes[name].manifest:
                 raise DrafterError(f"{addrs[name]} does not offer the {name} resource")
@@ -331,7 +343,9 @@ class Peer:
         timings = snapshot.Timings()
         try:
             await asyncio.wait_for(
-                snapshot.resume(self.machine, work / "state", timings, self._may_run()),
+                snapshot.resume(
+                    self.machine, work / "state", timings, self._may_run(), self._followed
+                ),
                 o.resume_timeout,
             )
         except TimeoutError:
@@ -464,6 +478,11 @@ class Peer:
 
         return granted
 
+    async def _followed(self) -> None:
+        """The VM runs here: clients of its stable address come here from now on, and
+        its namespace's address lets them in (the network's side of the hand-over)."""
+        await asyncio.to_thread(self.follow.running)
+
     def _summarise_switch_over(self, switched_at: float, timings: snapshot.Timings) -> None:
         assert self.migration is not None
         resumed = time.monotonic()
@@ -522,6 +541,10 @@ class Peer:
             timings = snapshot.Timings()
             try:
                 await snapshot.suspend(machine, state_file, timings, presync=True)
+                # The VM no longer runs here: resets at this namespace's address (off
+                # the switch-over's critical path).
+                self._gate_closing = asyncio.ensure_future(asyncio.to_thread(self.follow.left))
+                self._gate_closing.add_done_callback(_logged("closing the gate"))
                 phases = {
                     "BeforeSuspend": timings.before_suspend * 1000,  # and a memory sync
                     "pause": timings.pause * 1000,
@@ -545,6 +568,9 @@ class Peer:
 
         async def resume_here() -> None:
             await machine.resume()
+            if self._gate_closing is not None:
+                await asyncio.wait([self._gate_closing])
+            await asyncio.to_thread(self.follow.running)  # it runs here again
             async with AgentClient(machine.agent_socket) as agent:
                 await agent.after_resume()
 
@@ -710,6 +736,9 @@ class Peer:
                 self._pull.cancel()
         if self.machine is not None:
             await self.machine.stop()
+        if self._gate_closing is not None:
+            await asyncio.wait([self._gate_closing])
+        await asyncio.to_thread(self.follow.release)
         if self.host is not None and self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.host.run(self.server.close()), 5)
@@ -733,6 +762,14 @@ async def _connect_all(sources: list[RemoteSource]) -> None:
 
 async def _close_all(sources: list[RemoteSource]) -> None:
     await asyncio.gather(*(s.close() for s in sources))
+
+
+def _logged(what: str) -> Callable[[asyncio.Future[None]], None]:
+    def report(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s failed: %s", what, future.exception())
+
+    return report
 
 
 def _quiet(future: asyncio.Future[None]) -> None:

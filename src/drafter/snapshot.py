@@ -107,10 +107,13 @@ async def resume(
     state: Path,
     timings: Timings | None = None,
     granted: Callable[[], Awaitable[None]] | None = None,
+    running: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Restore ``machine`` from ``state`` and its memory file, resume, AfterResume.
     ``granted``, if given, is awaited between the load and the resume: the VM runs
-    only once it returns (a migration's hand-over); if it raises, the VM never ran."""
+    only once it returns (a migration's hand-over); if it raises, the VM never ran.
+    ``running`` starts right after the resume, beside AfterResume (the network
+    following the VM here)."""
     t = timings or Timings()
     start = time.monotonic()
     await machine.restore(state)
@@ -124,10 +127,15 @@ async def resume(
     t.cont = t.restore - t.load
     t.resumed_at = time.time()
     start = time.monotonic()
+    follow = asyncio.ensure_future(running()) if running is not None else None
     try:
         async with AgentClient(machine.agent_socket) as agent:
             await agent.after_resume()
+        if follow is not None:
+            await follow
     except BaseException:
+        if follow is not None and not follow.done():
+            follow.cancel()
         await machine.stop()
         raise
     t.after_resume = time.monotonic() - start

@@ -9,6 +9,7 @@ from types import FrameType
 
 from drafter import cli
 from drafter.network import Network, NetworkConfig
+from drafter.network.carrier import CarrierWatch
 
 PROG = "drafter-daemon"
 log = logging.getLogger(__name__)
@@ -92,9 +93,16 @@ def _serve(cfg: NetworkConfig) -> int:
                 f"(guest {info.guest_address} on {cfg.namespace_interface})",
                 flush=True,
             )
-        print(f"ready: {len(net.namespaces)} namespaces; press Ctrl-C to tear down", flush=True)
-        while not stop.wait(3600):
-            pass
+        # A VM whose process was killed: its clients get an error, not silence.
+        taps = {i.namespace: (cfg.namespace_interface, i.external_address) for i in net.namespaces}
+        watch = CarrierWatch(taps, cfg.nft_table)
+        watch.start()
+        try:
+            print(f"ready: {len(net.namespaces)} namespaces; press Ctrl-C to tear down", flush=True)
+            while not stop.wait(3600):
+                pass
+        finally:
+            watch.stop()
         log.debug("tearing down")
     return 0
 

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from drafter import cli, console, metrics
 from drafter.errors import DrafterError
+from drafter.network import follow
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -82,6 +83,9 @@ async def run(a: argparse.Namespace) -> int:
         host, port = security.listen_address(a.laddr, DEFAULT_LADDR, token, a.insecure)
         laddr = wire.format_addr(host, port)
     security.tls_server_options(a.tls_cert or None, a.tls_key or None)  # checked up front
+    if a.stable_address:  # the host's side now, before connecting; its holder at start
+        address = follow.parse_stable_address(a.stable_address)
+        await asyncio.to_thread(follow.check_stable_address, address, a.state_dir, True)
     raddrs = {r: getattr(a, f"{r}_raddr") for r in RESOURCES if getattr(a, f"{r}_raddr")}
     raddr = a.raddr
     if raddr is None:
@@ -114,6 +118,8 @@ async def run(a: argparse.Namespace) -> int:
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
         metrics=metrics.start(a.metrics),
+        state_dir=a.state_dir,
+        stable_address=a.stable_address or None,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -179,6 +185,7 @@ async def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
+    follow.add_flags(p)
     p.add_argument(
         "--raddr", default=None,
         help="registry to start from, or peer to migrate the VM from (default: a peer "

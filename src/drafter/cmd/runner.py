@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from drafter import cli, console
+from drafter.network.follow import Follower
+from drafter.network.follow import add_flags as add_follow_flags
 from drafter.vm import LocalVM
 
 PROG = "drafter-runner"
@@ -20,33 +22,43 @@ async def run(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    follower = Follower(a.netns or None, a.state_dir, a.stable_address or None)
+    await asyncio.to_thread(follower.prepare)
     vm = LocalVM(Path(a.package_path), a.netns or None, persist=a.persist, accel=a.accel)
-    async with vm:
-        print(f"resumed {a.package_path}; Ctrl-C to snapshot and stop", flush=True)
-        assert vm.machine is not None
-        attach = asyncio.create_task(
-            console.attach(vm.machine.console_socket, a.enable_input, a.enable_output)
-        )
-        try:
-            with (
-                console.raw_terminal(sys.stdin.fileno())
-                if a.enable_input
-                else contextlib.nullcontext()
-            ):
-                await stop.wait()
-        finally:
-            attach.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: None)  # finish the flush first
-        took = await vm.suspend_and_flush()
-        what = "written back" if vm.persist else "discarded (--persist=false)"
-        print(f"snapshot {what} in {took:.2f}s", flush=True)
+    try:
+        async with vm:
+            await asyncio.to_thread(follower.running)
+            return await _until_ctrl_c(a, vm, stop)
+    finally:
+        await asyncio.to_thread(follower.release)
+
+
+async def _until_ctrl_c(a: argparse.Namespace, vm: LocalVM, stop: asyncio.Event) -> int:
+    loop = asyncio.get_running_loop()
+    print(f"resumed {a.package_path}; Ctrl-C to snapshot and stop", flush=True)
+    assert vm.machine is not None
+    attach = asyncio.create_task(
+        console.attach(vm.machine.console_socket, a.enable_input, a.enable_output)
+    )
+    try:
+        with (
+            console.raw_terminal(sys.stdin.fileno()) if a.enable_input else contextlib.nullcontext()
+        ):
+            await stop.wait()
+    finally:
+        attach.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: None)  # finish the flush first
+    took = await vm.suspend_and_flush()
+    what = "written back" if vm.persist else "discarded (--persist=false)"
+    print(f"snapshot {what} in {took:.2f}s", flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
+    add_follow_flags(p)
     p.add_argument("--package-path", default="out/app.drft", help="package to resume")
     p.add_argument(
         "--persist", type=cli.boolean, default=True, nargs="?", const=True,

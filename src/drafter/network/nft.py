@@ -79,10 +79,28 @@ def create_host_table(name: str, host_veths: list[str]) -> None:
     _nft(["-f", "-"], isolation_ruleset(name, host_veths))
 
 
-def nat_ruleset(name: str, veth: str, external: str, guest: str) -> str:
-    """The namespace table: external address <-> guest address."""
+#: The set, in each namespace table, of external addresses whose VM has stopped running
+#: there while its QEMU still holds the tap (paused for a migration's switch-over).
+CLOSED_SET = "closed"
+
+
+def namespace_ruleset(name: str, veth: str, tap: str, external: str, guest: str) -> str:
+    """The namespace table: external address <-> guest address, and fail fast.
+
+    When no VM runs behind ``tap`` (no QEMU holds it: no carrier), the route to the
+    guest is ignored (``ignore_routes_with_linkdown``) and forwarded packets would
+    leave by ``veth`` again: those are answered with a TCP reset (ICMP for the rest)
+    instead of vanishing. The same happens to connections to ``external`` while its
+    address is in the set ``closed`` (the VM was paused and handed over elsewhere).
+    """
+    left = f'iifname "{veth}" ct original ip daddr @{CLOSED_SET}'
+    gone = f'iifname "{veth}" oifname "{veth}"'  # no route to the guest: back out
+    unreachable = "reject with icmp type host-unreachable"
     return f"""\
 table ip {name} {{
+  set {CLOSED_SET} {{
+    type ipv4_addr
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname "{veth}" ip daddr {external} meta l4proto {{ tcp, udp }} dnat to {guest}
@@ -91,16 +109,24 @@ table ip {name} {{
     type nat hook postrouting priority srcnat; policy accept;
     oifname "{veth}" ip saddr {guest} snat to {external}
   }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    {left} meta l4proto tcp counter reject with tcp reset comment "left: reset"
+    {left} counter {unreachable} comment "left: unreachable"
+    {gone} meta l4proto tcp counter reject with tcp reset comment "no VM on {tap}: reset"
+    {gone} counter {unreachable} comment "no VM on {tap}: unreachable"
+  }}
 }}
 """
 
 
-def create_namespace_table(namespace: str, name: str, veth: str, external: str, guest: str) -> None:
-    """Create the NAT table ``ip name`` inside ``namespace``."""
+def create_namespace_table(
+    namespace: str, name: str, veth: str, tap: str, external: str, guest: str
+) -> None:
+    """Create the table ``ip name`` inside ``namespace`` (see :func:`namespace_ruleset`)."""
     log.debug("%s: nft table ip %s: %s <-> %s", namespace, name, external, guest)
-    run_in_namespace(
-        namespace, ["nft", "-f", "-"], input_text=nat_ruleset(name, veth, external, guest)
-    )
+    ruleset = namespace_ruleset(name, veth, tap, external, guest)
+    run_in_namespace(namespace, ["nft", "-f", "-"], input_text=ruleset)
 
 
 def table_counters(name: str, family: str = FAMILY) -> dict[str, int]:

@@ -5,6 +5,7 @@ Layout (``state_dir`` defaults to /run/drafter)::
     daemon-{prefix}.lock   flock held by the running daemon for its lifetime
     daemon-{prefix}.json   pid and everything the daemon made (used to clean up after kill -9)
     netns/{namespace}.json what other commands need to know about one namespace
+    follow/{address}.json  which namespace holds a stable address now (drafter.network.follow)
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class NamespaceInfo:
     namespace_address: str
     guest_address: str
     daemon_pid: int
+    # Read by drafter.network.follow; files of older daemons lack them.
+    nft_table: str = ""  # the namespace's own table (family ip)
+    namespace_veth: str = "veth0"
 
     def to_dict(self) -> dict[str, Any]:
         """The info as plain JSON-able data (the info file's content)."""
@@ -162,7 +166,9 @@ def namespace_info(name: str, state_dir: str | Path = DEFAULT_STATE_DIR) -> Name
             f"(no {path}; is drafter-daemon running with --state-dir {state_dir}?)"
         )
     try:
-        info = NamespaceInfo(**{k: data[k] for k in NamespaceInfo.__dataclass_fields__})
+        optional = ("nft_table", "namespace_veth")
+        fields = [k for k in NamespaceInfo.__dataclass_fields__ if k not in optional or k in data]
+        info = NamespaceInfo(**{k: data[k] for k in fields})
     except (KeyError, TypeError) as e:
         raise DrafterError(f"cannot read {path}: missing {e}") from None
     if not process_alive(int(info.daemon_pid)):

@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from drafter.errors import DrafterError
-from drafter.network import nft
+from drafter.network import follow, nft
 from drafter.network.config import NamespacePlan, NetworkConfig, plan_namespaces
 from drafter.network.namespaces import (
     create_namespace,
@@ -127,6 +127,8 @@ class Network:
             namespace_address=plan.namespace_address,
             guest_address=plan.guest_address,
             daemon_pid=os.getpid(),
+            nft_table=self.config.nft_table,
+            namespace_veth=plan.namespace_veth,
         )
 
     def _state(self) -> dict[str, Any]:
@@ -196,9 +198,26 @@ class Network:
         except NetlinkError as e:
             raise DrafterError(f"could not set up namespace {ns!r}: {e}") from None
         write_sysctl(ns, "net.ipv4.ip_forward", "1")
+        # Fail fast: without a VM on the tap its route is ignored and the forward
+        # chain answers with a reset (see nft.namespace_ruleset); no redirects back.
+        for key in ("all", cfg.namespace_interface):
+            write_sysctl(ns, f"net.ipv4.conf.{key}.ignore_routes_with_linkdown", "1")
+        for key in ("all", plan.namespace_veth):
+            write_sysctl(ns, f"net.ipv4.conf.{key}.send_redirects", "0")
         nft.create_namespace_table(
-            ns, cfg.nft_table, plan.namespace_veth, plan.external_address, plan.guest_address
+            ns,
+            cfg.nft_table,
+            plan.namespace_veth,
+            cfg.namespace_interface,
+            plan.external_address,
+            plan.guest_address,
         )
+        # Connections that follow a VM here arrive mid-flow: conntrack must take them
+        # up (the kernel's default, made explicit; the table above loaded conntrack),
+        # and must not judge their sequence numbers by an entry left from an earlier
+        # visit of the VM (out of window: no NAT, a reset), so it only maps addresses.
+        write_sysctl(ns, "net.netfilter.nf_conntrack_tcp_loose", "1")
+        write_sysctl(ns, "net.netfilter.nf_conntrack_tcp_be_liberal", "1")
         log.debug(
             "%s: host %s -> external %s -> guest %s",
             ns,
@@ -303,13 +322,19 @@ class Network:
             data = _read_json_quiet(info)
             if data is not None and data.get("daemon_pid") in (pid, None):
                 unlink(info)
+        # Stable addresses last held in these namespaces (drafter.network.follow).
+        try:
+            follow.remove_records(cfg.state_dir, {plan.namespace for plan in plans})
+        except (OSError, NetlinkError) as e:
+            errors.append(f"stable addresses: {e}")
         try:
             nft.delete_table(table or cfg.nft_table)
         except DrafterError as e:
             errors.append(str(e))
         unlink(state_file(cfg.state_dir, cfg.namespace_prefix))
-        with contextlib.suppress(OSError):
-            (Path(cfg.state_dir) / "netns").rmdir()  # only if empty
+        for directory in ("netns", "follow"):
+            with contextlib.suppress(OSError):
+                (Path(cfg.state_dir) / directory).rmdir()  # only if empty
         if errors:
             raise DrafterError("teardown incomplete: " + "; ".join(errors))
 
