@@ -454,6 +454,45 @@ def test_a_cut_after_the_grant_is_recovered_and_never_resumed_at_the_source(
     run(main())
 
 
+def test_a_lost_switch_over_answer_is_answered_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            first = await dest.remote.call(MsgType.MIGRATE_SUSPENDED, encode_id(dest.migration_id))
+            # The answer was lost on a cut: the destination, reconnected, asks again.
+            again = await p.connect()
+            body = encode_id(dest.migration_id)
+            assert await again.call(MsgType.MIGRATE_SUSPENDED, body) == first
+            assert p.source.migrating is not None and p.vm.suspends == 1
+            other = await p.connect()
+            with pytest.raises(DrafterError, match="no such switched-over migration"):
+                await other.call(MsgType.MIGRATE_SUSPENDED, encode_id("another"))
+            await again.call(MsgType.MIGRATE_HANDOVER, body)
+            assert p.source.phase is Phase.HANDED_OVER and p.source._answer is None
+
+    run(main())
+
+
+def test_a_cut_during_the_switch_over_call_is_asked_again_and_completes(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            switching = asyncio.ensure_future(dest.switch_over())
+            await wait_until(lambda: p.source.phase is not Phase.PRECOPY)
+            p.proxy.cut()  # the call or its answer is lost
+            answer = await switching
+            assert answer.state == b"STATE" * 100 and p.vm.suspends == 1
+            await dest.hand_over()
+            await dest.pull_missing()
+            assert await dest.finish() and p.vm.resumes == 0
+
+    run(main())
+
+
 def test_a_lost_grant_answer_is_granted_again(tmp_path: Path) -> None:
     async def main() -> None:
         async with pair(tmp_path) as p:

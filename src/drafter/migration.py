@@ -302,6 +302,7 @@ class MigrationSource:
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
         self._destination_lost = False  # after switch-over: its connection is gone
+        self._answer: asyncio.Future[bytes] | None = None  # the switch-over's, once asked
 
     @property
     def phase(self) -> Phase:
@@ -316,6 +317,8 @@ class MigrationSource:
         log.debug("migration source: %s -> %s", old.value, new.value)
         if new in (Phase.IDLE, Phase.DONE):
             self.migrating = None
+        if new not in (Phase.SWITCHING, Phase.SUSPENDED):
+            self._answer = None  # the switch-over answer is kept only while it may be lost
         if self.metrics is not None:
             self.metrics.source_phase(old, new)
 
@@ -380,8 +383,26 @@ class MigrationSource:
             self._expect(conn, Phase.PRECOPY)
             return json.dumps(await self._collect_dirty()).encode()
         if kind == MsgType.MIGRATE_SUSPENDED:
+            answer = self._answer
+            if answer is not None and self.phase in (Phase.SWITCHING, Phase.SUSPENDED):
+                # Asked again, naming the migration: the destination lost the answer on
+                # a cut. The same answer again, once the switch-over has it.
+                if decode_id(body) != self.migration_id:
+                    raise ProtocolError(ErrorCode.REFUSED, TAKEN_BACK)
+                encoded = await asyncio.shield(answer)
+                self._adopt(conn, body, Phase.SUSPENDED)
+                log.info("the destination of migration %s asked again", self.migration_id)
+                return encoded
             self._expect(conn, Phase.PRECOPY)
-            return encode_suspended(await self._switch_over(conn))
+            answer = self._answer = asyncio.get_running_loop().create_future()
+            try:
+                encoded = encode_suspended(await self._switch_over(conn))
+            except BaseException as e:
+                answer.set_exception(e)
+                answer.exception()  # retrieved: whoever asked again gets it too
+                raise
+            answer.set_result(encoded)
+            return encoded
         if kind == MsgType.MIGRATE_RESUME:
             # The destination came back after a lost connection: it owns the migration
             # again, and the source must not resume the VM itself.
@@ -648,13 +669,23 @@ class MigrationDestination:
         self._to(DestinationPhase.SWITCHING)
         asked = time.monotonic()
         sizes = {d.name: (d.size, d.chunk_size) for d in self.tracked}
-        try:
-            body = await self.remote.call(MsgType.MIGRATE_SUSPENDED, timeout=120)
-            answer = decode_suspended(body, sizes)
-        except BaseException:
-            # Still SWITCHING: the caller aborts, so that a source that paused resumes
-            # at once (it never handed the VM over; lost, it resumes after its timeout).
-            raise
+        # On an error the phase stays SWITCHING: the caller aborts, so that a source
+        # that paused resumes at once (it never handed the VM over).
+        deadline = time.monotonic() + self.retry_timeout
+        while True:
+            try:
+                body = await self.remote.call(
+                    MsgType.MIGRATE_SUSPENDED, encode_id(self.migration_id), timeout=120
+                )
+                break
+            except DrafterError as e:
+                # Lost on a cut, not refused: ask again once reconnected, naming the
+                # migration; the source answers the same again.
+                if self.remote.failed or time.monotonic() >= deadline:
+                    raise
+                log.warning("lost the switch-over answer (%s); asking again", e)
+                await asyncio.sleep(0.05)
+        answer = decode_suspended(body, sizes)
         self.remote.on_reconnect = self._reconnected
         took = (time.monotonic() - asked) * 1000
         self.phases.update(answer.phases)
