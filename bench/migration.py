@@ -143,9 +143,14 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float) -> dict[str, Any]:
+def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float,
+         stable: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Our migrations; with ``stable`` the VM keeps that host address from hop to hop
+    and the writer uses only it (docs/networking.md, "Following a VM")."""
     package = work / "redis.drft"
-    make_package(bp, nets[0].namespace, MEMORY_MIB, package)
+    if not package.exists():
+        make_package(bp, nets[0].namespace, MEMORY_MIB, package)
+    follow = ["--state-dir", str(work / "net"), "--stable-address", stable] if stable else []
     reg_port = free_port()
     registry = subprocess.Popen(
         [BIN / "drafter-registry", "--package-path", str(package),
@@ -159,20 +164,20 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float) 
     def peer(raddr: str, ns: str, laddr: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [BIN / "drafter-peer", "--netns", ns, "--raddr", raddr, "--laddr", laddr,
-             "--work-dir", str(work / "vms")],
+             "--work-dir", str(work / "vms"), *follow],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         procs.append(proc)
         return proc
 
     runs: list[dict[str, float]] = []
-    writer = Writer([n.external_address for n in nets])
+    writer = Writer([stable] if stable else [n.external_address for n in nets])
     try:
         port = free_port()
         source = peer(f"127.0.0.1:{reg_port}", nets[0].namespace, f"127.0.0.1:{port}")
         assert source.stdout is not None
         source.stdout.readline()
-        first_reply(nets[0].external_address)
+        first_reply(stable or nets[0].external_address)
         writer.start()
         time.sleep(2)
         for hop in range(1, migrations + 1):
@@ -311,6 +316,9 @@ def main() -> None:
     p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
                    help="round-trip times to run at (0: direct)")  # fmt: skip
     p.add_argument("--only-ours", action="store_true", help="skip QEMU's own migrations")
+    p.add_argument("--stable-address", default="10.246.200.1",
+                   help="also run ours with this stable address, the writer using only it "
+                   "('' = don't)")  # fmt: skip
     args = p.parse_args()
     bp = Path(args.blueprint)
     Path("out").mkdir(exist_ok=True)
@@ -326,6 +334,10 @@ def main() -> None:
             for rtt in args.rtt_ms:
                 at = results.setdefault(f"rtt_{rtt:g}ms", {})
                 at["drafter"] = ours(work, bp, nets, args.migrations, rtt)
+                if args.stable_address:
+                    at["drafter_stable_address"] = ours(
+                        work, bp, nets, args.migrations, rtt, args.stable_address
+                    )
                 if args.only_ours:
                     continue
                 for name, postcopy in (("qemu_precopy", False), ("qemu_postcopy", True)):

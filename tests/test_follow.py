@@ -514,3 +514,27 @@ def test_carrier_is_read_from_the_last_link_event_about_the_tap() -> None:
     assert carrier.CarrierWatch._carrier_in(event(5, up) + event(5, down), 5) is False
     assert carrier.CarrierWatch._carrier_in(event(6, down), 5) is None
     assert carrier.CarrierWatch._carrier_in(b"\x00" * 8, 5) is None
+
+
+def test_a_stable_address_is_unreachable_until_its_vm_runs(network) -> None:
+    """Before a VM first takes its stable address, connecting to it fails at once on
+    this host: with no route of its own the address would go out by the default route."""
+    import errno
+
+    from drafter.network.follow import Follower, handover_file
+
+    address = stable(9)
+    follower = Follower(network.name(2), str(network.state_dir), address)
+    follower.prepare()
+    try:
+        shown = subprocess.run(["ip", "route", "show", f"{address}/32"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert shown.startswith("unreachable"), shown
+        with socket.socket() as s, pytest.raises(OSError) as refused:
+            s.settimeout(2)
+            s.connect((address, 6379))
+        assert refused.value.errno == errno.EHOSTUNREACH, refused.value
+    finally:
+        follower.release()
+        subprocess.run(["ip", "route", "del", f"{address}/32"], capture_output=True)
+        handover_file(network.state_dir, address).unlink(missing_ok=True)

@@ -148,6 +148,8 @@ class Follower:
         if self.info is None or not self.info.nft_table:
             return
         self._gate(closed=False)  # left closed by a process killed at switch-over
+        if self.stable is not None and not taking_over:
+            self._guard_route()
         if self.stable is not None:
             info = self.info
             rules = stable_ruleset(self.stable, info.namespace_veth, info.guest_address)
@@ -239,6 +241,31 @@ class Follower:
             log.warning("could not undo all of the network set-up: %s", "; ".join(errors))
 
     # -- details ------------------------------------------------------------------------------
+
+    def _guard_route(self) -> None:
+        """Before the VM first takes the stable address: an address no route names
+        would go out by the default route. It is unreachable (fails at once, nothing
+        leaves the host) until the VM runs, recorded as stopped so the daemon removes it."""
+        assert self.info is not None and self.stable is not None
+        with IPRoute() as ipr:
+            if _routes_to(ipr, self.stable):
+                return  # a previous holder's (stopped or handing over): taken over later
+            try:
+                ipr.route("replace", dst=f"{self.stable}/32", type="unreachable")
+            except NetlinkError as e:
+                raise DrafterError(f"cannot guard {self.stable}: {e}") from None
+        write_json(
+            handover_file(self.state_dir, self.stable),
+            {
+                "address": self.stable,
+                "namespace": self.netns,
+                "host_veth": self.info.host_veth,
+                "pid": 0,
+                "start_time": None,
+                "since": time.time(),
+                "stopped": True,
+            },
+        )
 
     def _park_route(self) -> None:
         """The VM stopped here for good: cut the host's connections to the stable address
