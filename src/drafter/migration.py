@@ -397,9 +397,12 @@ class MigrationSource:
             answer = self._answer = asyncio.get_running_loop().create_future()
             try:
                 encoded = encode_suspended(await self._switch_over(conn))
-            except BaseException as e:
+            except Exception as e:
                 answer.set_exception(e)
                 answer.exception()  # retrieved: whoever asked again gets it too
+                raise
+            except BaseException:
+                answer.cancel()
                 raise
             answer.set_result(encoded)
             return encoded
