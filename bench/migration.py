@@ -251,6 +251,7 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
     caps = [{"capability": "postcopy-ram", "state": postcopy}]
     runs: list[dict[str, float]] = []
     source = machine(0, nets[0].namespace)
+    stopping = [source]
     writer = Writer([n.external_address for n in nets])
     try:
         await snapshot.boot_to_liveness(source, 300)
@@ -259,6 +260,7 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
         await asyncio.sleep(2)
         for hop in range(1, migrations + 1):
             dest = machine(hop, nets[hop % 2].namespace)
+            stopping.append(dest)  # stopped at the end whatever happens
             sock = work / f"migrate-{hop}.sock"
             await dest._start(incoming=True)
             await dest._execute("migrate-set-capabilities", {"capabilities": caps})
@@ -284,7 +286,8 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
                     await asyncio.sleep(0.01)
                 end = time.monotonic()
             if info.get("status") != "completed":
-                raise RuntimeError(f"QEMU migration {info.get('status')}")
+                detail = info.get("error-desc", "")
+                raise RuntimeError(f"QEMU migration {info.get('status')}: {detail}")
             # Pause to resume, from the two QEMUs' own event timestamps.
             stop_event = await asyncio.wait_for(stopped.get(), 10)
             resume_event = await asyncio.wait_for(resumed.get(), 10)
@@ -304,7 +307,8 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
     finally:
         writer.stop.set()
         writer.join(10)
-        await source.stop()
+        for qemu in stopping:
+            await qemu.stop()
         subprocess.run(["rm", "-rf", str(shm)], check=False)
     return summarize(runs)
 
@@ -316,6 +320,7 @@ def main() -> None:
     p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
                    help="round-trip times to run at (0: direct)")  # fmt: skip
     p.add_argument("--only-ours", action="store_true", help="skip QEMU's own migrations")
+    p.add_argument("--only-qemu", action="store_true", help="skip our migrations")
     p.add_argument("--stable-address", default="10.246.200.1",
                    help="also run ours with this stable address, the writer using only it "
                    "('' = don't)")  # fmt: skip
@@ -333,17 +338,24 @@ def main() -> None:
             nets = net.namespaces
             for rtt in args.rtt_ms:
                 at = results.setdefault(f"rtt_{rtt:g}ms", {})
-                at["drafter"] = ours(work, bp, nets, args.migrations, rtt)
-                if args.stable_address:
-                    at["drafter_stable_address"] = ours(
-                        work, bp, nets, args.migrations, rtt, args.stable_address
-                    )
+                modes = [("drafter", None), ("drafter_stable_address", args.stable_address)]
+                for name, stable in modes:
+                    if args.only_qemu or (name != "drafter" and not stable):
+                        continue
+                    try:
+                        at[name] = ours(work, bp, nets, args.migrations, rtt, stable)
+                    except Exception as e:  # recorded; the other runs still count
+                        at[name] = {"error": str(e)}
                 if args.only_ours:
                     continue
                 for name, postcopy in (("qemu_precopy", False), ("qemu_postcopy", True)):
-                    at[name] = asyncio.run(
-                        qemu_builtin(work, bp, nets, args.migrations, postcopy, rtt)
-                    )
+                    try:
+                        at[name] = asyncio.run(
+                            qemu_builtin(work, bp, nets, args.migrations, postcopy, rtt)
+                        )
+                    except RuntimeError as e:  # recorded; the other runs still count
+                        at[name] = {"error": str(e)}
+                print(json.dumps(results), file=sys.stderr, flush=True)  # so far
     print(json.dumps(results, indent=2))
 
 
