@@ -52,15 +52,16 @@ LINK = Path(__file__).resolve().parent / "link.py"
 
 
 @contextlib.contextmanager
-def link(target_port: int, rtt_ms: float) -> Iterator[int]:
+def link(target_port: int, rtt_ms: float, target_host: str = "127.0.0.1",
+         listen_host: str = "127.0.0.1") -> Iterator[int]:  # fmt: skip
     """The port to connect to for ``target_port``: itself at 0 ms, else a link.py
     process with that round-trip time in front of it."""
     if rtt_ms <= 0:
         yield target_port
         return
     proc = subprocess.Popen(
-        [sys.executable, str(LINK), "--target", f"127.0.0.1:{target_port}",
-         "--rtt-ms", str(rtt_ms), "--rate-mbit", "1000"],
+        [sys.executable, str(LINK), "--target", f"{target_host}:{target_port}",
+         "--listen", f"{listen_host}:0", "--rtt-ms", str(rtt_ms), "--rate-mbit", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
@@ -265,16 +266,19 @@ async def qemu_builtin(work: Path, bp: Path, nets: list[Any], migrations: int,
             await dest._start(incoming=True)
             await dest._execute("migrate-set-capabilities", {"capabilities": caps})
             await source._execute("migrate-set-capabilities", {"capabilities": caps})
+            # Over TCP, the QEMUs are in their namespaces: the destination listens on
+            # its namespace's veth, the link on the host side of the source's veth.
             port = free_port()
-            incoming = f"tcp:127.0.0.1:{port}" if rtt_ms > 0 else f"unix:{sock}"
+            to, src = nets[hop % 2], nets[(hop - 1) % 2]
+            incoming = f"tcp:{to.namespace_address}:{port}" if rtt_ms > 0 else f"unix:{sock}"
             await dest._execute("migrate-incoming", {"uri": incoming})
             stopped, resumed = EventListener("STOP"), EventListener("RESUME")
             assert source.qmp is not None and dest.qmp is not None
             source.qmp.register_listener(stopped)
             dest.qmp.register_listener(resumed)
-            with link(port, rtt_ms) as via:
+            with link(port, rtt_ms, to.namespace_address, src.host_address) as via:
                 start = time.monotonic()
-                uri = f"tcp:127.0.0.1:{via}" if rtt_ms > 0 else f"unix:{sock}"
+                uri = f"tcp:{src.host_address}:{via}" if rtt_ms > 0 else f"unix:{sock}"
                 await source._execute("migrate", {"uri": uri})
                 if postcopy:
                     await asyncio.sleep(0.2)
