@@ -357,8 +357,8 @@ def main() -> None:
                         at[name] = asyncio.run(
                             qemu_builtin(work, bp, nets, args.migrations, postcopy, rtt)
                         )
-                    except RuntimeError as e:  # recorded; the other runs still count
-                        at[name] = {"error": str(e)}
+                    except Exception as e:  # recorded; the other runs still count
+                        at[name] = {"error": f"{type(e).__name__}: {e}"}
                 print(json.dumps(results), file=sys.stderr, flush=True)  # so far
     print(json.dumps(results, indent=2))
 
