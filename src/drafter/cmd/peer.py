@@ -126,7 +126,10 @@ async def run(a: argparse.Namespace) -> int:
     taking_back: set[asyncio.Task[None]] = set()
 
     async def take_back() -> None:
-        log.warning("%s", await peer.take_back())
+        try:
+            log.warning("%s", await peer.take_back())
+        except Exception as e:  # said, not raised: the peer keeps running either way
+            log.error("could not take the VM back: %s", e)
 
     def on_usr1() -> None:  # the operator: resume the VM here while its destination is away
         task = asyncio.ensure_future(take_back())
