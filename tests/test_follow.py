@@ -343,7 +343,9 @@ def test_redis_benchmark_at_the_stable_address_across_a_migration(
         began = time.monotonic()
         subprocess.run([*bench, "-n", "2000"], capture_output=True, check=True, timeout=60)
         rate = 4000 / (time.monotonic() - began)
-        requests = int(rate * 10)  # per test (set, get)
+        # Per test (set, get); capped: after the resume the guest is slower (post-copy,
+        # the background pull), on a loaded machine several times so.
+        requests = min(int(rate * 10), 15000)
         proc = subprocess.Popen([*bench, "-n", str(requests)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
         stack.callback(proc.kill)
@@ -351,7 +353,7 @@ def test_redis_benchmark_at_the_stable_address_across_a_migration(
         dest = stack.enter_context(peer(f"127.0.0.1:{port}", network.name(3), workdir, *flags))
         wait_resumed(dest)
         resumed = time.monotonic()
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate(timeout=300)
         ended = time.monotonic()
         finish_source(source)
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
