@@ -254,6 +254,11 @@ class Follower:
                 ipr.route("replace", dst=f"{self.stable}/32", type="unreachable")
             except NetlinkError as e:
                 raise DrafterError(f"cannot guard {self.stable}: {e}") from None
+        self._record_stopped()
+
+    def _record_stopped(self) -> None:
+        """The handover record of an address no VM runs behind (unreachable)."""
+        assert self.info is not None and self.stable is not None
         write_json(
             handover_file(self.state_dir, self.stable),
             {
@@ -283,18 +288,7 @@ class Follower:
                 ipr.route("replace", dst=f"{self.stable}/32", type="unreachable")
             except NetlinkError as e:
                 raise DrafterError(f"cannot unroute {self.stable}: {e}") from None
-        write_json(
-            handover_file(self.state_dir, self.stable),
-            {
-                "address": self.stable,
-                "namespace": self.netns,
-                "host_veth": self.info.host_veth,
-                "pid": 0,
-                "start_time": None,
-                "since": time.time(),
-                "stopped": True,
-            },
-        )
+        self._record_stopped()
         log.info("%s is unreachable: its VM stopped", self.stable)
 
     def _gate(self, closed: bool) -> None:
