@@ -699,6 +699,45 @@ def test_a_server_sending_unrelated_frames_does_not_hold_a_fetch_forever() -> No
     run(go())
 
 
+def test_an_answer_in_endless_parts_is_refused_at_its_limit() -> None:
+    """A server answers a control call with PART frames that never end (and parts for
+    calls nobody made): the client keeps none of the latter, and refuses the answer
+    once it passes 64 MiB instead of growing without bound."""
+    manifest, hashes = fake_manifest()
+    sent = 0
+
+    async def flooder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        with contextlib.suppress(Exception):
+            await greet_as_server(reader, writer)
+            welcome = wire.Welcome(bytes(32), CHUNK, manifest, b"{}").body()
+            writer.write(wire.frame(MsgType.WELCOME, welcome))
+            writer.write(wire.frame(MsgType.HASHES, wire.Hashes(0, 0, b"".join(hashes)).body()))
+            writer.write(wire.frame(MsgType.HOT, b""))
+            _, _, request_id = read_header(await reader.readexactly(wire.HEADER_SIZE))
+            part = bytes(wire.MAX_BODY)
+            while True:
+                writer.write(wire.frame(MsgType.PART, part, request_id + 7))  # no such call
+                writer.write(wire.frame(MsgType.PART, part, request_id))
+                sent += 1
+                await writer.drain()
+
+    async def go() -> None:
+        fake = await asyncio.start_server(flooder, LOOPBACK, 0)
+        port = fake.sockets[0].getsockname()[1]
+        source = RemoteSource(f"{LOOPBACK}:{port}", retry_timeout=1)
+        try:
+            await source.connect()
+            with pytest.raises(DrafterError):
+                await asyncio.wait_for(source.call(MsgType.DIRTY_LIST), 30)
+            assert wire.MAX_ANSWER // wire.MAX_BODY <= sent < wire.MAX_ANSWER // wire.MAX_BODY + 8
+        finally:
+            await source.close()
+            fake.close()
+
+    run(go())
+
+
 def _welcome(
     resources: list[tuple[bytes, int]] | None = None,
     chunk: int = CHUNK,

@@ -166,6 +166,7 @@ class RemoteSource:
         self._index: dict[str, int] = {}
         self._pending: dict[int, _Pending] = {}
         self._calls: dict[int, asyncio.Future[bytes]] = {}
+        self._parts: dict[int, list[bytes]] = {}  # a call's answer so far (PART frames)
         self._next_id = 1
         self._conn: _Conn | None = None
         self._failed: DrafterError | None = None
@@ -343,6 +344,7 @@ class RemoteSource:
             ) from None
         finally:
             self._calls.pop(request_id, None)
+            self._parts.pop(request_id, None)
 
     async def close(self) -> None:
         """Drop the connection; pending fetches fail."""
@@ -479,7 +481,7 @@ class RemoteSource:
 
     async def _handshake(self, channel: Channel) -> tuple[_Conn, _Greeting]:
         loop = asyncio.get_running_loop()
-        flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if self.token else 0)
+        flags = wire.HELLO_ZSTD | wire.HELLO_PARTS | (wire.HELLO_TOKEN if self.token else 0)
         client_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
         sent = loop.time()
         channel.write(MsgType.CLIENT_HELLO, client_hello)
@@ -679,10 +681,20 @@ class RemoteSource:
                             conn.channel.protocol.recycle(body)
                     if not p.count:
                         p.future.set_result(None)
+                elif kind == MsgType.PART:
+                    call = self._calls.get(request_id)
+                    if call is None or call.done():
+                        continue  # an abandoned call's: dropped, never kept
+                    parts = self._parts.setdefault(request_id, [])
+                    parts.append(bytes(body))
+                    if sum(len(part) for part in parts) > wire.MAX_ANSWER:
+                        raise ProtocolError(ErrorCode.PROTOCOL, "an answer beyond its limit")
+                    conn.last_progress = loop.time()
                 elif wire.is_control(kind):
                     call = self._calls.get(request_id)
+                    parts = self._parts.pop(request_id, [])
                     if call is not None and not call.done():
-                        call.set_result(bytes(body))
+                        call.set_result(b"".join([*parts, body]))
                         conn.last_progress = loop.time()
                 elif kind == MsgType.ERROR:
                     code, message = wire.decode_error(body)

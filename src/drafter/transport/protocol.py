@@ -34,6 +34,9 @@ MAX_CHUNK_SIZE = 4 << 20
 MAX_BODY = MAX_CHUNK_SIZE + 64  # a chunk and its fixed fields
 HANDSHAKE_MAX_BODY = 1024  # what a server reads before the client has proved the token
 MAX_CLIENT_BODY = 64 << 10  # what a server reads from a client afterwards
+# A control call's answer in PART frames (a switch-over's state and dirty chunks): the
+# most a client assembles for one answer.
+MAX_ANSWER = 64 << 20
 NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
 HASH_SIZE = 32  # BLAKE3-256 of a chunk's bytes
@@ -59,6 +62,7 @@ _ERROR = struct.Struct(">H")  # code (+ UTF-8 text)
 # Hello flags.
 HELLO_TOKEN = 1  # server: a token is required (client: I have a token)
 HELLO_ZSTD = 2  # client: I want compressed chunks; server: I can send them
+HELLO_PARTS = 4  # client: I take a control call's answer in PART frames
 # CHUNK flags.
 CHUNK_ZERO = 1  # no payload: the chunk is all zeros
 CHUNK_ZSTD = 2  # the payload is one zstd frame of the chunk's bytes
@@ -76,6 +80,7 @@ class MsgType(IntEnum):
     ERROR = 8
     HASHES = 9  # S->C after WELCOME: chunk hashes of one resource, from an index on
     HOT = 10  # S->C after the hashes: chunks a resumed VM touches first
+    PART = 11  # S->C: the next bytes of a control call's answer (same id); the answer ends it
     # Control calls (see docs/wire.md and docs/migration.md).
     DIRTY_LIST = 16  # -> JSON {"memory": [chunk, ...], "disk": [...]} dirtied since last
     PING = 18  # -> empty: keeps an idle connection open

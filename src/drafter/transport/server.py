@@ -107,9 +107,11 @@ class _Gone(Exception):
 class Connection:
     """Per-connection state: request queues and what the client negotiated."""
 
-    def __init__(self, peer: str, compress: bool) -> None:
+    def __init__(self, peer: str, compress: bool, parts: bool = False) -> None:
         self.peer = peer
         self.compress = compress
+        # The most a control call's answer may hold: it said it takes PART frames.
+        self.answer_limit = wire.MAX_ANSWER if parts else wire.MAX_BODY
         # (request id, resource, next index, chunks left), answered one chunk at a time
         self.demand: deque[tuple[int, int, int, int]] = deque()
         self.prefetch: deque[tuple[int, int, int, int]] = deque()
@@ -391,7 +393,7 @@ class ChunkServer:
         # What a client sends is small (requests, control calls): a header cannot make
         # the server set aside a chunk-sized buffer.
         channel.protocol.max_body = wire.MAX_CLIENT_BODY
-        conn = Connection(peer, compress)
+        conn = Connection(peer, compress, parts=bool(hello.flags & wire.HELLO_PARTS))
         manifest = dict(zip(self._names, self._sizes, strict=True))
         channel.write(
             MsgType.WELCOME,
@@ -520,10 +522,23 @@ class ChunkServer:
                     reply = await control(conn, kind, body)
                 finally:
                     conn.in_call = False
-                channel.write(kind, reply, request_id)
-                await self._drain(channel)
+                await self._answer(channel, conn, kind, reply, request_id)
             else:
                 raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
+
+    async def _answer(
+        self, channel: Channel, conn: Connection, kind: int, reply: bytes, request_id: int
+    ) -> None:
+        """A control call's answer: one frame, or PART frames then the last one."""
+        if len(reply) > conn.answer_limit:
+            raise DrafterError(f"an answer of {len(reply)} bytes to {kind} (a bug)")
+        view = memoryview(reply)
+        while len(view) > wire.MAX_BODY:
+            channel.write(MsgType.PART, bytes(view[: wire.MAX_BODY]), request_id)
+            await self._drain(channel)
+            view = view[wire.MAX_BODY :]
+        channel.write(kind, bytes(view), request_id)
+        await self._drain(channel)
 
     async def _send(self, channel: Channel, conn: Connection) -> None:
         provider = self.provider
