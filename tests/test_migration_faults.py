@@ -156,7 +156,14 @@ def test_a_destination_killed_after_the_hand_over_is_never_forked(
         with probing(addresses) as prober:
             dest = stack.enter_context(
                 destination(
-                    port, network, workdir, "--pull-workers", "1", "--precopy-rounds", "0"
+                    port,
+                    network,
+                    workdir,
+                    "--pull-workers",
+                    "1",
+                    "--precopy-rounds",
+                    "0",
+                    failpoints="before-done:delay=60",  # killed before it says DONE
                 )  # fmt: skip
             )
             wait_resumed(dest)
@@ -206,6 +213,7 @@ def test_a_cut_between_the_hand_over_and_done_heals_and_completes(
                     "0",
                     "--retry-timeout",
                     "30",
+                    failpoints="before-done:delay=2",  # the cut lands before DONE
                 )  # fmt: skip
             )
             watch.wait_for("handed the VM over")

@@ -68,6 +68,33 @@ class FakeVM:
         return VMControl(asyncio.get_running_loop(), suspend, resume_here, finished)
 
 
+class FakePageCache:
+    """The kernel's page cache of the device files: the bytes stored per chunk."""
+
+    def __init__(self) -> None:
+        self.pages: dict[tuple[str, int], bytes] = {}
+        self.drops = 0
+
+    async def drop_cache(self, names: list[str]) -> None:
+        self.drops += 1
+        self.pages = {key: data for key, data in self.pages.items() if key[0] not in names}
+
+    async def store_cache_runs(
+        self, device: Device, runs: dict[int, list[tuple[int, bytes]]]
+    ) -> None:
+        for index, chunk_runs in runs.items():
+            page = bytearray(self.pages[device.name, index])  # only into a cached chunk
+            for offset, data in chunk_runs:
+                page[offset : offset + len(data)] = data
+            self.pages[device.name, index] = bytes(page)
+
+    async def store_cache(self, device: Device, indices: list[int]) -> int:
+        stored = [i for i in indices if device.local[i]]
+        for index in stored:
+            self.pages[device.name, index] = device.read_chunk(index)[0]
+        return len(stored)
+
+
 class Proxy:
     """A TCP proxy in this event loop; :meth:`cut` drops the open connections."""
 
@@ -132,11 +159,9 @@ class Pair:
                 for index in device.missing():
                     await device.ensure_chunk(index, Priority.BACKGROUND)
 
-        async def drop_cache(names: list[str]) -> None:
-            return None
-
         self.devices = devices
-        return MigrationDestination(remote, devices, pull_missing, drop_cache, rounds=2,
+        self.cache = FakePageCache()
+        return MigrationDestination(remote, devices, pull_missing, self.cache, rounds=2,
                                     retry_timeout=3, handover_timeout=handover_timeout)  # fmt: skip
 
     async def connect(self) -> RemoteSource:
@@ -239,6 +264,7 @@ def test_a_migration_goes_through_every_phase_in_order(tmp_path: Path) -> None:
             assert not p.vm.running_here
             # The chunk dirtied last came with the state: local before the VM runs.
             assert answer.dirty["memory"] == [1] and list(answer.inline["memory"]) == [1]
+            assert [(o, len(d)) for o, d in answer.inline["memory"][1]] == [(0, 4096)]  # a page
             assert p.devices["memory"].read(CHUNK, 5) == b"later"
             assert {"BeforeSuspend", "pause", "final dirty set", "transfer"} <= set(dest.phases)
             await dest.hand_over()
@@ -249,6 +275,113 @@ def test_a_migration_goes_through_every_phase_in_order(tmp_path: Path) -> None:
             assert (p.source.phase, dest.phase) == (Phase.DONE, DestinationPhase.DONE)
             await wait_until(lambda: p.vm.finished)
             assert (p.vm.suspends, p.vm.resumes) == (1, 0)
+
+    run(main())
+
+
+def test_a_device_tracks_the_pages_written_in_each_dirty_chunk(tmp_path: Path) -> None:
+    device = Device("memory", SIZE, None, tmp_path / "m", chunk_size=CHUNK)
+    device.hashes = [b"h" * 32] * device.chunks  # as if every chunk's hash were known
+    device.write(CHUNK + 4096, b"x" * 8192)  # pages 1 and 2 of chunk 1
+    device.write(CHUNK + 5 * 4096 + 10, b"y")  # page 5
+    device.write(CHUNK + 3 * 4096, b"z" * 4096)  # page 3: joins 1-2
+    device.write(3 * CHUNK - 1, b"ab")  # the last byte of chunk 2, the first of chunk 3
+    assert device.take_dirty_runs() == {
+        1: [(4096, 3 * 4096), (5 * 4096, 4096)],
+        2: [(CHUNK - 4096, 4096)],
+        3: [(0, 4096)],
+    }
+    assert device.take_dirty_runs() == {}  # reset
+    assert all(device.hashes[i] is None for i in (1, 2, 3))  # changed: hashed again
+    odd = Device("disk", 300, None, tmp_path / "d", chunk_size=100)  # not whole pages
+    odd.write(250, b"q")
+    assert odd.take_dirty_runs() == {2: [(0, 100)]}
+    odd.patch(2, [(10, b"PATCH")])
+    assert odd.read(200, 20) == bytes(10) + b"PATCH" + bytes(5)
+    with pytest.raises(DrafterError):
+        odd.patch(2, [(98, b"xyz")])  # beyond the chunk
+
+
+# -- the page cache ---------------------------------------------------------------------
+
+
+def _cache_matches_source(p: Pair) -> None:
+    """Every page the destination's page cache holds is the source's current bytes:
+    the VM, once it runs there, reads nothing older."""
+    for (name, index), data in p.cache.pages.items():
+        assert data == p.source.devices[name].read_chunk(index)[0], (name, index)
+
+
+def test_the_hot_set_is_cached_before_the_switch_over_and_refreshed_by_it(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            for index in range(4):
+                p.source.devices["memory"].write(index * CHUNK, b"old %d" % index)
+            p.source.hot_chunks = {"memory": [3, 0, 1], "disk": []}
+            dest = await p.destination()
+            await dest.precopy()
+            # The VM still runs at the source; its hot chunks are in the cache here.
+            assert sorted(p.cache.pages) == [("memory", 0), ("memory", 1), ("memory", 3)]
+            drops = p.cache.drops
+            p.source.devices["memory"].write(CHUNK, b"new 1")  # a cached chunk dirtied
+            p.source.devices["memory"].write(2 * CHUNK, b"new 2")  # one not cached
+            await dest.switch_over()
+            assert p.cache.drops == drops  # both came with the state: stored again
+            assert p.cache.pages["memory", 1].startswith(b"new 1")
+            assert p.cache.pages["memory", 2].startswith(b"new 2")
+            _cache_matches_source(p)
+            # The next host's hot set begins with what was cached, in that order.
+            assert list(dest.cached["memory"]) == [3, 0, 1, 2]
+
+    run(main())
+
+
+def test_a_cached_chunk_dirtied_during_pre_copy_is_stored_again_after_its_pull(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            p.source.devices["memory"].write(0, b"old")
+            p.source.hot_chunks = {"memory": [0]}
+            dest = await p.destination()
+            pulls = 0
+            pull = dest.pull_missing
+
+            async def pull_then_write() -> None:
+                nonlocal pulls
+                await pull()
+                pulls += 1
+                if pulls == 1:  # the hot set is cached next; then the VM writes to it
+                    p.source.devices["memory"].write(0, b"new")
+
+            dest.pull_missing = pull_then_write  # type: ignore[method-assign]
+            await dest.precopy()
+            assert pulls == 2 and p.cache.pages["memory", 0].startswith(b"new")
+            _cache_matches_source(p)
+
+    run(main())
+
+
+def test_a_cached_chunk_dirtied_but_not_sent_with_the_state_empties_the_cache(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            p.source.devices["memory"].write(0, b"old")
+            p.source.hot_chunks = {"memory": [0]}
+            p.source._inline = lambda dirty, budget: {}  # type: ignore[method-assign]
+            dest = await p.destination()
+            await dest.precopy()
+            assert ("memory", 0) in p.cache.pages
+            p.source.devices["memory"].write(0, b"new")
+            await dest.switch_over()
+            assert ("memory", 0) not in p.cache.pages  # read through FUSE: fetched anew
+            _cache_matches_source(p)
+            await dest.hand_over()
+            await dest.pull_missing()
+            assert p.devices["memory"].read(0, 3) == b"new"
 
     run(main())
 
@@ -560,18 +693,25 @@ def test_a_switch_over_answer_with_bad_phases_is_refused(phases: object) -> None
 def test_a_switch_over_answer_round_trips() -> None:
     answer = SwitchOver({"memory": [1, 2], "disk": []}, 12.5, {"pause": 0.25}, b"\0state")
     assert decode_suspended(encode_suspended(answer)) == answer
-    answer.inline = {"memory": {2: b"x" * 100}}
+    answer.inline = {"memory": {1: [(0, b"y" * 4), (50, b"z" * 50)], 2: [(0, b"x" * 100)]}}
     assert decode_suspended(encode_suspended(answer), {"memory": (300, 100)}) == answer
 
 
 @pytest.mark.parametrize(
     "inline, tail, why",
     [
-        ({"memory": [3]}, b"x" * 64, "not dirty"),
-        ({"memory": [1, 1]}, b"x" * 128, "not dirty"),
-        ({"memory": [1]}, b"x" * 10, "is cut"),
-        ({"memory": [1]}, b"x" * 65, "bytes after"),
-        ({"memory": [9]}, b"", "is cut"),
+        ({"memory": [[3, 0, 64]]}, b"x" * 64, "not dirty"),
+        ({"memory": [[1, 0, 64], [1, 0, 64]]}, b"x" * 128, "out of order"),
+        ({"memory": [[2, 0, 8], [1, 0, 8]]}, b"x" * 16, "out of order"),
+        ({"memory": [[1, 0, 16], [1, 8, 8]]}, b"x" * 24, "out of order"),
+        ({"memory": [[1, 0, 64]]}, b"x" * 10, "is cut"),
+        ({"memory": [[1, 60, 8]]}, b"x" * 8, "is cut"),
+        ({"memory": [[1, 0, 0]]}, b"", "is cut"),
+        ({"memory": [[1, 0, 64]]}, b"x" * 65, "bytes after"),
+        ({"memory": [[9, 0, 64]]}, b"", "is cut"),
+        ({"memory": [[1, 0]]}, b"", "malformed"),
+        ({"memory": [1]}, b"", "malformed"),
+        ({"disk2": [[1, 0, 1]]}, b"x", "malformed"),
         ({}, b"extra", "bytes after"),
     ],  # fmt: skip
 )

@@ -24,6 +24,7 @@ from pathlib import Path
 from drafter.errors import DrafterError
 
 CHUNK_SIZE = 64 * 1024
+PAGE = 4096  # the unit of dirty tracking inside a chunk
 
 
 class Priority(IntEnum):
@@ -111,6 +112,10 @@ class Device:
         self.chunks = (size + chunk_size - 1) // chunk_size
         self.local = bytearray(self.chunks)  # 1: the chunk lives in the overlay
         self.dirty: set[int] = set()  # chunks written since the last sync point
+        # The pages of them written (a migration's switch-over sends only those); a
+        # chunk size that is not a whole number of pages is tracked whole.
+        self.page = PAGE if chunk_size % PAGE == 0 else chunk_size
+        self.dirty_pages: dict[int, set[int]] = {}
         self._lock = threading.Lock()
         self._base_fd = os.open(base.path, os.O_RDONLY | os.O_CLOEXEC) if base else -1
         self.overlay = overlay
@@ -171,6 +176,10 @@ class Device:
     def missing_bytes(self) -> int:
         return sum(self._chunk_length(i) for i in self.missing())
 
+    def chunk_length(self, index: int) -> int:
+        """Bytes in chunk ``index`` (the last one may be short)."""
+        return self._chunk_length(index)
+
     def _chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
@@ -212,6 +221,11 @@ class Device:
         while self._inflight:
             futures = [future for _, future in list(self._inflight.values())]
             await asyncio.gather(*futures, return_exceptions=True)
+
+    def recorded(self) -> list[int]:
+        """The chunks read since recording started, so far, in first-read order."""
+        with self._lock:
+            return list(self.recording or {})
 
     def stop_recording(self) -> list[int]:
         """Stop recording reads; the chunks read since it started, in first-read order."""
@@ -346,6 +360,11 @@ class Device:
                     self.local[index] = 1
                 self.dirty.add(index)
                 self.hashes[index] = None
+            if data:
+                page = self.page
+                per_chunk = self.chunk_size // page
+                for p in range(offset // page, (offset + len(data) - 1) // page + 1):
+                    self.dirty_pages.setdefault(p // per_chunk, set()).add(p % per_chunk)
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
 
@@ -361,13 +380,44 @@ class Device:
                 if self.local[index]:
                     self.local[index] = 0
                     self.dirty.discard(index)
+                    self.dirty_pages.pop(index, None)
                 self.hashes[index] = None
 
     def take_dirty(self) -> set[int]:
         """The chunks written since the last call (a sync point), and reset."""
+        return set(self.take_dirty_runs())
+
+    def take_dirty_runs(self) -> dict[int, list[tuple[int, int]]]:
+        """The chunks written since the last sync point, each with the runs of bytes
+        written in it ((offset in the chunk, length), in order, whole pages); reset."""
         with self._lock:
             dirty, self.dirty = self.dirty, set()
-        return dirty
+            pages, self.dirty_pages = self.dirty_pages, {}
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for index in sorted(dirty):
+            length = self._chunk_length(index)
+            chunk_runs: list[tuple[int, int]] = []
+            for p in sorted(pages.get(index, range(-(-length // self.page)))):
+                start = p * self.page
+                end = min(length, start + self.page)
+                if chunk_runs and chunk_runs[-1][0] + chunk_runs[-1][1] == start:
+                    chunk_runs[-1] = (chunk_runs[-1][0], end - chunk_runs[-1][0])
+                else:
+                    chunk_runs.append((start, end - start))
+            runs[index] = chunk_runs
+        return runs
+
+    def patch(self, index: int, runs: list[tuple[int, bytes]]) -> None:
+        """Chunk ``index`` (local) changed at the remote in these runs only ((offset in
+        the chunk, bytes)): write them (a migration's last dirty pages)."""
+        with self._lock:
+            if not self.local[index]:
+                raise MissingChunkError(self.name, index)
+            for offset, data in runs:
+                if offset + len(data) > self._chunk_length(index):
+                    raise DrafterError(f"device {self.name}: a patch beyond chunk {index}")
+                os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
+            self.hashes[index] = None
 
     def copy_to(self, dst_fd: int, dst_offset: int) -> None:
         """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping holes."""

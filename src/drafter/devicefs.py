@@ -203,6 +203,49 @@ class DeviceHost:
                 # Blocking call that may need the loop (writeback): off the loop.
                 await asyncio.to_thread(pyfuse3.invalidate_inode, inode, False)
 
+    async def store_cache(self, device: Device, indices: list[int]) -> int:
+        """Put these chunks of ``device`` (local ones; others are skipped) into the
+        kernel's page cache of its file, so the VMM's first touches of them are page
+        hits, not FUSE reads. Call on the device loop, and only while no VM runs on the
+        file: a stored page replaces whatever the page cache held there. Returns the
+        number of chunks stored."""
+        if self._fs is None:
+            return 0
+        inode = self._fs.by_name.get(device.name.encode())
+        if inode is None:
+            return 0
+        stored = 0
+        for index in indices:
+            if not device.local[index]:
+                continue
+            data, _ = device.read_chunk(index)
+            try:
+                pyfuse3.notify_store(inode, index * device.chunk_size, data)
+            except OSError as e:  # an old kernel: the VM then faults as before
+                log.debug("cannot store %s chunks in the page cache: %s", device.name, e)
+                break
+            stored += 1
+            if not stored % 64:
+                await asyncio.sleep(0)  # let FUSE requests and the link through
+        return stored
+
+    async def store_cache_runs(
+        self, device: Device, runs: dict[int, list[tuple[int, bytes]]]
+    ) -> None:
+        """Like :meth:`store_cache` for parts of chunks whose other bytes the page cache
+        holds already: ``runs`` (chunk -> (offset in it, bytes)) replace only those."""
+        if self._fs is None:
+            return
+        inode = self._fs.by_name.get(device.name.encode())
+        if inode is None:
+            return
+        try:
+            for index, chunk_runs in runs.items():
+                for offset, data in chunk_runs:
+                    pyfuse3.notify_store(inode, index * device.chunk_size + offset, data)
+        except OSError as e:
+            raise DrafterError(f"cannot store {device.name} pages in the page cache: {e}") from None
+
     def close(self) -> None:
         """Unmount, stop the loop and the thread; safe to call more than once."""
         if not self._thread.is_alive():

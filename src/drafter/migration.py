@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drafter import loops
 from drafter.device import Device, Priority
@@ -114,7 +114,8 @@ DESTINATION_TRANSITIONS: dict[DestinationPhase, frozenset[DestinationPhase]] = {
 
 TAKEN_BACK = "no such switched-over migration"  # the refusal a taken-back destination gets
 MAX_PHASES = 16  # timed steps a switch-over answer may name
-INLINE_MARGIN = 64 << 10  # room left in the switch-over answer's frame for its head
+INLINE_MARGIN = 64 << 10  # room left in the switch-over answer for its head
+INLINE_LIMIT = 32 << 20  # the most a switch-over answer carries: state and dirty chunks
 
 
 @dataclass
@@ -128,7 +129,7 @@ class SwitchOver:
     paused_at: float
     phases: dict[str, float]
     state: bytes
-    inline: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    inline: dict[str, dict[int, list[tuple[int, bytes]]]] = field(default_factory=dict)
 
 
 def encode_suspended(answer: SwitchOver) -> bytes:
@@ -140,11 +141,18 @@ def encode_suspended(answer: SwitchOver) -> bytes:
             "paused_at": answer.paused_at,
             "phases": answer.phases,
             "state_size": len(answer.state),
-            "inline": {name: list(chunks) for name, chunks in answer.inline.items()},
+            "inline": {
+                name: [
+                    [index, offset, len(data)]
+                    for index, runs in chunks.items()
+                    for offset, data in runs
+                ]
+                for name, chunks in answer.inline.items()
+            },  # fmt: skip
         }
     ).encode()
-    chunks = [data for chunks in answer.inline.values() for data in chunks.values()]
-    return b"".join([_SUSPENDED_HEAD.pack(len(head)), head, answer.state, *chunks])
+    runs = [data for chunks in answer.inline.values() for r in chunks.values() for _, data in r]
+    return b"".join([_SUSPENDED_HEAD.pack(len(head)), head, answer.state, *runs])
 
 
 def _is_phases(value: object) -> bool:
@@ -159,6 +167,21 @@ def _is_phases(value: object) -> bool:
             and 0 <= v < 1e7
             for k, v in value.items()
         )
+    )
+
+
+def _is_runs(value: object) -> bool:
+    """``{"memory": [[index, offset, length], ...], ...}``: the inline runs' shape."""
+    return isinstance(value, dict) and all(
+        k in TRACKED
+        and isinstance(v, list)
+        and all(
+            isinstance(r, list)
+            and len(r) == 3
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 40 for i in r)
+            for r in v
+        )
+        for k, v in value.items()
     )
 
 
@@ -177,28 +200,34 @@ def decode_suspended(body: bytes, sizes: dict[str, tuple[int, int]] | None = Non
             and is_chunk_lists(v.get("dirty"), TRACKED)
             and isinstance(v.get("paused_at", 0.0), (int, float))
             and _is_phases(v.get("phases", {}))
-            and is_chunk_lists(v.get("inline", {}), TRACKED)
+            and _is_runs(v.get("inline", {}))
             and isinstance(v.get("state_size", len(body) - end), int)
             and 0 <= v.get("state_size", len(body) - end) <= len(body) - end
         ),
     )
     phases = {k: float(v) for k, v in head.get("phases", {}).items()}
     state_end = end + head.get("state_size", len(body) - end)
-    inline: dict[str, dict[int, bytes]] = {}
+    inline: dict[str, dict[int, list[tuple[int, bytes]]]] = {}
     at = state_end
-    for name, indices in head.get("inline", {}).items():
+    for name, runs in head.get("inline", {}).items():
         size, chunk_size = (sizes or {}).get(name, (0, 1))
-        if len(set(indices)) != len(indices) or not set(indices) <= set(
-            head["dirty"].get(name, [])
-        ):
-            raise ProtocolError(ErrorCode.PROTOCOL, "inline chunks that are not dirty")
-        chunks = inline[name] = {}
-        for index in indices:
-            length = min(chunk_size, size - index * chunk_size)
-            if length <= 0 or at + length > len(body):
-                raise ProtocolError(ErrorCode.PROTOCOL, f"inline chunk {name} {index} is cut")
-            chunks[index] = body[at : at + length]
+        dirty = set(head["dirty"].get(name, []))
+        chunks: dict[int, list[tuple[int, bytes]]] = {}
+        inline[name] = chunks
+        last = (-1, 0)  # (index, end) of the run before: runs come in order, apart
+        for index, offset, length in runs:
+            if index not in dirty:
+                raise ProtocolError(ErrorCode.PROTOCOL, "inline bytes of a chunk not dirty")
+            if (index, offset) < last:
+                raise ProtocolError(ErrorCode.PROTOCOL, "inline runs out of order")
+            run_end = offset + length
+            if length <= 0 or run_end > min(chunk_size, size - index * chunk_size):
+                raise ProtocolError(ErrorCode.PROTOCOL, f"inline run {name} {index} is cut")
+            if at + length > len(body):
+                raise ProtocolError(ErrorCode.PROTOCOL, f"inline run {name} {index} is cut")
+            chunks.setdefault(index, []).append((offset, body[at : at + length]))
             at += length
+            last = (index, run_end)
     if at != len(body):
         raise ProtocolError(ErrorCode.PROTOCOL, "bytes after the switch-over answer's chunks")
     state = body[end:state_end]
@@ -298,7 +327,8 @@ class MigrationSource:
         self._phase = Phase.IDLE
         self.migrating: object | None = None  # the destination's connection
         self.migration_id = ""  # names the migration in every call after the offer
-        self.hot_chunks: dict[str, list[int]] = {}  # what the VM touched after its resume
+        # What the VM touched after its resume: fixed, or asked for at each connection.
+        self.hot_chunks: dict[str, list[int]] | Callable[[], dict[str, list[int]]] = {}
         self.paused_at: float | None = None
         self._grace_task: asyncio.Task[None] | None = None
         self._destination_lost = False  # after switch-over: its connection is gone
@@ -353,7 +383,8 @@ class MigrationSource:
         return await asyncio.to_thread(compute)
 
     def hot(self) -> dict[str, list[int]]:
-        return dict(self.hot_chunks)
+        hot = self.hot_chunks
+        return dict(hot() if callable(hot) else hot)
 
     # -- control calls ---------------------------------------------------------------
 
@@ -450,8 +481,13 @@ class MigrationSource:
             failpoint("before-answer")
             # The suspend synced memory after the pause (and QEMU flushes the disk when
             # it pauses): nothing more to push, no second sync in the downtime.
-            dirty = await self._collect_dirty(sync=False)
-            inline = self._inline(dirty, MAX_BODY - INLINE_MARGIN - len(state))
+            runs = {name: self.devices[name].take_dirty_runs() for name in TRACKED}
+            dirty = {name: sorted(chunks) for name, chunks in runs.items()}
+            # The pages written since the last round, as many as the answer may carry
+            # (a client that takes PART frames: up to INLINE_LIMIT), so the
+            # destination's VM faults on none.
+            limit = min(INLINE_LIMIT, getattr(conn, "answer_limit", MAX_BODY))
+            inline = self._inline(runs, limit - INLINE_MARGIN - len(state))
         except Exception as e:
             log.error("switch-over failed after the pause (%s); resuming the VM here", e)
             try:
@@ -467,18 +503,24 @@ class MigrationSource:
             self.connection_closed(conn)
         return SwitchOver(dirty, paused_at, phases, state, inline)
 
-    def _inline(self, dirty: dict[str, list[int]], budget: int) -> dict[str, dict[int, bytes]]:
-        """The bytes of the dirty chunks that fit in ``budget``, memory first: sent
-        with the state, so the destination's VM does not fault on them over the link."""
-        inline: dict[str, dict[int, bytes]] = {}
+    def _inline(
+        self, runs: dict[str, dict[int, list[tuple[int, int]]]], budget: int
+    ) -> dict[str, dict[int, list[tuple[int, bytes]]]]:
+        """The bytes written in the dirty chunks since the last round, chunk by chunk
+        while they fit in ``budget``, memory first: sent with the state, so the
+        destination's VM does not fault on them over the link."""
+        inline: dict[str, dict[int, list[tuple[int, bytes]]]] = {}
         for name in TRACKED:
             device = self.devices[name]
-            for index in dirty.get(name, []):
-                length = min(device.chunk_size, device.size - index * device.chunk_size)
-                if length > budget or not device.local[index]:
+            for index, chunk_runs in sorted(runs.get(name, {}).items()):
+                size = sum(length for _, length in chunk_runs)
+                if size > budget or not device.local[index]:
                     continue
-                inline.setdefault(name, {})[index] = device.read_chunk(index)[0]
-                budget -= length
+                data = device.read_chunk(index)[0]
+                inline.setdefault(name, {})[index] = [
+                    (offset, data[offset : offset + length]) for offset, length in chunk_runs
+                ]
+                budget -= size
         return inline
 
     async def _watch_precopy(self, conn: object) -> None:
@@ -585,6 +627,19 @@ class MigrationSource:
         self._to(Phase.IDLE)
 
 
+class PageCache(Protocol):
+    """The kernel's page cache of the device files the VMM maps (a
+    :class:`drafter.devicefs.DeviceHost`)."""
+
+    async def drop_cache(self, names: list[str]) -> None: ...
+
+    async def store_cache(self, device: Device, indices: list[int]) -> int: ...
+
+    async def store_cache_runs(
+        self, device: Device, runs: dict[int, list[tuple[int, bytes]]]
+    ) -> None: ...
+
+
 class MigrationDestination:
     """The destination's half of a migration, over a connection to the source.
 
@@ -599,7 +654,7 @@ class MigrationDestination:
         remote: RemoteSource,
         devices: dict[str, Device],
         pull_missing: Callable[[], Awaitable[None]],
-        drop_cache: Callable[[list[str]], Awaitable[None]],
+        cache: PageCache,
         rounds: int = 5,
         precopy_bytes: int = 8 << 20,
         retry_timeout: float = 30.0,
@@ -608,7 +663,12 @@ class MigrationDestination:
         self.remote = remote
         self.tracked = [devices[name] for name in TRACKED]
         self.pull_missing = pull_missing
-        self.drop_cache = drop_cache
+        self.cache = cache
+        # Chunks in the page cache, per device, in the order they were stored: the hot
+        # set, then the final dirty chunks (the next host's hot set starts with them).
+        self.cached: dict[str, dict[int, None]] = {d.name: {} for d in self.tracked}
+        # Cached chunks the source changed since they were stored: to store again.
+        self._stale: dict[str, set[int]] = {d.name: set() for d in self.tracked}
         self.rounds = rounds
         self.precopy_bytes = precopy_bytes
         self.retry_timeout = retry_timeout
@@ -653,6 +713,10 @@ class MigrationDestination:
             self._invalidate(changed)  # changed at the source since it hashed them for us
             for _ in range(max(0, self.rounds)):  # 0 rounds: pure post-copy
                 await self.pull_missing()
+                if self.rounds_done == 0:
+                    await self._warm()
+                else:
+                    await self._store_stale()
                 dirty = decode_dirty(await self.remote.call(MsgType.DIRTY_LIST))
                 self.rounds_done += 1
                 dirty_bytes = self._invalidate(dirty)
@@ -661,6 +725,7 @@ class MigrationDestination:
                     break
             if self.rounds > 0:
                 await self.pull_missing()
+                await self._store_stale()
         except BaseException:
             if self._phase is not DestinationPhase.FAILED:
                 self._to(DestinationPhase.FAILED)
@@ -693,11 +758,10 @@ class MigrationDestination:
         took = (time.monotonic() - asked) * 1000
         self.phases.update(answer.phases)
         self.phases["transfer"] = max(0.0, took - sum(answer.phases.values()))
-        self._invalidate(answer.dirty)
-        for device in self.tracked:
-            for index, data in answer.inline.get(device.name, {}).items():
-                device.fill(index, data, None)  # hashed when it is served on
-        await self.drop_cache(list(TRACKED))  # QEMU is up: no stale cached pages
+        patched = self._apply(answer)
+        stored = time.monotonic()
+        await self._refresh(answer, patched)
+        self.phases["page cache"] = (time.monotonic() - stored) * 1000
         self._to(DestinationPhase.LOADING)
         return answer
 
@@ -763,6 +827,7 @@ class MigrationDestination:
     async def finish(self) -> bool:
         """Every chunk is here: tell the source, through reconnects for
         ``retry_timeout`` seconds (it stops once told); whether it was told."""
+        await asyncio.sleep(failpoint_delay("before-done"))
         deadline = time.monotonic() + self.retry_timeout
         while True:
             try:
@@ -799,11 +864,87 @@ class MigrationDestination:
         self._calls.add(task)  # referenced until it is done
         task.add_done_callback(self._calls.discard)
 
+    async def _warm(self) -> None:
+        """After the first pull of pre-copy, the VM still running at the source: put the
+        chunks it touches first (the source's hot set) into the page cache here, so
+        that once it runs here it finds them without a FUSE read each. The cache is
+        emptied first: QEMU is up, and nothing it may have read stays. From here on,
+        every pull is followed by :meth:`_store_stale`."""
+        start = time.monotonic()
+        await self.cache.drop_cache(list(TRACKED))
+        stored = 0
+        for device in self.tracked:
+            hot = [i for i in self.remote.hot.get(device.name, []) if device.local[i]]
+            stored += await self.cache.store_cache(device, hot)
+            self.cached[device.name] = dict.fromkeys(hot)
+            self._stale[device.name] = set()
+        log.debug(
+            "page cache: %d hot chunk(s) stored in %.0f ms",
+            stored,
+            (time.monotonic() - start) * 1000,
+        )
+
+    async def _store_stale(self) -> None:
+        """Store again the cached chunks that were pulled again since they changed."""
+        for device in self.tracked:
+            stale = self._stale[device.name]
+            here = sorted(i for i in stale if device.local[i])
+            await self.cache.store_cache(device, here)
+            stale.difference_update(here)
+
+    async def _refresh(self, answer: SwitchOver, patched: dict[str, set[int]]) -> None:
+        """Switch-over, the VM runs nowhere: the page cache must hold nothing older than
+        the devices. A cached chunk that took the last dirty pages gets those pages
+        again; another dirty chunk that is here is stored whole. If a cached chunk is
+        not here, the whole cache goes (FUSE cannot drop a part of it) and only the
+        chunks that are here are stored."""
+        stale = any(not d.local[i] for d in self.tracked for i in self._stale[d.name])
+        if stale or not any(self.cached.values()):  # nothing warmed: drop what QEMU read
+            await self.cache.drop_cache(list(TRACKED))
+            self.cached = {d.name: {} for d in self.tracked}
+        for device in self.tracked:
+            cached = self.cached[device.name]
+            inline = answer.inline.get(device.name, {})
+            pages = {i: inline[i] for i in patched.get(device.name, set()) if i in cached}
+            await self.cache.store_cache_runs(device, pages)
+            here = [
+                i for i in answer.dirty.get(device.name, []) if device.local[i] and i not in pages
+            ]
+            await self.cache.store_cache(device, here)
+            cached.update(dict.fromkeys(here))
+            self._stale[device.name] = set()
+
+    def _apply(self, answer: SwitchOver) -> dict[str, set[int]]:
+        """The last dirty chunks: a chunk here takes the runs written since the last
+        round; one that is not here becomes whole from them, or is dropped, to be
+        fetched again (hashed when it is served on)."""
+        dropped: dict[str, list[int]] = {}
+        patched: dict[str, set[int]] = {}
+        for device in self.tracked:
+            inline = answer.inline.get(device.name, {})
+            for index in answer.dirty.get(device.name, []):
+                runs = inline.get(index)
+                if runs is not None and device.local[index]:
+                    device.patch(index, runs)
+                    patched.setdefault(device.name, set()).add(index)
+                    continue
+                dropped.setdefault(device.name, []).append(index)
+        self._invalidate(dropped)
+        for device in self.tracked:
+            for index in dropped.get(device.name, []):
+                runs = answer.inline.get(device.name, {}).get(index, [])
+                whole = len(runs) == 1 and len(runs[0][1]) == device.chunk_length(index)
+                if whole:  # (a run starts at 0 or later; one this long is the chunk)
+                    device.fill(index, runs[0][1], None)
+        return patched
+
     def _invalidate(self, dirty: dict[str, list[int]]) -> int:
         """Forget the local copy of these chunks; the bytes they hold."""
         total = 0
         for device in self.tracked:
             chunks = dirty.get(device.name, [])
             device.invalidate(chunks)
+            cached = self.cached[device.name]
+            self._stale[device.name].update(i for i in chunks if i in cached)
             total += len(chunks) * device.chunk_size
         return total

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 PULL_ORDER = ("kernel", "initramfs", "memory", "disk")
 PULL_RUN = 16  # consecutive chunks a background request asks for
 WRITABLE = ("memory", "disk")
+HOT_LIMIT = 128 << 20  # bytes of a device's hot set passed on to the next host
 
 
 RESOURCES = ("state", *PULL_ORDER)
@@ -364,13 +365,29 @@ class Peer:
             self.devices[name].recording = {}
 
         def stop() -> None:
-            for name in ("memory", "disk"):
-                self.hot[name] = self.devices[name].stop_recording()
-            if self.source is not None:
-                self.source.hot_chunks = dict(self.hot)
+            recorded = {name: self.devices[name].stop_recording() for name in ("memory", "disk")}
+            self.hot = self._hot_set(recorded)
             log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
 
         asyncio.get_running_loop().call_later(self.options.hot_window, stop)
+
+    def _hot_now(self) -> dict[str, list[int]]:
+        """The hot set as far as it is known now (recorded whole, or so far)."""
+        if self.hot:
+            return self.hot
+        return self._hot_set({name: self.devices[name].recorded() for name in ("memory", "disk")})
+
+    def _hot_set(self, recorded: dict[str, list[int]]) -> dict[str, list[int]]:
+        """The next host's hot set: the chunks this host put in the page cache before
+        the VM ran here (the VM touched those without a FUSE read, so a recording does
+        not see them), then the ones it read after; at most HOT_LIMIT bytes each."""
+        cached = self.migration.cached if self.migration is not None else {}
+        out = {}
+        for name in ("memory", "disk"):
+            chunks = dict.fromkeys(cached.get(name, {}))
+            chunks.update(dict.fromkeys(recorded.get(name, [])))
+            out[name] = list(chunks)[: max(1, HOT_LIMIT // self.devices[name].chunk_size)]
+        return out
 
     async def _request_first(self, state: Device) -> None:
         """Ask for the state and what QEMU and the resumed VM touch first (device loop).
@@ -435,7 +452,7 @@ class Peer:
             self.remote,
             self.devices,
             self._pull_missing,
-            self.host.drop_cache,
+            self.host,
             rounds=o.precopy_rounds,
             precopy_bytes=o.precopy_bytes,
             retry_timeout=o.retry_timeout,
@@ -577,6 +594,8 @@ class Peer:
         control = VMControl(loop, suspend, resume_here, self.migrated_away.set)
         self.source = MigrationSource(self.devices, self.remote.config, memory_file, control,
                                       grace=o.grace, offer_timeout=o.offer_timeout)  # fmt: skip
+        # Asked at each connection: a migration may start before the recording ends.
+        self.source.hot_chunks = self._hot_now
         server = ChunkServer(self.source)
         if o.metrics is not None:
             o.metrics.attach_source(self.source)
@@ -722,7 +741,7 @@ class Peer:
         await self.machine.stop()
         sources: dict[str, Source | Path] = {"state": self.work / "state", **self.devices}
         sizes = {name: d.size for name, d in self.devices.items()}
-        hot = hot_ranges(self.hot, self.devices["memory"].chunk_size, sizes)
+        hot = hot_ranges(self._hot_now(), self.devices["memory"].chunk_size, sizes)
         await asyncio.to_thread(write_package, output, self.config, sources, hot)
 
     async def close(self) -> None:
