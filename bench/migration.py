@@ -151,7 +151,9 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float,
     package = work / "redis.drft"
     if not package.exists():
         make_package(bp, nets[0].namespace, MEMORY_MIB, package)
-    follow = ["--state-dir", str(work / "net"), "--stable-address", stable] if stable else []
+    # The namespaces' state, as a drafter-daemon keeps it: each hop closes the gate of
+    # the address its VM left and cuts the host's connections there (docs/networking.md).
+    follow = ["--state-dir", str(work / "net"), *(["--stable-address", stable] if stable else [])]
     reg_port = free_port()
     registry = subprocess.Popen(
         [BIN / "drafter-registry", "--package-path", str(package),
