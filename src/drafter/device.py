@@ -407,6 +407,14 @@ class Device:
             runs[index] = chunk_runs
         return runs
 
+    def read_runs(self, index: int, runs: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """The bytes of chunk ``index`` (local) in these runs ((offset in it, length))."""
+        with self._lock:
+            if not self.local[index]:
+                raise MissingChunkError(self.name, index)
+            start = index * self.chunk_size
+            return [(offset, os.pread(self._overlay_fd, n, start + offset)) for offset, n in runs]
+
     def patch(self, index: int, runs: list[tuple[int, bytes]]) -> None:
         """Chunk ``index`` (local) changed at the remote in these runs only ((offset in
         the chunk, bytes)): write them (a migration's last dirty pages)."""

@@ -516,10 +516,7 @@ class MigrationSource:
                 size = sum(length for _, length in chunk_runs)
                 if size > budget or not device.local[index]:
                     continue
-                data = device.read_chunk(index)[0]
-                inline.setdefault(name, {})[index] = [
-                    (offset, data[offset : offset + length]) for offset, length in chunk_runs
-                ]
+                inline.setdefault(name, {})[index] = device.read_runs(index, chunk_runs)
                 budget -= size
         return inline
 

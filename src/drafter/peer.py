@@ -554,14 +554,23 @@ class Peer:
         machine = self.machine
         state_file = machine.run_dir.parent / "state"
 
+        def close_gate() -> None:
+            """Paused: resets at this namespace's address, and the host's connections
+            there cut, beside the state save (off the switch-over's critical path)."""
+            self._gate_closing = asyncio.ensure_future(asyncio.to_thread(self.follow.left))
+            self._gate_closing.add_done_callback(_logged("closing the gate"))
+
+        async def reopen_gate() -> None:
+            if self._gate_closing is not None:
+                await asyncio.wait([self._gate_closing])
+            await asyncio.to_thread(self.follow.running)  # it runs here again
+
         async def suspend() -> tuple[bytes, float, dict[str, float]]:
             timings = snapshot.Timings()
             try:
-                await snapshot.suspend(machine, state_file, timings, presync=True)
-                # The VM no longer runs here: resets at this namespace's address (off
-                # the switch-over's critical path).
-                self._gate_closing = asyncio.ensure_future(asyncio.to_thread(self.follow.left))
-                self._gate_closing.add_done_callback(_logged("closing the gate"))
+                await snapshot.suspend(
+                    machine, state_file, timings, presync=True, paused=close_gate
+                )
                 phases = {
                     "BeforeSuspend": timings.before_suspend * 1000,  # and a memory sync
                     "pause": timings.pause * 1000,
@@ -574,6 +583,7 @@ class Peer:
                 try:
                     if timings.paused_at:
                         await machine.resume()
+                        await reopen_gate()
                     async with AgentClient(machine.agent_socket) as agent:
                         await agent.after_resume()
                 except Exception as again:
@@ -585,9 +595,7 @@ class Peer:
 
         async def resume_here() -> None:
             await machine.resume()
-            if self._gate_closing is not None:
-                await asyncio.wait([self._gate_closing])
-            await asyncio.to_thread(self.follow.running)  # it runs here again
+            await reopen_gate()
             async with AgentClient(machine.agent_socket) as agent:
                 await agent.after_resume()
 

@@ -76,11 +76,16 @@ def _console_panic(console_log: Path) -> str | None:
 
 
 async def suspend(
-    machine: QemuMachine, state: Path, timings: Timings | None = None, presync: bool = False
+    machine: QemuMachine,
+    state: Path,
+    timings: Timings | None = None,
+    presync: bool = False,
+    paused: Callable[[], None] | None = None,
 ) -> None:
     """BeforeSuspend, pause, save device state to ``state``, sync guest memory to disk.
     ``presync`` syncs memory once more before the pause, while the VM still runs, so
-    the sync after it (which the pause waits for) only has the last pages to push."""
+    the sync after it (which the pause waits for) only has the last pages to push.
+    ``paused``, if given, is called right after the pause (and must not block)."""
     t = timings or Timings()
     start = time.monotonic()
     async with AgentClient(machine.agent_socket) as agent:
@@ -92,6 +97,8 @@ async def suspend(
     await machine.pause()
     t.paused_at = time.time()
     t.pause = time.monotonic() - start
+    if paused is not None:
+        paused()
     failpoint("after-pause")
     await machine.save_state(state)
     t.save = time.monotonic() - start - t.pause
