@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be above 0 and at most 86400 seconds")
     if not 0.0 <= args.rescue_timeout <= 86400:
         p.error("--rescue-timeout must be between 0 and 86400 seconds")
+    if not 0 <= args.precopy_rounds <= 1000:
+        p.error("--precopy-rounds must be between 0 and 1000")
+    if not 0.0 <= args.precopy_threshold <= 1 << 20:
+        p.error("--precopy-threshold must be between 0 and 1048576 MiB")
+    if not 1 <= args.pull_workers <= 4096:
+        p.error("--pull-workers must be between 1 and 4096")
 
     def body() -> int:
         cli.require_root(PROG)
