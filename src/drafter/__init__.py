@@ -20,6 +20,7 @@ _EXPORTS = {
     "build": "drafter.blueprint.builder",
     "VMShape": "drafter.vm",
     "LocalVM": "drafter.vm",
+    "VMSession": "drafter.session",
     "package_blueprint": "drafter.vm",
     "Timings": "drafter.snapshot",
     "Package": "drafter.package",
@@ -61,6 +62,7 @@ __all__ = [
     "RemoteSource",
     "ServerLimits",
     "Timings",
+    "VMSession",
     "VMShape",
     "VerificationError",
     "build",
@@ -77,6 +79,7 @@ if TYPE_CHECKING:
     from drafter.network.topology import Network
     from drafter.package import Package, PackageConfig, open_package
     from drafter.peer import MigrationSummary, Peer, PeerOptions, PullProgress
+    from drafter.session import VMSession
     from drafter.snapshot import Timings
     from drafter.transport.client import RemoteSource, VerificationError
     from drafter.transport.registry import PackageProvider

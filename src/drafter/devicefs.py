@@ -206,8 +206,9 @@ class DeviceHost:
     async def store_cache(self, device: Device, indices: list[int]) -> int:
         """Put these chunks of ``device`` (local ones; others are skipped) into the
         kernel's page cache of its file, so the VMM's first touches of them are page
-        hits, not FUSE reads. Call on the device loop, and only while no VM runs on the
-        file: a stored page replaces whatever the page cache held there. Returns the
+        hits, not FUSE reads. Call on the device loop, only while the file is open (the
+        kernel stores only for an inode it knows: QEMU holds it) and no VM runs on it
+        (a stored page replaces whatever the page cache held there). Returns the
         number of chunks stored."""
         if self._fs is None:
             return 0
@@ -285,38 +286,6 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
         log.debug("ignored a late FUSE read callback at shutdown")
         return
     loop.default_exception_handler(context)
-
-
-class Mount:
-    """Local devices served as files under ``mountpoint`` until :meth:`close`."""
-
-    def __init__(self, devices: list[Device], mountpoint: Path) -> None:
-        self.devices = {d.name: d for d in devices}
-        self.mountpoint = Path(mountpoint)
-        self.host: DeviceHost | None = None
-
-    def path(self, name: str) -> Path:
-        return self.mountpoint / name
-
-    def open(self) -> Mount:
-        self.host = DeviceHost()
-        try:
-            self.host.mount(list(self.devices.values()), self.mountpoint)
-        except BaseException:
-            self.host.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        if self.host is not None:
-            self.host.close()
-            self.host = None
-
-    def __enter__(self) -> Mount:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def lazy_unmount(mountpoint: Path) -> None:

@@ -39,11 +39,9 @@ from drafter.network.state import DEFAULT_STATE_DIR
 from drafter.package import (
     MAX_STATE_SIZE,
     PackageConfig,
-    Source,
-    hot_ranges,
     open_package,
-    write_package,
 )
+from drafter.session import VMSession
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.client import ChunkData, RemoteSource
@@ -166,18 +164,17 @@ class PullProgress:
 
 
 class Peer:
-    """One VM started from a remote source. ``start``, then ``stop``."""
+    """One VM started from a remote source: lazy start and migration on top of a
+    :class:`drafter.session.VMSession` (devices that fetch from the remote). ``start``,
+    then ``close``."""
 
     def __init__(self, options: PeerOptions) -> None:
         self.options = options
-        self.host: DeviceHost | None = None
+        self.vm: VMSession | None = None  # devices, mount, QEMU: the VM on this host
         self.remote: RemoteSource | None = None  # the memory's server (control calls)
         self.remotes: dict[str, RemoteSource] = {}  # resource -> its server
         self.sources: list[RemoteSource] = []  # one per distinct server
-        self.devices: dict[str, Device] = {}
         self.config: PackageConfig | None = None
-        self.machine: QemuMachine | None = None
-        self.work: Path | None = None
         self.progress = PullProgress()
         self.resume_seconds = 0.0
         self._pull: asyncio.Future[None] | None = None
@@ -201,6 +198,21 @@ class Peer:
         # Clients follow the VM: the gate of the namespace's address, the stable address.
         self.follow = Follower(options.netns, options.state_dir, options.stable_address)
         self._gate_closing: asyncio.Future[None] | None = None
+
+    @property
+    def host(self) -> DeviceHost | None:
+        """The device loop (FUSE, chunk fetches, the migration's protocol)."""
+        return self.vm.host if self.vm is not None else None
+
+    @property
+    def machine(self) -> QemuMachine | None:
+        """The VM's QEMU (its session's)."""
+        return self.vm.machine if self.vm is not None else None
+
+    @property
+    def devices(self) -> dict[str, Device]:
+        """The VM's devices by resource name (its session's; empty before the start)."""
+        return self.vm.devices if self.vm is not None else {}
 
     # -- start -----------------------------------------------------------------
 
@@ -229,8 +241,9 @@ class Peer:
         root = Path(o.work_root)
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_peers(root)
-        self.work = work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
-        self.host = host = DeviceHost()
+        work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
+        self.vm = vm = VMSession(work)
+        host = vm.host
         # One connection per distinct server; each resource comes from the one named
         # for it (all five naming one server is the common case).
         addrs = {name: o.raddrs.get(name) or o.raddr for name in RESOURCES}
@@ -310,9 +323,7 @@ class Peer:
         if o.local_package is not None:
             await asyncio.to_thread(self._take_local_chunks, o.local_package)
         self.progress.total = sum(d.size for d in self.devices.values())
-        host.mount(list(self.devices.values()), work / "devices")
-        mount = work / "devices"
-        self.machine = QemuMachine(self.config.machine(mount, o.netns, o.accel), work / "run")
+        machine = vm.mount(self.config, o.netns, o.accel)
         switched_at: float | None = None
         if "state" in manifest:  # a registry: the snapshot is at rest
             state = Device(
@@ -330,13 +341,13 @@ class Peer:
             # QEMU starts meanwhile and waits for the state.
             await host.run(self._request_first(state))
             self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
-            await asyncio.gather(self.machine.prepare_incoming(), host.run(self._wait_first()))
+            await asyncio.gather(machine.prepare_incoming(), host.run(self._wait_first()))
             state.close()
         else:  # a running peer: migrate it here
             self.summary.migrated = True
             # QEMU starts now and waits for the state: its start is not downtime.
-            await self.machine.prepare_incoming()
-            switched_at = await host.run(self._precopy_and_switch(work / "state"))
+            await machine.prepare_incoming()
+            switched_at = await host.run(self._precopy_and_switch(vm.state))
             self._pull = asyncio.wrap_future(host.submit(self._pull_all()))
         if o.resume_threshold < 1.0:
             await self._wait_until_missing_at_most(o.resume_threshold)
@@ -344,9 +355,7 @@ class Peer:
         timings = snapshot.Timings()
         try:
             await asyncio.wait_for(
-                snapshot.resume(
-                    self.machine, work / "state", timings, self._may_run(), self._followed
-                ),
+                vm.resume(timings, self._may_run(), self._followed),
                 o.resume_timeout,
             )
         except TimeoutError:
@@ -357,25 +366,25 @@ class Peer:
             if o.metrics is not None:
                 o.metrics.migrated_in(self.summary, self._done)
         if o.laddr:
-            await self._serve(mount / "memory")
+            await self._serve(vm.mountpoint / "memory")
 
     def _record_hot(self) -> None:
         """Record what the VM reads in its first moments: the next host's hot set."""
-        for name in ("memory", "disk"):
-            self.devices[name].recording = {}
+        assert self.vm is not None
+        vm = self.vm
+        vm.start_recording()
 
         def stop() -> None:
-            recorded = {name: self.devices[name].stop_recording() for name in ("memory", "disk")}
-            self.hot = self._hot_set(recorded)
+            self.hot = self._hot_set(vm.stop_recording())
             log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
 
         asyncio.get_running_loop().call_later(self.options.hot_window, stop)
 
     def _hot_now(self) -> dict[str, list[int]]:
         """The hot set as far as it is known now (recorded whole, or so far)."""
-        if self.hot:
+        if self.hot or self.vm is None:
             return self.hot
-        return self._hot_set({name: self.devices[name].recorded() for name in ("memory", "disk")})
+        return self._hot_set(self.vm.recorded())
 
     def _hot_set(self, recorded: dict[str, list[int]]) -> dict[str, list[int]]:
         """The next host's hot set: the chunks this host put in the page cache before
@@ -548,11 +557,10 @@ class Peer:
 
     async def _serve(self, memory_file: Path) -> None:
         """Serve this VM on ``laddr`` so another peer can migrate it away."""
-        assert self.host is not None and self.remote is not None and self.machine is not None
+        assert self.vm is not None and self.remote is not None and self.machine is not None
         o = self.options
         loop = asyncio.get_running_loop()
-        machine = self.machine
-        state_file = machine.run_dir.parent / "state"
+        vm, machine = self.vm, self.machine
 
         def close_gate() -> None:
             """Paused: resets at this namespace's address, and the host's connections
@@ -568,16 +576,14 @@ class Peer:
         async def suspend() -> tuple[bytes, float, dict[str, float]]:
             timings = snapshot.Timings()
             try:
-                await snapshot.suspend(
-                    machine, state_file, timings, presync=True, paused=close_gate
-                )
+                await vm.suspend(timings, presync=True, paused=close_gate)
                 phases = {
                     "BeforeSuspend": timings.before_suspend * 1000,  # and a memory sync
                     "pause": timings.pause * 1000,
                     "state save": timings.save * 1000,
                     "memory sync": timings.sync * 1000,
                 }
-                return state_file.read_bytes(), timings.paused_at, phases
+                return vm.state.read_bytes(), timings.paused_at, phases
             except BaseException as e:
                 # Whatever step failed, the VM runs here again, AfterResume included.
                 try:
@@ -612,7 +618,7 @@ class Peer:
         ssl = security.tls_server_options(o.tls_cert, o.tls_key)
         start = functools.partial(server.start, host or None, port, ssl=ssl, token=o.token)
         try:
-            await self.host.run(start())
+            await vm.host.run(start())
         except OSError as e:
             if e.errno != errno.EADDRINUSE or not self.summary.migrated:
                 raise DrafterError(f"cannot serve on {o.laddr}: {e.strerror or e}") from None
@@ -742,15 +748,11 @@ class Peer:
 
     async def write_package(self, output: Path) -> None:
         """Snapshot the VM into a package ``drafter-runner`` can resume (VM stops)."""
-        if self.machine is None or self.work is None or self.config is None:
+        vm = self.vm
+        if vm is None or vm.machine is None:
             raise DrafterError("the VM is not running")
         await self.wait_pulled()
-        await snapshot.suspend(self.machine, self.work / "state")
-        await self.machine.stop()
-        sources: dict[str, Source | Path] = {"state": self.work / "state", **self.devices}
-        sizes = {name: d.size for name, d in self.devices.items()}
-        hot = hot_ranges(self._hot_now(), self.devices["memory"].chunk_size, sizes)
-        await asyncio.to_thread(write_package, output, self.config, sources, hot)
+        await vm.write_package(output, lambda: vm.hot_ranges(self._hot_now()))
 
     async def close(self) -> None:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
@@ -761,8 +763,8 @@ class Peer:
                 _ = self._pull.cancelled() or self._pull.exception()
             else:
                 self._pull.cancel()
-        if self.machine is not None:
-            await self.machine.stop()
+        if self.vm is not None:
+            await self.vm.stop()
         if self._gate_closing is not None:
             await asyncio.wait([self._gate_closing])
         await asyncio.to_thread(self.follow.release)
@@ -770,17 +772,12 @@ class Peer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.host.run(self.server.close()), 5)
             self.server = None
-        if self.host is not None:
+        if self.vm is not None:
             for source in self.sources:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.host.run(source.close()), 5)
-            self.host.close()
-            self.host = None
-        for device in self.devices.values():
-            device.close()
-        if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.work = None
+                    await asyncio.wait_for(self.vm.host.run(source.close()), 5)
+            self.vm.close()
+            self.vm = None
 
 
 async def _connect_all(sources: list[RemoteSource]) -> None:

@@ -12,7 +12,6 @@ the final rename is atomic); it is removed whatever happens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -24,18 +23,17 @@ from pathlib import Path
 from drafter import snapshot
 from drafter.blueprint.builder import Blueprint
 from drafter.device import Device
-from drafter.devicefs import Mount, unmount_stale_under
+from drafter.devicefs import unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.package import (
     HotRanges,
     Package,
     PackageConfig,
-    Source,
     copy_file_sparse,
-    hot_ranges,
     open_package,
     write_package,
 )
+from drafter.session import VMSession
 from drafter.vmm.base import DEFAULT_BOOT_ARGS, DEFAULT_MAC, MachineConfig, check_host
 from drafter.vmm.qemu import QemuMachine
 
@@ -150,7 +148,8 @@ class LocalVM:
     member (see :mod:`drafter.device`) served to QEMU through FUSE, so resume time
     does not depend on the package size and the package is never written in place.
     A flush composes a new package from the members and the changed chunks and
-    renames it over the old one.
+    renames it over the old one. The devices, mount and QEMU are a
+    :class:`drafter.session.VMSession`.
     """
 
     package_path: Path
@@ -162,10 +161,13 @@ class LocalVM:
     hot_window: float = 3.0
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
-    machine: QemuMachine | None = None
-    mount: Mount | None = None
-    _work: Path | None = None
+    session: VMSession | None = None
     _hot: dict[str, list[int]] | None = None
+
+    @property
+    def machine(self) -> QemuMachine | None:
+        """The VM's QEMU while it runs (its session's)."""
+        return self.session.machine if self.session is not None else None
 
     async def __aenter__(self) -> LocalVM:
         await self.resume()
@@ -180,21 +182,17 @@ class LocalVM:
         pkg = open_package(self.package_path)
         check_host(pkg.config.memory_mib, pkg.config.cpus)
         self.package = pkg
-        self._work = work = _workdir(self.package_path)
+        session = self.session = VMSession(_workdir(self.package_path))
         try:
-            pkg.copy_to_file("state", work / "state")
-            devices = [
-                Device(r, pkg.members[r].size, pkg.range(r), work / f"{r}.overlay",
-                       writable=r in ("memory", "disk"))
-                for r in ("memory", "disk", "kernel", "initramfs")
-            ]  # fmt: skip
-            self.mount = Mount(devices, work / "devices").open()
-            config = pkg.config.machine(self.mount.mountpoint, self.netns, self.accel)
-            self.machine = QemuMachine(config, work / "run")
+            pkg.copy_to_file("state", session.state)
+            for r in ("memory", "disk", "kernel", "initramfs"):
+                session.devices[r] = Device(r, pkg.members[r].size, pkg.range(r),
+                                            session.work / f"{r}.overlay",
+                                            writable=r in ("memory", "disk"))  # fmt: skip
+            session.mount(pkg.config, self.netns, self.accel)
             if self.hot_window > 0:
-                for device in devices[:2]:  # memory and disk
-                    device.recording = {}
-            await snapshot.resume(self.machine, work / "state", self.timings)
+                session.start_recording()
+            await session.resume(self.timings)
             if self.hot_window > 0:
                 asyncio.get_running_loop().call_later(self.hot_window, self._stop_recording)
         except BaseException:
@@ -203,53 +201,35 @@ class LocalVM:
         log.info("resumed %s in %.2fs", self.package_path, time.monotonic() - start)
 
     def _stop_recording(self) -> None:
-        if self.mount is None or self._hot is not None:
+        if self.session is None or self._hot is not None:
             return
-        self._hot = {}
-        for name in ("memory", "disk"):
-            touched = self.mount.devices[name].stop_recording()
-            if touched:
-                self._hot[name] = touched
+        self._hot = {name: c for name, c in self.session.stop_recording().items() if c}
 
     def hot(self) -> HotRanges:
         """What the next flush stores as the hot set (the package's, if none recorded)."""
         self._stop_recording()
-        if not self._hot or self.mount is None or self.package is None:
+        if not self._hot or self.session is None:
             return self.package.hot if self.package is not None else {}
-        devices = self.mount.devices
-        sizes = {name: d.size for name, d in devices.items()}
-        return hot_ranges(self._hot, devices["memory"].chunk_size, sizes)
+        return self.session.hot_ranges(self._hot)
 
     async def suspend_and_flush(self) -> float:
         """BeforeSuspend, snapshot, and (with persist) replace the package atomically."""
-        if self.machine is None or self._work is None or self.package is None:
+        session = self.session
+        if session is None or session.machine is None or self.package is None:
             raise DrafterError("the VM is not running")
-        if self.mount is None:
-            raise DrafterError("the VM's devices are not mounted")
         start = time.monotonic()
-        work = self._work
-        await snapshot.suspend(self.machine, work / "state", self.timings)
-        await self.machine.stop()
         if self.persist:
-            devices = self.mount.devices
-            sources: dict[str, Source | Path] = {"state": work / "state", **devices}
-            await asyncio.to_thread(
-                write_package, self.package_path, self.package.config, sources, self.hot()
-            )
+            await session.write_package(self.package_path, self.hot, self.timings)
+        else:
+            await session.suspend(self.timings)
+            await session.stop()
         took = time.monotonic() - start
         log.info("flushed the snapshot to %s in %.2fs", self.package_path, took)
         return took
 
     async def close(self) -> None:
         """Stop the VM (without saving), unmount, and remove the work files."""
-        if self.machine is not None:
-            await self.machine.stop()
-        if self.mount is not None:
-            self.mount.close()
-            for device in self.mount.devices.values():
-                device.close()
-            self.mount = None
-        if self._work is not None:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self._work)
-            self._work = None
+        if self.session is not None:
+            await self.session.stop()
+            self.session.close()
+            self.session = None

@@ -1,0 +1,136 @@
+"""One VM on this host, whatever it started from: the session every role shares.
+
+A session holds the VM's devices, serves them to QEMU as files through FUSE (on the
+device loop of a :class:`drafter.devicefs.DeviceHost`), runs QEMU, and takes the VM
+through its steps: resume, suspend, write back into a package, close. The runner
+resumes one from a local package (:class:`drafter.vm.LocalVM`); a peer starts one
+from a remote source, lazily, and migrates it (:class:`drafter.peer.Peer`), on top of
+the same session.
+
+    session = VMSession(work)               # or VMSession(work, host): a loop in use
+    session.devices["memory"] = Device(...)  # every resource, before the mount
+    session.mount(config, netns, accel)
+    await session.resume()                   # the state file is work / "state"
+    ...
+    await session.write_package(output, hot)  # suspend, stop, write
+    await session.stop(); session.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from drafter import snapshot
+from drafter.device import Device
+from drafter.devicefs import DeviceHost
+from drafter.errors import DrafterError
+from drafter.package import HotRanges, PackageConfig, Source, hot_ranges, write_package
+from drafter.vmm.qemu import QemuMachine
+
+RECORDED = ("memory", "disk")  # the devices whose first reads after a resume are recorded
+
+
+class VMSession:
+    """Devices, their mount, QEMU and the VM's lifecycle, in the work directory ``work``
+    (removed by :meth:`close`)."""
+
+    def __init__(self, work: Path, host: DeviceHost | None = None) -> None:
+        self.work = work
+        self.host = host if host is not None else DeviceHost()
+        self.devices: dict[str, Device] = {}
+        self.config: PackageConfig | None = None
+        self.machine: QemuMachine | None = None
+
+    @property
+    def state(self) -> Path:
+        """The VMM state file: what a resume loads and a suspend saves."""
+        return self.work / "state"
+
+    @property
+    def mountpoint(self) -> Path:
+        """Where the devices are served as files (QEMU's paths)."""
+        return self.work / "devices"
+
+    def mount(self, config: PackageConfig, netns: str | None, accel: str) -> QemuMachine:
+        """Serve the devices as files and make the VM's QEMU (not started yet)."""
+        self.host.mount(list(self.devices.values()), self.mountpoint)
+        self.config = config
+        self.machine = QemuMachine(config.machine(self.mountpoint, netns, accel), self.work / "run")
+        return self.machine
+
+    def _machine(self) -> QemuMachine:
+        if self.machine is None:
+            raise DrafterError("the VM is not running")
+        return self.machine
+
+    # -- the hot set ------------------------------------------------------------------
+
+    def start_recording(self) -> None:
+        """Record the chunks the VM reads from now on, in first-read order."""
+        for name in RECORDED:
+            self.devices[name].recording = {}
+
+    def recorded(self) -> dict[str, list[int]]:
+        """The chunks recorded so far (recording goes on)."""
+        return {name: self.devices[name].recorded() for name in RECORDED}
+
+    def stop_recording(self) -> dict[str, list[int]]:
+        """Stop recording; the chunks recorded, per device."""
+        return {name: self.devices[name].stop_recording() for name in RECORDED}
+
+    def hot_ranges(self, chunks: dict[str, list[int]]) -> HotRanges:
+        """A hot set (device -> chunks) as a package stores it."""
+        sizes = {name: d.size for name, d in self.devices.items()}
+        return hot_ranges(chunks, self.devices["memory"].chunk_size, sizes)
+
+    # -- the lifecycle ------------------------------------------------------------------
+
+    async def resume(
+        self,
+        timings: snapshot.Timings | None = None,
+        granted: Callable[[], Awaitable[None]] | None = None,
+        running: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Load the state, resume, AfterResume (see :func:`drafter.snapshot.resume`)."""
+        await snapshot.resume(self._machine(), self.state, timings, granted, running)
+
+    async def suspend(
+        self,
+        timings: snapshot.Timings | None = None,
+        presync: bool = False,
+        paused: Callable[[], None] | None = None,
+    ) -> None:
+        """BeforeSuspend, pause, save the state, sync memory (:func:`snapshot.suspend`)."""
+        await snapshot.suspend(self._machine(), self.state, timings, presync, paused)
+
+    async def write_package(
+        self,
+        output: Path,
+        hot: Callable[[], HotRanges],
+        timings: snapshot.Timings | None = None,
+    ) -> None:
+        """Suspend, stop QEMU, and write the VM to the package ``output`` (atomically,
+        with the hot set ``hot`` gives once the VM stopped)."""
+        if self.config is None:
+            raise DrafterError("the VM is not running")
+        await self.suspend(timings)
+        await self.stop()
+        sources: dict[str, Source | Path] = {"state": self.state, **self.devices}
+        await asyncio.to_thread(write_package, output, self.config, sources, hot())
+
+    async def stop(self) -> None:
+        """Stop QEMU (without saving); the devices stay served."""
+        if self.machine is not None:
+            await self.machine.stop()
+
+    def close(self) -> None:
+        """Unmount, stop the device loop, close the devices, remove the work directory;
+        after :meth:`stop`, and after whatever else runs on the device loop ended.
+        Safe to call more than once."""
+        self.host.close()
+        for device in self.devices.values():
+            device.close()
+        shutil.rmtree(self.work, ignore_errors=True)
