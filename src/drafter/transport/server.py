@@ -530,8 +530,10 @@ class ChunkServer:
         self, channel: Channel, conn: Connection, kind: int, reply: bytes, request_id: int
     ) -> None:
         """A control call's answer: one frame, or PART frames then the last one."""
-        if len(reply) > conn.answer_limit:
-            raise DrafterError(f"an answer of {len(reply)} bytes to {kind} (a bug)")
+        if len(reply) > conn.answer_limit:  # made for a client that took PART frames
+            raise ProtocolError(
+                ErrorCode.REFUSED, f"an answer of {len(reply)} bytes needs PART frames"
+            )
         view = memoryview(reply)
         while len(view) > wire.MAX_BODY:
             channel.write(MsgType.PART, bytes(view[: wire.MAX_BODY]), request_id)
