@@ -74,6 +74,7 @@ class FakePageCache:
     def __init__(self) -> None:
         self.pages: dict[tuple[str, int], bytes] = {}
         self.drops = 0
+        self.refusing = False  # stores fail (after storing the first chunk: a part)
 
     async def drop_cache(self, names: list[str]) -> None:
         self.drops += 1
@@ -87,11 +88,15 @@ class FakePageCache:
             for offset, data in chunk_runs:
                 page[offset : offset + len(data)] = data
             self.pages[device.name, index] = bytes(page)
+            if self.refusing:
+                raise DrafterError("the kernel refused a store")
 
     async def store_cache(self, device: Device, indices: list[int]) -> int:
         stored = [i for i in indices if device.local[i]]
         for index in stored:
             self.pages[device.name, index] = device.read_chunk(index)[0]
+            if self.refusing:
+                raise DrafterError("the kernel refused a store")
         return len(stored)
 
 
@@ -360,6 +365,43 @@ def test_a_cached_chunk_dirtied_during_pre_copy_is_stored_again_after_its_pull(
             await dest.precopy()
             assert pulls == 2 and p.cache.pages["memory", 0].startswith(b"new")
             _cache_matches_source(p)
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["pre-copy", "switch-over"])
+def test_a_store_that_fails_empties_the_cache_and_the_migration_goes_on(
+    tmp_path: Path, when: str
+) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            for index in range(3):
+                p.source.devices["memory"].write(index * CHUNK, b"old")
+            p.source.hot_chunks = {"memory": [0, 1, 2]}
+            dest = await p.destination()
+            pull = dest.pull_missing
+            pulls = 0
+
+            async def pull_then_write() -> None:
+                nonlocal pulls
+                await pull()
+                pulls += 1
+                if pulls == 1:
+                    p.source.devices["memory"].write(0, b"new")  # stored again next
+                    p.source.devices["memory"].write(CHUNK, b"new")
+                    p.cache.refusing = when == "pre-copy"
+
+            dest.pull_missing = pull_then_write  # type: ignore[method-assign]
+            await dest.precopy()
+            p.source.devices["memory"].write(2 * CHUNK, b"new")
+            p.cache.refusing = True
+            await dest.switch_over()
+            assert not p.cache.pages  # dropped whole, not left half stored
+            assert not any(dest.cached.values())
+            await dest.hand_over()
+            await dest.pull_missing()
+            for index in range(3):
+                assert p.devices["memory"].read(index * CHUNK, 3) == b"new"
 
     run(main())
 

@@ -699,10 +699,12 @@ def test_a_server_sending_unrelated_frames_does_not_hold_a_fetch_forever() -> No
     run(go())
 
 
-def test_an_answer_in_endless_parts_is_refused_at_its_limit() -> None:
+@pytest.mark.parametrize("limit", [wire.MAX_BODY, wire.MAX_ANSWER])
+def test_an_answer_in_endless_parts_is_refused_at_its_limit(limit: int) -> None:
     """A server answers a control call with PART frames that never end (and parts for
     calls nobody made): the client keeps none of the latter, and refuses the answer
-    once it passes 64 MiB instead of growing without bound."""
+    once it passes the call's limit (one frame, unless the call allows 64 MiB)
+    instead of growing without bound."""
     manifest, hashes = fake_manifest()
     sent = 0
 
@@ -729,8 +731,8 @@ def test_an_answer_in_endless_parts_is_refused_at_its_limit() -> None:
         try:
             await source.connect()
             with pytest.raises(DrafterError):
-                await asyncio.wait_for(source.call(MsgType.DIRTY_LIST), 30)
-            assert wire.MAX_ANSWER // wire.MAX_BODY <= sent < wire.MAX_ANSWER // wire.MAX_BODY + 8
+                await asyncio.wait_for(source.call(MsgType.DIRTY_LIST, max_answer=limit), 30)
+            assert limit // wire.MAX_BODY <= sent < limit // wire.MAX_BODY + 8
         finally:
             await source.close()
             fake.close()

@@ -115,7 +115,7 @@ class Device:
         # The pages of them written (a migration's switch-over sends only those); a
         # chunk size that is not a whole number of pages is tracked whole.
         self.page = PAGE if chunk_size % PAGE == 0 else chunk_size
-        self.dirty_pages: dict[int, set[int]] = {}
+        self.dirty_pages: dict[int, int] = {}  # chunk -> bit mask of its pages
         self._lock = threading.Lock()
         self._base_fd = os.open(base.path, os.O_RDONLY | os.O_CLOEXEC) if base else -1
         self.overlay = overlay
@@ -361,10 +361,12 @@ class Device:
                 self.dirty.add(index)
                 self.hashes[index] = None
             if data:
-                page = self.page
-                per_chunk = self.chunk_size // page
-                for p in range(offset // page, (offset + len(data) - 1) // page + 1):
-                    self.dirty_pages.setdefault(p // per_chunk, set()).add(p % per_chunk)
+                page, chunk = self.page, self.chunk_size
+                for index in range(first, last + 1):
+                    lo = max(offset, index * chunk) - index * chunk
+                    hi = min(offset + len(data), (index + 1) * chunk) - index * chunk
+                    mask = ((1 << ((hi - 1) // page + 1)) - 1) ^ ((1 << (lo // page)) - 1)
+                    self.dirty_pages[index] = self.dirty_pages.get(index, 0) | mask
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
 
@@ -396,8 +398,10 @@ class Device:
         runs: dict[int, list[tuple[int, int]]] = {}
         for index in sorted(dirty):
             length = self._chunk_length(index)
+            count = -(-length // self.page)
+            mask = pages.get(index, (1 << count) - 1)
             chunk_runs: list[tuple[int, int]] = []
-            for p in sorted(pages.get(index, range(-(-length // self.page)))):
+            for p in (p for p in range(count) if mask >> p & 1):
                 start = p * self.page
                 end = min(length, start + self.page)
                 if chunk_runs and chunk_runs[-1][0] + chunk_runs[-1][1] == start:

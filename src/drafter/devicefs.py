@@ -209,7 +209,8 @@ class DeviceHost:
         hits, not FUSE reads. Call on the device loop, only while the file is open (the
         kernel stores only for an inode it knows: QEMU holds it) and no VM runs on it
         (a stored page replaces whatever the page cache held there). Returns the
-        number of chunks stored."""
+        number of chunks stored; DrafterError if the kernel refuses one (the cache may
+        then hold part of them: drop it)."""
         if self._fs is None:
             return 0
         inode = self._fs.by_name.get(device.name.encode())
@@ -222,9 +223,10 @@ class DeviceHost:
             data, _ = device.read_chunk(index)
             try:
                 pyfuse3.notify_store(inode, index * device.chunk_size, data)
-            except OSError as e:  # an old kernel: the VM then faults as before
-                log.debug("cannot store %s chunks in the page cache: %s", device.name, e)
-                break
+            except OSError as e:
+                raise DrafterError(
+                    f"cannot store {device.name} chunks in the page cache: {e}"
+                ) from None
             stored += 1
             if not stored % 64:
                 await asyncio.sleep(0)  # let FUSE requests and the link through

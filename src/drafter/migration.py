@@ -36,6 +36,7 @@ from drafter.errors import DrafterError
 from drafter.snapshot import failpoint, failpoint_delay, fsync_file
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import (
+    MAX_ANSWER,
     MAX_BODY,
     ErrorCode,
     MsgType,
@@ -115,7 +116,11 @@ DESTINATION_TRANSITIONS: dict[DestinationPhase, frozenset[DestinationPhase]] = {
 TAKEN_BACK = "no such switched-over migration"  # the refusal a taken-back destination gets
 MAX_PHASES = 16  # timed steps a switch-over answer may name
 INLINE_MARGIN = 64 << 10  # room left in the switch-over answer for its head
-INLINE_LIMIT = 32 << 20  # the most a switch-over answer carries: state and dirty chunks
+# The most a switch-over answer carries with the state (the dirty pages; the rest is
+# fetched after the resume): a few seconds at tens of Mbit/s, in the downtime.
+INLINE_LIMIT = 16 << 20
+MAX_HEAD = 4 << 20  # a switch-over answer's JSON head (dirty lists, runs)
+MAX_RUNS = 1 << 16  # inline runs in one switch-over answer
 
 
 @dataclass
@@ -171,8 +176,13 @@ def _is_phases(value: object) -> bool:
 
 
 def _is_runs(value: object) -> bool:
-    """``{"memory": [[index, offset, length], ...], ...}``: the inline runs' shape."""
-    return isinstance(value, dict) and all(
+    """``{"memory": [[index, offset, length], ...], ...}``: the inline runs' shape, at
+    most MAX_RUNS of them."""
+    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
+        return False
+    if sum(len(v) for v in value.values()) > MAX_RUNS:
+        return False
+    return all(
         k in TRACKED
         and isinstance(v, list)
         and all(
@@ -191,6 +201,8 @@ def decode_suspended(body: bytes, sizes: dict[str, tuple[int, int]] | None = Non
     if len(body) < _SUSPENDED_HEAD.size:
         raise ProtocolError(ErrorCode.PROTOCOL, "malformed switch-over answer")
     (length,) = _SUSPENDED_HEAD.unpack_from(body)
+    if length > MAX_HEAD:
+        raise ProtocolError(ErrorCode.PROTOCOL, "a switch-over answer's head beyond 4 MiB")
     end = 4 + length
     head = loads_json(
         body[4:end],
@@ -740,7 +752,10 @@ class MigrationDestination:
         while True:
             try:
                 body = await self.remote.call(
-                    MsgType.MIGRATE_SUSPENDED, encode_id(self.migration_id), timeout=120
+                    MsgType.MIGRATE_SUSPENDED,
+                    encode_id(self.migration_id),
+                    timeout=120,
+                    max_answer=MAX_ANSWER,
                 )
                 break
             except DrafterError as e:
@@ -870,11 +885,14 @@ class MigrationDestination:
         start = time.monotonic()
         await self.cache.drop_cache(list(TRACKED))
         stored = 0
-        for device in self.tracked:
-            hot = [i for i in self.remote.hot.get(device.name, []) if device.local[i]]
-            stored += await self.cache.store_cache(device, hot)
-            self.cached[device.name] = dict.fromkeys(hot)
-            self._stale[device.name] = set()
+        try:
+            for device in self.tracked:
+                hot = [i for i in self.remote.hot.get(device.name, []) if device.local[i]]
+                self.cached[device.name] = dict.fromkeys(hot)
+                self._stale[device.name] = set()
+                stored += await self.cache.store_cache(device, hot)
+        except DrafterError as e:
+            await self._drop_all(e)
         log.debug(
             "page cache: %d hot chunk(s) stored in %.0f ms",
             stored,
@@ -883,11 +901,22 @@ class MigrationDestination:
 
     async def _store_stale(self) -> None:
         """Store again the cached chunks that were pulled again since they changed."""
-        for device in self.tracked:
-            stale = self._stale[device.name]
-            here = sorted(i for i in stale if device.local[i])
-            await self.cache.store_cache(device, here)
-            stale.difference_update(here)
+        try:
+            for device in self.tracked:
+                stale = self._stale[device.name]
+                here = sorted(i for i in stale if device.local[i])
+                await self.cache.store_cache(device, here)
+                stale.difference_update(here)
+        except DrafterError as e:
+            await self._drop_all(e)
+
+    async def _drop_all(self, error: DrafterError) -> None:
+        """A store failed: the cache may hold stale pages. It goes whole; the VM reads
+        through FUSE instead (slower, never stale)."""
+        log.warning("%s; dropping the page cache instead", error)
+        await self.cache.drop_cache(list(TRACKED))
+        self.cached = {d.name: {} for d in self.tracked}
+        self._stale = {d.name: set() for d in self.tracked}
 
     async def _refresh(self, answer: SwitchOver, patched: dict[str, set[int]]) -> None:
         """Switch-over, the VM runs nowhere: the page cache must hold nothing older than
@@ -899,17 +928,22 @@ class MigrationDestination:
         if stale or not any(self.cached.values()):  # nothing warmed: drop what QEMU read
             await self.cache.drop_cache(list(TRACKED))
             self.cached = {d.name: {} for d in self.tracked}
-        for device in self.tracked:
-            cached = self.cached[device.name]
-            inline = answer.inline.get(device.name, {})
-            pages = {i: inline[i] for i in patched.get(device.name, set()) if i in cached}
-            await self.cache.store_cache_runs(device, pages)
-            here = [
-                i for i in answer.dirty.get(device.name, []) if device.local[i] and i not in pages
-            ]
-            await self.cache.store_cache(device, here)
-            cached.update(dict.fromkeys(here))
-            self._stale[device.name] = set()
+        try:
+            for device in self.tracked:
+                cached = self.cached[device.name]
+                inline = answer.inline.get(device.name, {})
+                pages = {i: inline[i] for i in patched.get(device.name, set()) if i in cached}
+                here = [
+                    i
+                    for i in answer.dirty.get(device.name, [])
+                    if device.local[i] and i not in pages
+                ]
+                cached.update(dict.fromkeys(here))
+                await self.cache.store_cache_runs(device, pages)
+                await self.cache.store_cache(device, here)
+                self._stale[device.name] = set()
+        except DrafterError as e:
+            await self._drop_all(e)
 
     def _apply(self, answer: SwitchOver) -> dict[str, set[int]]:
         """The last dirty chunks: a chunk here takes the runs written since the last

@@ -375,6 +375,8 @@ class Peer:
         vm.start_recording()
 
         def stop() -> None:
+            if self.vm is not vm:  # closed meanwhile
+                return
             self.hot = self._hot_set(vm.stop_recording())
             log.debug("hot set: %s", {k: len(v) for k, v in self.hot.items()})
 

@@ -20,7 +20,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zstandard
 
@@ -167,6 +167,7 @@ class RemoteSource:
         self._pending: dict[int, _Pending] = {}
         self._calls: dict[int, asyncio.Future[bytes]] = {}
         self._parts: dict[int, list[bytes]] = {}  # a call's answer so far (PART frames)
+        self._limits: dict[int, int] = {}  # the most a call's answer may hold
         self._next_id = 1
         self._conn: _Conn | None = None
         self._failed: DrafterError | None = None
@@ -319,8 +320,16 @@ class RemoteSource:
     def _chunk_length(self, r: int, index: int) -> int:
         return min(self.chunk_size, self.manifest[self._names[r]] - index * self.chunk_size)
 
-    async def call(self, kind: MsgType, body: bytes = b"", timeout: float = 60.0) -> bytes:
+    async def call(
+        self,
+        kind: MsgType,
+        body: bytes = b"",
+        timeout: float = 60.0,
+        max_answer: int = wire.MAX_BODY,
+    ) -> bytes:
         """A control call (dirty lists, migration): send it, return the answer's body.
+        ``max_answer`` bytes at most (above one frame: in PART frames); more is a
+        protocol error.
 
         Not retried across reconnects: the call fails if the connection drops.
         """
@@ -333,6 +342,7 @@ class RemoteSource:
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
         self._calls[request_id] = future
+        self._limits[request_id] = min(max_answer, wire.MAX_ANSWER)
         conn.channel.write(kind, body, request_id)
         conn.last_sent = asyncio.get_running_loop().time()
         try:
@@ -345,6 +355,12 @@ class RemoteSource:
         finally:
             self._calls.pop(request_id, None)
             self._parts.pop(request_id, None)
+            self._limits.pop(request_id, None)
+
+    def _check_answer(self, request_id: int, parts: list[Any]) -> None:
+        limit = self._limits.get(request_id, wire.MAX_BODY)
+        if sum(len(part) for part in parts) > limit:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"an answer beyond its {limit} bytes")
 
     async def close(self) -> None:
         """Drop the connection; pending fetches fail."""
@@ -687,12 +703,13 @@ class RemoteSource:
                         continue  # an abandoned call's: dropped, never kept
                     parts = self._parts.setdefault(request_id, [])
                     parts.append(bytes(body))
-                    if sum(len(part) for part in parts) > wire.MAX_ANSWER:
-                        raise ProtocolError(ErrorCode.PROTOCOL, "an answer beyond its limit")
+                    self._check_answer(request_id, parts)
                     conn.last_progress = loop.time()
                 elif wire.is_control(kind):
                     call = self._calls.get(request_id)
                     parts = self._parts.pop(request_id, [])
+                    if parts:
+                        self._check_answer(request_id, [*parts, body])
                     if call is not None and not call.done():
                         call.set_result(b"".join([*parts, body]))
                         conn.last_progress = loop.time()
