@@ -158,7 +158,7 @@ class Device:
         with self._lock:
             if self.local[index]:
                 return
-            if len(data) != self._chunk_length(index):
+            if len(data) != self.chunk_length(index):
                 raise DrafterError(f"device {self.name}: chunk {index} of a wrong size")
             os.pwrite(self._overlay_fd, data, index * self.chunk_size)
             self.local[index] = 1
@@ -174,13 +174,10 @@ class Device:
             return [i for i in range(self.chunks) if not self.local[i]]
 
     def missing_bytes(self) -> int:
-        return sum(self._chunk_length(i) for i in self.missing())
+        return sum(self.chunk_length(i) for i in self.missing())
 
     def chunk_length(self, index: int) -> int:
         """Bytes in chunk ``index`` (the last one may be short)."""
-        return self._chunk_length(index)
-
-    def _chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     async def ensure_chunk(self, index: int, priority: Priority) -> None:
@@ -235,7 +232,7 @@ class Device:
 
     def _store(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
         """A verified chunk arrived: keep it unless the chunk became local meanwhile."""
-        if len(data) != self._chunk_length(index):
+        if len(data) != self.chunk_length(index):
             raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
         with self._lock:
             if not self.local[index]:  # a whole-chunk write may have landed meanwhile
@@ -281,7 +278,7 @@ class Device:
             if self.local[index]:
                 continue
             start = index * self.chunk_size
-            whole = offset <= start and offset + size >= start + self._chunk_length(index)
+            whole = offset <= start and offset + size >= start + self.chunk_length(index)
             if partial_only and whole:
                 continue
             waits.append(self.ensure_chunk(index, priority))
@@ -331,7 +328,7 @@ class Device:
         """Chunk ``index`` (local) and its hash if known, read together."""
         with self._lock:
             start = index * self.chunk_size
-            length = self._chunk_length(index)
+            length = self.chunk_length(index)
             if not self.local[index]:
                 if self.fetcher is not None:
                     raise MissingChunkError(self.name, index)
@@ -387,7 +384,10 @@ class Device:
 
     def take_dirty(self) -> set[int]:
         """The chunks written since the last call (a sync point), and reset."""
-        return set(self.take_dirty_runs())
+        with self._lock:
+            dirty, self.dirty = self.dirty, set()
+            self.dirty_pages = {}
+        return dirty
 
     def take_dirty_runs(self) -> dict[int, list[tuple[int, int]]]:
         """The chunks written since the last sync point, each with the runs of bytes
@@ -397,7 +397,7 @@ class Device:
             pages, self.dirty_pages = self.dirty_pages, {}
         runs: dict[int, list[tuple[int, int]]] = {}
         for index in sorted(dirty):
-            length = self._chunk_length(index)
+            length = self.chunk_length(index)
             count = -(-length // self.page)
             mask = pages.get(index, (1 << count) - 1)
             chunk_runs: list[tuple[int, int]] = []
@@ -426,7 +426,7 @@ class Device:
             if not self.local[index]:
                 raise MissingChunkError(self.name, index)
             for offset, data in runs:
-                if offset + len(data) > self._chunk_length(index):
+                if offset + len(data) > self.chunk_length(index):
                     raise DrafterError(f"device {self.name}: a patch beyond chunk {index}")
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
             self.hashes[index] = None

@@ -203,6 +203,10 @@ class DeviceHost:
                 # Blocking call that may need the loop (writeback): off the loop.
                 await asyncio.to_thread(pyfuse3.invalidate_inode, inode, False)
 
+    def _inode(self, device: Device) -> int | None:
+        """The inode of ``device``'s file in the mount (None: not mounted here)."""
+        return self._fs.by_name.get(device.name.encode()) if self._fs is not None else None
+
     async def store_cache(self, device: Device, indices: list[int]) -> int:
         """Put these chunks of ``device`` (local ones; others are skipped) into the
         kernel's page cache of its file, so the VMM's first touches of them are page
@@ -211,9 +215,7 @@ class DeviceHost:
         (a stored page replaces whatever the page cache held there). Returns the
         number of chunks stored; DrafterError if the kernel refuses one (the cache may
         then hold part of them: drop it)."""
-        if self._fs is None:
-            return 0
-        inode = self._fs.by_name.get(device.name.encode())
+        inode = self._inode(device)
         if inode is None:
             return 0
         stored = 0
@@ -237,9 +239,7 @@ class DeviceHost:
     ) -> None:
         """Like :meth:`store_cache` for parts of chunks whose other bytes the page cache
         holds already: ``runs`` (chunk -> (offset in it, bytes)) replace only those."""
-        if self._fs is None:
-            return
-        inode = self._fs.by_name.get(device.name.encode())
+        inode = self._inode(device)
         if inode is None:
             return
         try:

@@ -7,7 +7,7 @@ resumes one from a local package (:class:`drafter.vm.LocalVM`); a peer starts on
 from a remote source, lazily, and migrates it (:class:`drafter.peer.Peer`), on top of
 the same session.
 
-    session = VMSession(work)               # or VMSession(work, host): a loop in use
+    session = VMSession(work)
     session.devices["memory"] = Device(...)  # every resource, before the mount
     session.mount(config, netns, accel)
     await session.resume()                   # the state file is work / "state"
@@ -37,9 +37,9 @@ class VMSession:
     """Devices, their mount, QEMU and the VM's lifecycle, in the work directory ``work``
     (removed by :meth:`close`)."""
 
-    def __init__(self, work: Path, host: DeviceHost | None = None) -> None:
+    def __init__(self, work: Path) -> None:
         self.work = work
-        self.host = host if host is not None else DeviceHost()
+        self.host = DeviceHost()  # its device loop: FUSE, and what else touches devices
         self.devices: dict[str, Device] = {}
         self.config: PackageConfig | None = None
         self.machine: QemuMachine | None = None
