@@ -343,6 +343,22 @@ def test_the_hot_set_is_cached_before_the_switch_over_and_refreshed_by_it(
     run(main())
 
 
+def after_first_pull(dest: MigrationDestination, then) -> list[int]:  # type: ignore[no-untyped-def]
+    """Run ``then()`` right after the destination's first pull (before its hot set is
+    cached); the list returned counts the pulls."""
+    pulls = [0]
+    pull = dest.pull_missing
+
+    async def pull_then() -> None:
+        await pull()
+        pulls[0] += 1
+        if pulls[0] == 1:
+            then()
+
+    dest.pull_missing = pull_then  # type: ignore[method-assign]
+    return pulls
+
+
 def test_a_cached_chunk_dirtied_during_pre_copy_is_stored_again_after_its_pull(
     tmp_path: Path,
 ) -> None:
@@ -351,19 +367,10 @@ def test_a_cached_chunk_dirtied_during_pre_copy_is_stored_again_after_its_pull(
             p.source.devices["memory"].write(0, b"old")
             p.source.hot_chunks = {"memory": [0]}
             dest = await p.destination()
-            pulls = 0
-            pull = dest.pull_missing
-
-            async def pull_then_write() -> None:
-                nonlocal pulls
-                await pull()
-                pulls += 1
-                if pulls == 1:  # the hot set is cached next; then the VM writes to it
-                    p.source.devices["memory"].write(0, b"new")
-
-            dest.pull_missing = pull_then_write  # type: ignore[method-assign]
+            # The hot set is cached next; then the VM writes to it.
+            pulls = after_first_pull(dest, lambda: p.source.devices["memory"].write(0, b"new"))
             await dest.precopy()
-            assert pulls == 2 and p.cache.pages["memory", 0].startswith(b"new")
+            assert pulls == [2] and p.cache.pages["memory", 0].startswith(b"new")
             _cache_matches_source(p)
 
     run(main())
@@ -379,19 +386,13 @@ def test_a_store_that_fails_empties_the_cache_and_the_migration_goes_on(
                 p.source.devices["memory"].write(index * CHUNK, b"old")
             p.source.hot_chunks = {"memory": [0, 1, 2]}
             dest = await p.destination()
-            pull = dest.pull_missing
-            pulls = 0
 
-            async def pull_then_write() -> None:
-                nonlocal pulls
-                await pull()
-                pulls += 1
-                if pulls == 1:
-                    p.source.devices["memory"].write(0, b"new")  # stored again next
-                    p.source.devices["memory"].write(CHUNK, b"new")
-                    p.cache.refusing = when == "pre-copy"
+            def write() -> None:
+                p.source.devices["memory"].write(0, b"new")  # stored again next
+                p.source.devices["memory"].write(CHUNK, b"new")
+                p.cache.refusing = when == "pre-copy"
 
-            dest.pull_missing = pull_then_write  # type: ignore[method-assign]
+            after_first_pull(dest, write)
             await dest.precopy()
             p.source.devices["memory"].write(2 * CHUNK, b"new")
             p.cache.refusing = True

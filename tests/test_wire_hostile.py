@@ -653,22 +653,29 @@ async def greet_as_server(
     await reader.readexactly(length)
 
 
+async def welcome_first_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Greet a client as a proper server of :func:`fake_manifest` would; the id of the
+    first frame it sends next."""
+    manifest, hashes = fake_manifest()
+    await greet_as_server(reader, writer)
+    welcome = wire.Welcome(bytes(32), CHUNK, manifest, b"{}").body()
+    writer.write(wire.frame(MsgType.WELCOME, welcome))
+    writer.write(wire.frame(MsgType.HASHES, wire.Hashes(0, 0, b"".join(hashes)).body()))
+    writer.write(wire.frame(MsgType.HOT, b""))
+    _, _, request_id = read_header(await reader.readexactly(wire.HEADER_SIZE))
+    return request_id
+
+
 def test_a_server_sending_unrelated_frames_does_not_hold_a_fetch_forever() -> None:
     """The server answers every request with frames that answer nothing (pings, chunks
     for requests nobody made): the fetch fails after chunk_timeout and the retry
     window, although frames keep coming."""
-    manifest, hashes = fake_manifest()
     sent = 0
 
     async def babbler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
         with contextlib.suppress(Exception):
-            await greet_as_server(reader, writer)
-            welcome = wire.Welcome(bytes(32), CHUNK, manifest, b"{}").body()
-            writer.write(wire.frame(MsgType.WELCOME, welcome))
-            writer.write(wire.frame(MsgType.HASHES, wire.Hashes(0, 0, b"".join(hashes)).body()))
-            writer.write(wire.frame(MsgType.HOT, b""))
-            _, _, request_id = read_header(await reader.readexactly(wire.HEADER_SIZE))
+            request_id = await welcome_first_request(reader, writer)
             payload = os.urandom(CHUNK)
             head = wire.ChunkHead(0, 0, 0, CHUNK, digest(payload)).encode()
             while True:
@@ -705,18 +712,12 @@ def test_an_answer_in_endless_parts_is_refused_at_its_limit(limit: int) -> None:
     calls nobody made): the client keeps none of the latter, and refuses the answer
     once it passes the call's limit (one frame, unless the call allows 64 MiB)
     instead of growing without bound."""
-    manifest, hashes = fake_manifest()
     sent = 0
 
     async def flooder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
         with contextlib.suppress(Exception):
-            await greet_as_server(reader, writer)
-            welcome = wire.Welcome(bytes(32), CHUNK, manifest, b"{}").body()
-            writer.write(wire.frame(MsgType.WELCOME, welcome))
-            writer.write(wire.frame(MsgType.HASHES, wire.Hashes(0, 0, b"".join(hashes)).body()))
-            writer.write(wire.frame(MsgType.HOT, b""))
-            _, _, request_id = read_header(await reader.readexactly(wire.HEADER_SIZE))
+            request_id = await welcome_first_request(reader, writer)
             part = bytes(wire.MAX_BODY)
             while True:
                 writer.write(wire.frame(MsgType.PART, part, request_id + 7))  # no such call
