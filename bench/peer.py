@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from common import BIN, first_reply, free_port, make_package
-from drafter.device import Priority
+from drafter.chunks import Priority
 from drafter.network import Network, NetworkConfig
 from drafter.package import PackageConfig, write_package
 from drafter.transport.client import RemoteSource

@@ -155,7 +155,7 @@ class Pair:
         devices = {}
         for name in ("memory", "disk"):
             device = Device(name, SIZE, None, self.tmp / f"dest-{name}", chunk_size=CHUNK,
-                            fetcher=_fetcher(remote, name))  # fmt: skip
+                            source=remote)  # fmt: skip
             device.expect(remote.hashes[name], binding=False)
             devices[name] = device
 
@@ -180,13 +180,6 @@ class Pair:
     proxy_port = 0
 
 
-def _fetcher(remote: RemoteSource, name: str):  # type: ignore[no-untyped-def]
-    async def fetch(index: int, priority: Priority, expected: bytes | None):  # type: ignore[no-untyped-def]
-        return await remote.fetch_chunk(name, index, priority, expected)
-
-    return fetch
-
-
 @contextlib.asynccontextmanager
 async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.0,
                vm: FakeVM | None = None) -> AsyncIterator[Pair]:  # fmt: skip
@@ -197,7 +190,7 @@ async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.
     source = MigrationSource(devices, b"{}", tmp / "memory-file", vm.control(), grace=grace,
                              offer_timeout=offer_timeout)  # fmt: skip
     source._collect_dirty = _no_sync(source)  # type: ignore[method-assign]
-    server = ChunkServer(source)
+    server = ChunkServer(source, control=source)
     await server.start("127.0.0.1", 0)
     proxy = Proxy(server.port)
     p = Pair(tmp, vm, source, proxy)
@@ -595,7 +588,7 @@ def test_with_no_rescue_timeout_only_the_operator_takes_the_vm_back(tmp_path: Pa
             assert "destination is connected" in refused and not p.vm.running_here
             for remote in p.remotes:
                 await remote.close()
-            await wait_until(lambda: p.source._destination_lost)
+            await wait_until(lambda: p.source.destination_lost)
             await asyncio.sleep(0.3)
             assert not p.vm.running_here  # nobody resumes it by itself
             said = await p.source.take_back()
@@ -618,11 +611,11 @@ def test_a_cut_after_the_grant_is_recovered_and_never_resumed_at_the_source(
             await dest.hand_over()
             p.proxy.refusing = True
             p.proxy.cut()
-            await wait_until(lambda: p.source._destination_lost)
+            await wait_until(lambda: p.source.destination_lost)
             await asyncio.sleep(0.5)  # past the rescue timeout
             assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
             p.proxy.refusing = False
-            await wait_until(lambda: not p.source._destination_lost)  # RESUME adopted it
+            await wait_until(lambda: not p.source.destination_lost)  # RESUME adopted it
             await dest.pull_missing()
             assert await dest.finish()
             assert p.source.phase is Phase.DONE and p.vm.resumes == 0
@@ -645,7 +638,8 @@ def test_a_lost_switch_over_answer_is_answered_again(tmp_path: Path) -> None:
             with pytest.raises(DrafterError, match="no such switched-over migration"):
                 await other.call(MsgType.MIGRATE_SUSPENDED, encode_id("another"))
             await again.call(MsgType.MIGRATE_HANDOVER, body)
-            assert p.source.phase is Phase.HANDED_OVER and p.source._answer is None
+            assert p.source.phase is Phase.HANDED_OVER
+            assert p.source.migration is not None and p.source.migration.answer is None
 
     run(main())
 
@@ -696,7 +690,7 @@ def test_the_operator_takes_back_a_lost_destination_s_vm_and_is_told_the_cost(
             await dest.hand_over()
             p.proxy.refusing = True
             p.proxy.cut()
-            await wait_until(lambda: p.source._destination_lost)
+            await wait_until(lambda: p.source.destination_lost)
             said = await p.source.take_back()
             assert "writes the destination took since the hand-over are lost" in said
             assert p.vm.running_here and p.source.phase is Phase.IDLE

@@ -16,43 +16,23 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
+from drafter.chunks import (
+    CHUNK_SIZE,
+    PAGE,
+    ZERO_HASH,
+    ChunkData,
+    ChunkSource,
+    Priority,
+    chunk_count,
+    chunk_length,
+    chunk_span,
+)
 from drafter.errors import DrafterError
 
-CHUNK_SIZE = 64 * 1024
-PAGE = 4096  # the unit of dirty tracking inside a chunk
-
-
-class Priority(IntEnum):
-    """Who waits for a chunk: the VM (demand), soon the VM (prefetch: what a resumed VM
-    touches first), or nobody yet (background pull). Served in that order."""
-
-    DEMAND = 0
-    BACKGROUND = 1
-    PREFETCH = 2
-
-
-# Fetches chunk ``index`` of a device from elsewhere (a registry or a peer), given the
-# hash it must have if known; returns the verified bytes and their hash.
-Fetcher = Callable[
-    [int, Priority, bytes | None], Awaitable[tuple[bytes | bytearray | memoryview, bytes]]
-]
-# Fetches ``count`` consecutive chunks from ``start`` with one request, given the hash
-# each must have if known; hands each verified chunk to the callback as it arrives.
-RunFetcher = Callable[
-    [
-        int,
-        int,
-        list[bytes | None],
-        Callable[[int, bytes | bytearray | memoryview, bytes], None],
-    ],
-    Awaitable[None],
-]
-ZERO_HASH = bytes(32)  # the wire's marker hash of an all-zero chunk
+__all__ = ["CHUNK_SIZE", "Device", "FileRange", "MissingChunkError", "Priority", "copy_sparse"]
 
 
 class MissingChunkError(DrafterError):
@@ -85,11 +65,13 @@ class FileRange:
 
 
 class Device:
-    """One resource: base range + overlay, chunk by chunk. Thread-safe.
+    """One resource: base range + overlay, chunk by chunk.
 
-    With a ``fetcher`` the device has a remote source: a chunk that is not in the
-    overlay is *missing* and must be fetched (:meth:`ensure`) before it is read or
-    partly written. Fetching runs on the event loop that serves the device.
+    With a ``source`` (a :class:`drafter.chunks.ChunkSource`) a chunk that is not in
+    the overlay is *missing* and must be fetched (:meth:`ensure`) before it is read or
+    partly written. Fetching runs on the event loop that serves the device (the device
+    loop); the chunk map is guarded by a lock, since the page-cache stores and the
+    hashing of a migration source read chunks from worker threads.
     """
 
     def __init__(
@@ -100,7 +82,7 @@ class Device:
         overlay: Path,
         writable: bool = True,
         chunk_size: int = CHUNK_SIZE,
-        fetcher: Fetcher | None = None,
+        source: ChunkSource | None = None,
     ) -> None:
         if base is not None and base.size != size:
             raise DrafterError(f"device {name}: base holds {base.size} bytes, not {size}")
@@ -109,7 +91,7 @@ class Device:
         self.base = base
         self.writable = writable
         self.chunk_size = chunk_size
-        self.chunks = (size + chunk_size - 1) // chunk_size
+        self.chunks = chunk_count(size, chunk_size)
         self.local = bytearray(self.chunks)  # 1: the chunk lives in the overlay
         self.dirty: set[int] = set()  # chunks written since the last sync point
         # The pages of them written (a migration's switch-over sends only those); a
@@ -121,8 +103,7 @@ class Device:
         self.overlay = overlay
         self._overlay_fd = os.open(overlay, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._overlay_fd, size)
-        self.fetcher = fetcher
-        self.run_fetcher: RunFetcher | None = None  # background pulls in runs
+        self.source = source  # where missing chunks come from (None: nothing is missing)
         self._inflight: dict[int, tuple[Priority, asyncio.Future[None]]] = {}
         self.fetched_bytes = 0
         self.first_demand_at: float | None = None  # monotonic: a chunk fetched on demand
@@ -168,7 +149,7 @@ class Device:
 
     def missing(self) -> list[int]:
         """Chunks still to fetch (none without a remote source)."""
-        if self.fetcher is None:
+        if self.source is None:
             return []
         with self._lock:
             return [i for i in range(self.chunks) if not self.local[i]]
@@ -178,12 +159,12 @@ class Device:
 
     def chunk_length(self, index: int) -> int:
         """Bytes in chunk ``index`` (the last one may be short)."""
-        return min(self.chunk_size, self.size - index * self.chunk_size)
+        return chunk_length(self.size, self.chunk_size, index)
 
     async def ensure_chunk(self, index: int, priority: Priority) -> None:
         """Make chunk ``index`` local, fetching it once however many ask (a demand for a
         chunk that is only being prefetched is fetched again, ahead of the prefetches)."""
-        if self.fetcher is None or self.local[index]:
+        if self.source is None or self.local[index]:
             return
         inflight = self._inflight.get(index)
         future: asyncio.Future[None]
@@ -201,15 +182,14 @@ class Device:
         await asyncio.shield(future)
 
     async def _fetch(self, index: int, priority: Priority) -> None:
-        assert self.fetcher is not None
+        assert self.source is not None
         expected = self.hashes[index] if self.binding else None
         try:
-            data, digest = await self.fetcher(index, priority, expected)
+            await self.source.fetch_run(self.name, index, 1, priority, [expected], self._store)
         except DrafterError:
             if self.local[index]:  # another fetch of it (a background run) got it
                 return
             raise
-        self._store(index, data, digest)
         if priority == Priority.DEMAND and self.first_demand_at is None:
             self.first_demand_at = time.monotonic()
 
@@ -230,7 +210,7 @@ class Device:
             touched, self.recording = self.recording or {}, None
         return list(touched)
 
-    def _store(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
+    def _store(self, index: int, data: ChunkData, digest: bytes) -> None:
         """A verified chunk arrived: keep it unless the chunk became local meanwhile."""
         if len(data) != self.chunk_length(index):
             raise DrafterError(f"device {self.name}: chunk {index} arrived with a wrong size")
@@ -252,16 +232,17 @@ class Device:
                 stretches[-1].append(index)
             else:
                 stretches.append([index])
-        if not stretches:
-            return
-        if self.run_fetcher is None:
-            waits = [self.ensure_chunk(i, Priority.BACKGROUND) for s in stretches for i in s]
-            await asyncio.gather(*waits)
+        if not stretches or self.source is None:
             return
         fetches = []
         for stretch in stretches:
             expected = [self.hashes[i] if self.binding else None for i in stretch]
-            fetches.append(self.run_fetcher(stretch[0], len(stretch), expected, self._store))
+            fetches.append(
+                self.source.fetch_run(
+                    self.name, stretch[0], len(stretch), Priority.BACKGROUND, expected,
+                    self._store,
+                )
+            )  # fmt: skip
         await asyncio.gather(*fetches)
 
     async def ensure(
@@ -269,12 +250,10 @@ class Device:
     ) -> None:
         """Fetch the chunks under ``[offset, offset+size)``; with ``partial_only`` just the
         ones the range does not cover whole (what a write needs)."""
-        if self.fetcher is None or size <= 0:
+        if self.source is None or size <= 0:
             return
-        first = offset // self.chunk_size
-        last = (min(offset + size, self.size) - 1) // self.chunk_size
         waits = []
-        for index in range(first, last + 1):
+        for index in chunk_span(offset, min(offset + size, self.size) - offset, self.chunk_size):
             if self.local[index]:
                 continue
             start = index * self.chunk_size
@@ -302,9 +281,8 @@ class Device:
         size = max(0, min(size, self.size - offset))
         out = bytearray()
         with self._lock:
-            if self.recording is not None and size:
-                last = (offset + size - 1) // self.chunk_size
-                self.recording.update(dict.fromkeys(range(offset // self.chunk_size, last + 1)))
+            if self.recording is not None:
+                self.recording.update(dict.fromkeys(chunk_span(offset, size, self.chunk_size)))
             pos = offset
             end = offset + size
             while pos < end:
@@ -317,7 +295,7 @@ class Device:
                 run_end = min(end, stop * self.chunk_size)
                 if kind:
                     out += os.pread(self._overlay_fd, run_end - pos, pos)
-                elif self.fetcher is not None:
+                elif self.source is not None:
                     raise MissingChunkError(self.name, index)  # never hand out guesses
                 else:
                     out += self._read_base(pos, run_end - pos)
@@ -330,7 +308,7 @@ class Device:
             start = index * self.chunk_size
             length = self.chunk_length(index)
             if not self.local[index]:
-                if self.fetcher is not None:
+                if self.source is not None:
                     raise MissingChunkError(self.name, index)
                 data = self._read_base(start, length)
             else:
@@ -342,15 +320,14 @@ class Device:
             raise PermissionError(f"device {self.name} is read-only")
         if offset + len(data) > self.size:
             raise ValueError("write beyond the end of the device")
+        span = chunk_span(offset, len(data), self.chunk_size)
         with self._lock:
-            first = offset // self.chunk_size
-            last = (offset + len(data) - 1) // self.chunk_size if data else first - 1
-            for index in range(first, last + 1):
+            for index in span:
                 if not self.local[index]:
                     start = index * self.chunk_size
-                    length = min(self.chunk_size, self.size - start)
+                    length = self.chunk_length(index)
                     covered = offset <= start and offset + len(data) >= start + length
-                    if not covered and self.fetcher is not None:
+                    if not covered and self.source is not None:
                         raise MissingChunkError(self.name, index)
                     if not covered and self.base is not None:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
@@ -359,7 +336,7 @@ class Device:
                 self.hashes[index] = None
             if data:
                 page, chunk = self.page, self.chunk_size
-                for index in range(first, last + 1):
+                for index in span:
                     lo = max(offset, index * chunk) - index * chunk
                     hi = min(offset + len(data), (index + 1) * chunk) - index * chunk
                     mask = ((1 << ((hi - 1) // page + 1)) - 1) ^ ((1 << (lo // page)) - 1)
@@ -370,7 +347,7 @@ class Device:
     def invalidate(self, indices: list[int]) -> None:
         """Forget local copies of these chunks: they changed at the remote (migration).
         Only while nothing uses them (no fetch in flight, the VM not started)."""
-        if self.fetcher is None:
+        if self.source is None:
             raise DrafterError(f"device {self.name} has no remote to fetch chunks again from")
         with self._lock:
             for index in indices:

@@ -26,7 +26,8 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from drafter import loops
-from drafter.device import Device, Priority
+from drafter.chunks import Priority
+from drafter.device import Device
 from drafter.errors import DrafterError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -24,3 +24,19 @@ async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) 
     if loop is asyncio.get_running_loop():
         return await coro
     return await asyncio.wrap_future(submit(loop, coro))
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Run the plain callable ``callback`` on ``loop`` soon (from any thread): an event
+    one loop tells the other, with nothing to wait for."""
+    if loop is _running():
+        loop.call_soon(callback)
+    else:
+        loop.call_soon_threadsafe(callback)
+
+
+def _running() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -18,25 +18,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from drafter.device import Priority
+from drafter.chunks import Priority
 from drafter.errors import DrafterError
-from drafter.migration import Phase
 from drafter.transport import protocol as wire
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from drafter.migration import MigrationSource
-    from drafter.peer import MigrationSummary
-    from drafter.transport.client import RemoteSource
-    from drafter.transport.server import ChunkServer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +48,49 @@ DESTINATION = "destination"
 COMPLETED = "completed"
 ROLLED_BACK = "rolled_back"
 FAILED = "failed"
+
+
+# The source's phases by their names (drafter.migration.Phase values): metrics reads
+# plain values and imports nothing above the wire.
+_SOURCE_PHASES = {
+    "pre-copy": "pre-copy",
+    "switching over": "switch-over",
+    "suspended": "hand-over",
+    "handed over": "post-copy",
+}
+
+
+class ServerCounts(Protocol):
+    """What a chunk server counts anyway (``ChunkServer.stats``)."""
+
+    accepted: int
+    refused: int
+    auth_failures: int
+    connections: int
+    requests: dict[int, int]
+
+
+class ClientCounts(Protocol):
+    """What a client counts anyway (``RemoteSource.stats``)."""
+
+    reconnects: int
+    verify_failures: int
+
+
+class Hooked(Protocol):
+    """Something that calls the metrics' hooks when it has a ``metrics``."""
+
+    metrics: Metrics | None
+
+
+class Served(Hooked, Protocol):
+    @property
+    def stats(self) -> ServerCounts: ...
+
+
+class Pulled(Hooked, Protocol):
+    @property
+    def stats(self) -> ClientCounts: ...
 
 
 class Metrics:
@@ -97,18 +134,20 @@ class Metrics:
 
     # -- wiring ----------------------------------------------------------------------
 
-    def attach_server(self, server: ChunkServer) -> None:
-        """Count what ``server`` sends; report its connection counters."""
+    def attach_server(self, server: Served) -> None:
+        """Count what ``server`` (a ChunkServer) sends; report its connection counters."""
         server.metrics = self
-        self._stats.servers.append(server)
+        self._stats.servers.append(server.stats)
 
-    def attach_remote(self, remote: RemoteSource) -> None:
-        """Count what ``remote`` receives and how long it waits; report its reconnects."""
+    def attach_remote(self, remote: Pulled) -> None:
+        """Count what ``remote`` (a RemoteSource) receives and how long it waits; report
+        its reconnects."""
         remote.metrics = self
-        self._stats.remotes.append(remote)
+        self._stats.remotes.append(remote.stats)
 
-    def attach_source(self, source: MigrationSource) -> None:
-        """Time the phases of migrations away from this process and count outcomes."""
+    def attach_source(self, source: Hooked) -> None:
+        """Time the phases of migrations away from this process (a MigrationSource) and
+        count outcomes."""
         source.metrics = self
 
     # -- hooks -----------------------------------------------------------------------
@@ -128,35 +167,38 @@ class Metrics:
             latency = self._latency[priority] = self.fetch_seconds.labels(_priority(priority))
         latency.observe(seconds)
 
-    def source_phase(self, old: Phase, new: Phase) -> None:
-        """The migration source moved from ``old`` to ``new`` (on the device loop)."""
+    def source_phase(self, old: str, new: str) -> None:
+        """The migration source moved from phase ``old`` to ``new`` (their names, the
+        values of drafter.migration.Phase; on the device loop)."""
         now = time.monotonic()
         started, self._phase_started = self._phase_started, now
-        if old is new:
+        if old == new:
             return
-        names = {
-            Phase.PRECOPY: "pre-copy",
-            Phase.SWITCHING: "switch-over",
-            Phase.SUSPENDED: "hand-over",
-            Phase.HANDED_OVER: "post-copy",
-        }
-        if started is not None and old in names:
-            self.phase_seconds.labels(SOURCE, names[old]).observe(now - started)
-        if new is Phase.DONE:
+        if started is not None and old in _SOURCE_PHASES:
+            self.phase_seconds.labels(SOURCE, _SOURCE_PHASES[old]).observe(now - started)
+        if new == "done":
             self.migration_ended(SOURCE, COMPLETED)
-        elif new is Phase.IDLE and old is not Phase.DONE:
+        elif new == "idle" and old != "done":
             # The destination left (or switch-over failed) before it took the VM, or
             # never came back after switch-over and the VM resumed here.
             self.migration_ended(SOURCE, ROLLED_BACK)
 
-    def migrated_in(self, summary: MigrationSummary, done: asyncio.Future[bool]) -> None:
-        """A migration to this process resumed the VM here; ``done`` ends when the
-        source was told it is done (True), or could not be (False, or an error)."""
+    def migrated_in(
+        self,
+        downtime_s: float,
+        precopy_s: float,
+        switch_s: float,
+        rounds: int,
+        done: asyncio.Future[bool],
+    ) -> None:
+        """A migration to this process resumed the VM here, after ``rounds`` pre-copy
+        rounds; ``done`` ends when the source was told it is done (True), or could not
+        be (False, or an error)."""
         resumed = time.monotonic()
-        self.downtime_seconds.observe(summary.downtime_s)
-        self.phase_seconds.labels(DESTINATION, "pre-copy").observe(summary.precopy_s)
-        self.phase_seconds.labels(DESTINATION, "switch-over").observe(summary.switch_s)
-        self.precopy_rounds.inc(summary.rounds)
+        self.downtime_seconds.observe(downtime_s)
+        self.phase_seconds.labels(DESTINATION, "pre-copy").observe(precopy_s)
+        self.phase_seconds.labels(DESTINATION, "switch-over").observe(switch_s)
+        self.precopy_rounds.inc(rounds)
 
         def finished(future: asyncio.Future[bool]) -> None:
             if future.cancelled():
@@ -266,8 +308,8 @@ class _StatsCollector(Collector):
     """Counters the server and client keep anyway, read when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self.servers: list[ChunkServer] = []
-        self.remotes: list[RemoteSource] = []
+        self.servers: list[ServerCounts] = []
+        self.remotes: list[ClientCounts] = []
 
     def collect(self) -> Iterator[Metric]:
         servers = list(self.servers)
@@ -292,13 +334,13 @@ class _StatsCollector(Collector):
         )
         by_priority: dict[str, int] = {}
         for server in servers:
-            for priority, count in list(server.stats.requests.items()):
+            for priority, count in list(server.requests.items()):
                 name = _priority(priority)
                 by_priority[name] = by_priority.get(name, 0) + count
-        open_now.add_metric([], sum(s.stats.connections for s in servers))
-        accepted.add_metric([], sum(s.stats.accepted for s in servers))
-        refused.add_metric([], sum(s.stats.refused for s in servers))
-        auth.add_metric([], sum(s.stats.auth_failures for s in servers))
+        open_now.add_metric([], sum(s.connections for s in servers))
+        accepted.add_metric([], sum(s.accepted for s in servers))
+        refused.add_metric([], sum(s.refused for s in servers))
+        auth.add_metric([], sum(s.auth_failures for s in servers))
         for name, count in sorted(by_priority.items()):
             requests.add_metric([name], count)
         reconnects = CounterMetricFamily(
@@ -309,5 +351,5 @@ class _StatsCollector(Collector):
             "drafter_client_verify_failures",
             "Chunks refused because they did not match their hash (the peer stops)",
         )
-        refused_chunks.add_metric([], sum(r.stats.verify_failures for r in remotes))
+        refused_chunks.add_metric([], sum(r.verify_failures for r in remotes))
         yield from (open_now, accepted, refused, auth, requests, reconnects, refused_chunks)

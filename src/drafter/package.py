@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from drafter.chunks import RESOURCES, chunk_length
 from drafter.device import FileRange, copy_sparse
 from drafter.errors import DrafterError
 from drafter.vmm.base import MachineConfig, brief, check_shape
 
 FORMAT_VERSION = 1
 ALIGN = 4096
-RESOURCES = ("config", "state", "memory", "kernel", "initramfs", "disk")
 HOT_MEMBER = "drafter.drfthot"  # optional: byte ranges a resumed VM touches first
 MAX_HOT_SIZE = 1 << 20
 MAX_CONFIG_SIZE = 1 << 20  # ours are a few hundred bytes; checked before reading it
@@ -336,7 +336,7 @@ def hot_ranges(chunks: dict[str, list[int]], chunk_size: int, sizes: dict[str, i
         ranges: list[tuple[int, int]] = []
         for index in dict.fromkeys(indices):
             start = index * chunk_size
-            length = min(chunk_size, sizes[resource] - start)
+            length = chunk_length(sizes[resource], chunk_size, index)
             if length <= 0:
                 continue
             if ranges and ranges[-1][0] + ranges[-1][1] == start:

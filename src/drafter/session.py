@@ -24,13 +24,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from drafter import snapshot
+from drafter.chunks import TRACKED
 from drafter.device import Device
 from drafter.devicefs import DeviceHost
 from drafter.errors import DrafterError
 from drafter.package import HotRanges, PackageConfig, Source, hot_ranges, write_package
 from drafter.vmm.qemu import QemuMachine
-
-RECORDED = ("memory", "disk")  # the devices whose first reads after a resume are recorded
 
 
 class VMSession:
@@ -70,16 +69,16 @@ class VMSession:
 
     def start_recording(self) -> None:
         """Record the chunks the VM reads from now on, in first-read order."""
-        for name in RECORDED:
+        for name in TRACKED:
             self.devices[name].recording = {}
 
     def recorded(self) -> dict[str, list[int]]:
         """The chunks recorded so far (recording goes on)."""
-        return {name: self.devices[name].recorded() for name in RECORDED}
+        return {name: self.devices[name].recorded() for name in TRACKED}
 
     def stop_recording(self) -> dict[str, list[int]]:
         """Stop recording; the chunks recorded, per device."""
-        return {name: self.devices[name].stop_recording() for name in RECORDED}
+        return {name: self.devices[name].stop_recording() for name in TRACKED}
 
     def hot_ranges(self, chunks: dict[str, list[int]]) -> HotRanges:
         """A hot set (device -> chunks) as a package stores it."""
@@ -134,3 +133,64 @@ class VMSession:
         for device in self.devices.values():
             device.close()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+class HotSet:
+    """What a resumed VM reads in its first ``window`` seconds, in first-read order, per
+    tracked device: what the next host fetches first, or the next package stores.
+
+    ``first`` gives chunks to put ahead of the recording (those a migration stored
+    into the page cache before the VM ran here: the VM touched them without a FUSE
+    read, so a recording does not see them); ``limit`` caps each device's bytes.
+    Runs on the main loop.
+    """
+
+    def __init__(
+        self,
+        session: VMSession,
+        window: float,
+        first: Callable[[], dict[str, dict[int, None]]] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.session = session
+        self.window = window
+        self.first = first
+        self.limit = limit
+        self.chunks: dict[str, list[int]] | None = None  # once the window ended
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Record from now on; the recording ends after the window."""
+        self.session.start_recording()
+        self._timer = asyncio.get_running_loop().call_later(self.window, self.stop)
+
+    def stop(self) -> None:
+        """End the recording now (nothing once ended, or once cancelled)."""
+        if self.chunks is None and self._timer is not None:
+            self._timer.cancel()
+            self.chunks = self._shape(self.session.stop_recording())
+
+    def now(self) -> dict[str, list[int]]:
+        """The hot set as far as it is known now (recorded whole, or so far)."""
+        if self.chunks is not None:
+            return self.chunks
+        if self._timer is None:
+            return {}
+        return self._shape(self.session.recorded())
+
+    def cancel(self) -> None:
+        """The VM is going away: the timer does nothing any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _shape(self, recorded: dict[str, list[int]]) -> dict[str, list[int]]:
+        first = self.first() if self.first is not None else {}
+        out = {}
+        for name in TRACKED:
+            chunks = dict.fromkeys(first.get(name, {}))
+            chunks.update(dict.fromkeys(recorded.get(name, [])))
+            hot = list(chunks)
+            if self.limit is not None:
+                hot = hot[: max(1, self.limit // self.session.devices[name].chunk_size)]
+            out[name] = hot
+        return out

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from drafter import snapshot
 from drafter.blueprint.builder import Blueprint
+from drafter.chunks import DEVICES, TRACKED
 from drafter.device import Device
 from drafter.devicefs import unmount_stale_under
 from drafter.errors import DrafterError
@@ -33,7 +34,7 @@ from drafter.package import (
     open_package,
     write_package,
 )
-from drafter.session import VMSession
+from drafter.session import HotSet, VMSession
 from drafter.vmm.base import DEFAULT_BOOT_ARGS, DEFAULT_MAC, MachineConfig, check_host
 from drafter.vmm.qemu import QemuMachine
 
@@ -162,7 +163,7 @@ class LocalVM:
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
     session: VMSession | None = None
-    _hot: dict[str, list[int]] | None = None
+    _hot: HotSet | None = None
 
     @property
     def machine(self) -> QemuMachine | None:
@@ -185,32 +186,29 @@ class LocalVM:
         session = self.session = VMSession(_workdir(self.package_path))
         try:
             pkg.copy_to_file("state", session.state)
-            for r in ("memory", "disk", "kernel", "initramfs"):
+            for r in DEVICES:
                 session.devices[r] = Device(r, pkg.members[r].size, pkg.range(r),
                                             session.work / f"{r}.overlay",
-                                            writable=r in ("memory", "disk"))  # fmt: skip
+                                            writable=r in TRACKED)  # fmt: skip
             session.mount(pkg.config, self.netns, self.accel)
             if self.hot_window > 0:
-                session.start_recording()
+                self._hot = HotSet(session, self.hot_window)
+                self._hot.start()
             await session.resume(self.timings)
-            if self.hot_window > 0:
-                asyncio.get_running_loop().call_later(self.hot_window, self._stop_recording)
         except BaseException:
             await self.close()
             raise
         log.info("resumed %s in %.2fs", self.package_path, time.monotonic() - start)
 
-    def _stop_recording(self) -> None:
-        if self.session is None or self._hot is not None:
-            return
-        self._hot = {name: c for name, c in self.session.stop_recording().items() if c}
-
     def hot(self) -> HotRanges:
         """What the next flush stores as the hot set (the package's, if none recorded)."""
-        self._stop_recording()
-        if not self._hot or self.session is None:
+        recorded: dict[str, list[int]] = {}
+        if self._hot is not None:
+            self._hot.stop()
+            recorded = {name: c for name, c in self._hot.now().items() if c}
+        if not recorded or self.session is None:
             return self.package.hot if self.package is not None else {}
-        return self.session.hot_ranges(self._hot)
+        return self.session.hot_ranges(recorded)
 
     async def suspend_and_flush(self) -> float:
         """BeforeSuspend, snapshot, and (with persist) replace the package atomically."""
@@ -229,6 +227,8 @@ class LocalVM:
 
     async def close(self) -> None:
         """Stop the VM (without saving), unmount, and remove the work files."""
+        if self._hot is not None:
+            self._hot.cancel()
         if self.session is not None:
             await self.session.stop()
             self.session.close()

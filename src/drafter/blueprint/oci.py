@@ -226,6 +226,14 @@ class ImportedImage:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+class ToolError(DrafterError):
+    """skopeo or umoci failed; ``stderr`` is what it said (to tell its failures apart)."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
 def _tool(cmd: list[str], what: str) -> str:
     log.debug("running %s", " ".join(cmd))
     try:
@@ -233,7 +241,7 @@ def _tool(cmd: list[str], what: str) -> str:
     except FileNotFoundError:
         raise DrafterError(f"cannot {what}: {cmd[0]} is not installed") from None
     if p.returncode != 0:
-        raise DrafterError(f"cannot {what}: {_last_message(p.stderr)}")
+        raise ToolError(f"cannot {what}: {_last_message(p.stderr)}", p.stderr)
     return p.stdout
 
 
@@ -262,8 +270,8 @@ def import_image(ref: ImageRef, layout: Path) -> ImportedImage:
              ref.skopeo(), f"oci:{layout}:{WORK_TAG}"],
             f"read OCI image {ref.text}",
         )  # fmt: skip
-    except DrafterError as e:
-        if "no image found in" not in str(e):  # skopeo's words for a missing platform
+    except ToolError as e:
+        if "no image found in" not in e.stderr:  # skopeo's words for a missing platform
             raise
         raise DrafterError(
             f"OCI image {ref.text} has no linux/{ARCH} variant; the VM runs linux/{ARCH}"
@@ -329,8 +337,9 @@ def _escapes(name: str) -> bool:
     return norm == ".." or norm.startswith("../")
 
 
-def _entries(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """The members of a layer; like umoci, accept a layer that ends without padding.
+def _entries(tar: tarfile.TarFile, stream: IO[bytes]) -> Iterator[tarfile.TarInfo]:
+    """The members of a layer (read from ``stream``); like umoci, accept a layer that
+    ends without padding.
 
     (umoci 0.4's own ``insert`` writes such layers: the last member's data is not
     padded to a whole block and the end-of-archive blocks are missing.)
@@ -338,8 +347,8 @@ def _entries(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     while True:
         try:
             entry = tar.next()
-        except tarfile.ReadError as e:
-            if "unexpected end of data" in str(e):
+        except tarfile.ReadError:
+            if not stream.read(1):  # the layer just ended: no padding, no end blocks
                 return
             raise
         if entry is None:
@@ -361,7 +370,7 @@ def check_layers(image: ImportedImage) -> None:
                 _layer_stream(_blob(image.layout, digest), desc.get("mediaType", "")) as stream,
                 tarfile.open(fileobj=stream, mode="r|") as tar,
             ):
-                for entry in _entries(tar):
+                for entry in _entries(tar, stream):
                     base = posixpath.basename(entry.name.rstrip("/"))
                     if _escapes(entry.name):
                         raise DrafterError(f"{where} has a path outside the root: {entry.name}")

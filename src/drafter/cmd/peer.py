@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from drafter import cli, console, metrics
+from drafter.chunks import FETCHED
 from drafter.errors import DrafterError
 from drafter.network import follow
 from drafter.peer import Peer, PeerOptions, PullProgress
@@ -23,7 +24,7 @@ PROG = "drafter-peer"
 DEFAULT_LADDR = ":1338"
 DEFAULT_PEER = "localhost:1338"  # where a peer on this host serves its VM by default
 DEFAULT_REGISTRY = "localhost:1337"
-RESOURCES = ("state", "memory", "initramfs", "kernel", "disk")
+RESOURCES = FETCHED  # each may come from a server of its own (--RESOURCE-raddr)
 
 
 async def _listening(addr: str) -> bool:
@@ -63,10 +64,10 @@ def progress_reporter(peer: Peer) -> tuple[object, contextlib.AbstractContextMan
         if not p.total:
             return
         pct = p.done * 100 // p.total
-        for m in sorted(marks):
-            if pct >= m:
-                marks.discard(m)
-                log.info("pulled %d%% (%d of %d MiB)", m, p.done >> 20, p.total >> 20)
+        crossed = {m for m in marks if pct >= m}
+        if crossed:  # one line, with the true figures, however many marks were passed
+            marks.difference_update(crossed)
+            log.info("pulled %d%% (%d of %d MiB)", pct, p.done >> 20, p.total >> 20)
 
     peer.on_progress = log_line
     return None, contextlib.nullcontext()

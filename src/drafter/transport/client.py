@@ -16,69 +16,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zstandard
 
+from drafter.chunks import ChunkData, Deliver, chunk_length
 from drafter.errors import DrafterError
 from drafter.transport import protocol as wire
 from drafter.transport import security
-from drafter.transport.channel import Channel, FrameProtocol
-from drafter.transport.hashes import digest
-from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, Priority, ProtocolError
+from drafter.transport.channel import Channel
+from drafter.transport.handshake import Dial, Greeting, Transient
+from drafter.transport.inflight import ClientStats, Pending, VerificationError, Window
+from drafter.transport.protocol import (
+    ChunkHead,
+    ErrorCode,
+    MsgType,
+    Priority,
+    ProtocolError,
+    RemoteError,
+    code_is_transient,
+)
 
 if TYPE_CHECKING:
     from drafter.metrics import Metrics
 
-__all__ = ["ChunkData", "Priority", "RemoteSource", "VerificationError"]
-
-# A chunk's bytes as received: a view into the frame it came in (no copy).
-ChunkData = bytes | bytearray | memoryview
+__all__ = ["ChunkData", "Priority", "RemoteError", "RemoteSource", "VerificationError"]
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.05
 _BACKOFF_MAX = 2.0
-INITIAL_WINDOW = 16 << 20  # requests wait at the server, where demand overtakes them
-MAX_WINDOW = 128 << 20
-_MAX_BACKGROUND_REQUESTS = wire.MAX_OUTSTANDING - 64  # room for demand requests
-# Requests of every priority together stay under the server's limit; prefetches and
-# background requests leave room for demand ones.
-_MAX_REQUESTS = wire.MAX_OUTSTANDING - 16
-_MAX_QUEUED_REQUESTS = wire.MAX_OUTSTANDING - 128
-COMPRESS_RTT = 0.002  # "auto" asks for compressed chunks from this round-trip time on
 PING_INTERVAL = 30.0
 
 
-class VerificationError(DrafterError):
-    """A chunk's bytes did not match its hash: never handed to the VM."""
-
-
-class _Transient(Exception):
-    """A connection problem that reconnecting may cure."""
-
-
-# Receives one verified chunk of a run: (index, bytes, hash).
-Deliver = Callable[[int, ChunkData, bytes], None]
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A request for ``count`` consecutive chunks from ``index``, answered in order."""
-
-    resource: int
-    index: int  # the next chunk to arrive
-    count: int  # chunks still to arrive
-    priority: int
-    expected: deque[bytes | None]  # the hash each chunk still to arrive must have
-    deliver: Deliver
-    future: asyncio.Future[None]
-    windowed: int = 0  # bytes of it still counted in the window
-    sent: float = 0.0  # loop time it was first sent (fetch latency counts reconnects too)
+def _again(error: DrafterError) -> DrafterError:
+    """A fresh exception like ``error`` (its class and wire code kept), to raise in one
+    more place without chaining the tracebacks of the others."""
+    if isinstance(error, RemoteError):
+        return RemoteError(error.code, str(error))
+    if isinstance(error, VerificationError):
+        return VerificationError(str(error))
+    return DrafterError(str(error))
 
 
 @dataclass(eq=False)
@@ -88,25 +69,6 @@ class _Conn:
     last_sent: float = 0.0
     dead: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-@dataclass
-class _Greeting:
-    """What a server says after the hellos: resources, hashes, hot chunks."""
-
-    welcome: wire.Welcome
-    hashes: dict[str, list[bytes]]
-    hot: dict[str, list[int]]
-    rtt: float
-
-
-@dataclass
-class ClientStats:
-    chunks: int = 0  # chunks fetched with data
-    zero_chunks: int = 0  # chunks that arrived as the zero marker
-    bytes: int = 0  # logical bytes of fetched chunks
-    wire_bytes: int = 0  # payload bytes as they came over the wire (compressed)
-    verify_failures: int = 0
 
 
 class RemoteSource:
@@ -151,20 +113,13 @@ class RemoteSource:
         self.compressed = False  # whether this connection asked for compressed chunks
         self.stats = ClientStats()
         self.metrics: Metrics | None = None  # drafter.metrics: counts each chunk received
-        self.reconnects = 0
         # Called after every reconnect (for example to tell a migration source that its
         # destination is back); runs on the client's loop.
         self.on_reconnect: Callable[[], None] | None = None
-        self.window = INITIAL_WINDOW
-        self._in_flight = 0  # bytes of background requests sent and not answered
-        self._in_flight_requests = 0
-        self._requests = 0  # requests of every priority sent (or about to be) and unanswered
-        self._demand_waiters: deque[asyncio.Future[None]] = deque()
-        self._other_waiters: deque[asyncio.Future[None]] = deque()
-        self._window_waiters: deque[asyncio.Future[None]] = deque()
+        self._window = Window()
         self._names: list[str] = []
         self._index: dict[str, int] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._calls: dict[int, asyncio.Future[bytes]] = {}
         self._parts: dict[int, list[bytes]] = {}  # a call's answer so far (PART frames)
         self._limits: dict[int, int] = {}  # the most a call's answer may hold
@@ -183,6 +138,16 @@ class RemoteSource:
         return self._failed is not None or self._closed
 
     @property
+    def window(self) -> int:
+        """Bytes of background requests that may be in flight now."""
+        return self._window.size
+
+    @property
+    def reconnects(self) -> int:
+        """Times a lost connection was re-established."""
+        return self.stats.reconnects
+
+    @property
     def zero_chunks(self) -> int:
         """Chunks that arrived as the all-zero marker (no payload)."""
         return self.stats.zero_chunks
@@ -199,7 +164,7 @@ class RemoteSource:
             return
         try:
             conn, greeting = await self._open()
-        except _Transient as e:
+        except Transient as e:
             raise DrafterError(f"cannot connect to {self.raddr}: {e}") from None
         welcome = greeting.welcome
         self.chunk_size = welcome.chunk_size
@@ -259,7 +224,7 @@ class RemoteSource:
         start: int,
         count: int,
         priority: Priority | int,
-        expected: list[bytes | None],
+        expected: Sequence[bytes | None],
         deliver: Deliver,
     ) -> None:
         """Chunks ``start`` to ``start + count - 1`` with one request: each is verified
@@ -271,19 +236,19 @@ class RemoteSource:
         if len(expected) != count:
             raise ValueError("one expected hash per chunk")
         loop = asyncio.get_running_loop()
-        pending = _Pending(r, start, count, int(priority), deque(expected), deliver,
+        pending = Pending(r, start, count, int(priority), deque(expected), deliver,
                            loop.create_future())  # fmt: skip
         if priority == Priority.BACKGROUND:
             size = sum(self._chunk_length(r, i) for i in range(start, start + count))
-            await self._admit(pending, size)
+            await self._window.admit(pending, size)
         try:
-            await self._take_slot(priority == Priority.DEMAND)
+            await self._window.take_slot(priority == Priority.DEMAND)
         except BaseException:
-            self._release(pending, pending.windowed)
+            self._window.release(pending, pending.windowed)
             raise
         if self._failed is not None or self._closed:  # while it waited for room
-            self._release(pending, pending.windowed)
-            self._give_slot()
+            self._window.release(pending, pending.windowed)
+            self._window.give_slot()
             self._check(resource, start, count)  # raises
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
@@ -297,12 +262,12 @@ class RemoteSource:
             await pending.future
         finally:
             self._pending.pop(request_id, None)
-            self._release(pending, pending.windowed)
-            self._give_slot()
+            self._window.release(pending, pending.windowed)
+            self._window.give_slot()
 
     def _check(self, resource: str, start: int, count: int) -> tuple[int, int]:
         if self._failed is not None:
-            raise DrafterError(str(self._failed))
+            raise _again(self._failed)
         if self._closed or not self.chunk_size:
             raise DrafterError(f"the connection to {self.raddr} is not open")
         r = self._index.get(resource)
@@ -318,7 +283,7 @@ class RemoteSource:
         return r, total
 
     def _chunk_length(self, r: int, index: int) -> int:
-        return min(self.chunk_size, self.manifest[self._names[r]] - index * self.chunk_size)
+        return chunk_length(self.manifest[self._names[r]], self.chunk_size, index)
 
     async def call(
         self,
@@ -334,7 +299,7 @@ class RemoteSource:
         Not retried across reconnects: the call fails if the connection drops.
         """
         if self._failed is not None:
-            raise DrafterError(str(self._failed))
+            raise _again(self._failed)
         conn = self._conn
         if conn is None or conn.dead:
             raise DrafterError(f"not connected to {self.raddr}")
@@ -380,215 +345,15 @@ class RemoteSource:
 
     # --- the window ----------------------------------------------------------------
 
-    async def _admit(self, pending: _Pending, size: int) -> None:
-        """Wait until a background request fits in the window of bytes in flight."""
-        while self._in_flight and (
-            self._in_flight + size > self.window
-            or self._in_flight_requests >= _MAX_BACKGROUND_REQUESTS
-        ):
-            waiter = asyncio.get_running_loop().create_future()
-            self._window_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._wake_window()  # pass the turn on
-                raise
-        self._in_flight += size
-        self._in_flight_requests += 1
-        pending.windowed = size
-
-    async def _take_slot(self, demand: bool) -> None:
-        """Wait until one more request keeps every priority's total under the cap."""
-        cap, waiters = (
-            (_MAX_REQUESTS, self._demand_waiters)
-            if demand
-            else (_MAX_QUEUED_REQUESTS, self._other_waiters)
-        )
-        while self._requests >= cap:
-            waiter = asyncio.get_running_loop().create_future()
-            waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._give_slot(taken=False)  # pass the turn on
-                raise
-        self._requests += 1
-
-    def _give_slot(self, taken: bool = True) -> None:
-        if taken:
-            self._requests -= 1
-        for cap, waiters in (
-            (_MAX_REQUESTS, self._demand_waiters),
-            (_MAX_QUEUED_REQUESTS, self._other_waiters),
-        ):
-            while waiters and self._requests < cap:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
-
-    def _release(self, pending: _Pending, size: int) -> None:
-        """``size`` bytes of a background request arrived (or will not)."""
-        if not pending.windowed or not size:
-            return
-        pending.windowed -= size
-        self._in_flight -= size
-        if not pending.windowed:
-            self._in_flight_requests -= 1
-        # Refill in bursts (an eighth of the window at a time): the requests of a burst
-        # leave in one send instead of one each.
-        if self.window - self._in_flight >= self.window // 8 or not self._in_flight:
-            self._wake_window(all_of_them=True)
-
-    def _wake_window(self, all_of_them: bool = False) -> None:
-        while self._window_waiters:
-            waiter = self._window_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                if not all_of_them:
-                    return
-
     # --- connection --------------------------------------------------------------
 
-    async def _open(self) -> tuple[_Conn, _Greeting]:
-        """A new authenticated connection; _Transient or DrafterError (fatal)."""
-        loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    FrameProtocol,
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self._server_name if self._ssl else None,
-                ),
-                self.chunk_timeout,
-            )
-        except ssl.SSLCertVerificationError as e:
-            raise DrafterError(
-                f"{self.raddr}: TLS certificate check failed: {e.verify_message}"
-            ) from None
-        except ssl.SSLError as e:
-            raise _Transient(f"TLS handshake failed: {e.reason or e}") from None
-        except TimeoutError:
-            raise _Transient("timed out") from None
-        except OSError as e:
-            raise _Transient(e.strerror or str(e)) from None
-        assert isinstance(transport, asyncio.Transport)
-        channel = Channel(transport, protocol)
-        try:
-            return await asyncio.wait_for(self._handshake(channel), self.chunk_timeout)
-        except BaseException as e:
-            channel.abort()
-            if isinstance(e, TimeoutError):
-                raise _Transient("no answer to the hello") from None
-            if isinstance(e, asyncio.IncompleteReadError):
-                hint = "" if self._ssl else " (does it require TLS?)"
-                raise _Transient(
-                    f"the server closed the connection during the handshake{hint}"
-                ) from None
-            if isinstance(e, ProtocolError):
-                raise DrafterError(
-                    f"{self.raddr} does not speak this protocol: {e.message}"
-                ) from None
-            if isinstance(e, OSError):
-                raise _Transient(e.strerror or str(e)) from None
-            raise
-
-    async def _handshake(self, channel: Channel) -> tuple[_Conn, _Greeting]:
-        loop = asyncio.get_running_loop()
-        flags = wire.HELLO_ZSTD | wire.HELLO_PARTS | (wire.HELLO_TOKEN if self.token else 0)
-        client_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
-        sent = loop.time()
-        channel.write(MsgType.CLIENT_HELLO, client_hello)
-        kind, _, body = await channel.read()
-        rtt = loop.time() - sent
-        server_hello = bytes(body)
-        self._check_refusal(kind, server_hello)
-        if kind != MsgType.SERVER_HELLO:
-            raise ProtocolError(ErrorCode.PROTOCOL, f"expected a server hello, got type {kind}")
-        try:
-            hello = wire.Hello.decode(server_hello, "server")
-        except ProtocolError as e:
-            if e.code == ErrorCode.VERSION:
-                raise DrafterError(f"{self.raddr}: {e.message}") from None
-            raise
-        if self.token is not None and not hello.flags & wire.HELLO_TOKEN:
-            raise DrafterError(
-                f"{self.raddr} does not ask for a token, but one was given: "
-                "refusing to trust a server that cannot prove it knows the token"
-            )
-        if self.token is None and hello.flags & wire.HELLO_TOKEN:
-            raise DrafterError(f"{self.raddr} requires a token: {security.no_token_hint()}")
-        peername = channel.transport.get_extra_info("peername")
-        same_host = bool(peername) and wire.is_loopback(str(peername[0]))
-        # "auto": compress unless the server is on this host over a fast path (there the
-        # CPU, not the link, is the limit); a long round trip means a slow path even
-        # when it goes through this host (a tunnel, or the benchmark's link emulator).
-        want_zstd = self.compress == "zstd" or (
-            self.compress == "auto" and (not same_host or rtt >= COMPRESS_RTT)
-        )
-        choice_flags = wire.HELLO_ZSTD if want_zstd and hello.flags & wire.HELLO_ZSTD else 0
-        choice = choice_flags.to_bytes(2, "big")
-        proof = bytes(wire.PROOF_SIZE)
-        if self.token is not None:
-            proof = security.client_proof(self.token, client_hello, server_hello + choice)
-        channel.write(MsgType.AUTH, proof + choice)
-        send = recv = None
-        if self.token is not None and self._ssl is None:
-            send, recv = security.seals(self.token, client_hello, server_hello)
-        channel.seal(send, recv)
-        # A server that refuses our proof answers with an ERROR frame it cannot seal.
-        channel.protocol.untagged_error = recv is not None
-        try:
-            kind, _, body = await channel.read()
-        except ProtocolError:
-            # A WELCOME sealed with another key: the server does not know our token.
-            raise DrafterError(f"{self.raddr} refused the connection (wrong token?)") from None
-        self._check_refusal(kind, body)  # a server with another token says so here
-        if kind != MsgType.WELCOME:
-            raise ProtocolError(ErrorCode.PROTOCOL, f"expected a welcome, got type {kind}")
-        welcome = wire.Welcome.decode(bytes(body))
-        if self.token is not None:
-            expected = security.server_proof(self.token, client_hello, server_hello + choice)
-            if not security.proof_matches(welcome.proof, expected):
-                raise DrafterError(f"{self.raddr} failed to prove it knows the token")
-        names = list(welcome.manifest)
-        counts = [wire.chunk_count(s, welcome.chunk_size) for s in welcome.manifest.values()]
-        hashes: dict[str, list[bytes]] = {}
-        for r, name in enumerate(names):
-            got: list[bytes] = []
-            while len(got) < counts[r] or (counts[r] == 0 and name not in hashes):
-                kind, _, body = await channel.read()
-                self._check_refusal(kind, body)
-                if kind != MsgType.HASHES:
-                    raise ProtocolError(ErrorCode.PROTOCOL, f"expected hashes, got type {kind}")
-                part = wire.Hashes.decode(bytes(body))
-                n = len(part.hashes) // wire.HASH_SIZE
-                if part.resource != r or part.start != len(got) or len(got) + n > counts[r]:
-                    raise ProtocolError(ErrorCode.PROTOCOL, "hash list out of order")
-                got.extend(part.hashes[i : i + wire.HASH_SIZE] for i in range(0, n * 32, 32))
-                hashes[name] = got
-            hashes[name] = got
-        kind, _, body = await channel.read()
-        self._check_refusal(kind, body)
-        if kind != MsgType.HOT:
-            raise ProtocolError(ErrorCode.PROTOCOL, f"expected the hot list, got type {kind}")
-        hot = {names[r]: indices for r, indices in wire.decode_hot(bytes(body), counts).items()}
-        self.compressed = bool(choice_flags)
-        greeting = _Greeting(welcome, hashes, hot, rtt)
+    async def _open(self) -> tuple[_Conn, Greeting]:
+        """A new authenticated connection; Transient or DrafterError (fatal)."""
+        dial = Dial(self.raddr, self.host, self.port, self.token, self._ssl, self._server_name,
+                    self.compress, self.chunk_timeout)  # fmt: skip
+        channel, greeting = await dial.open()
+        self.compressed = greeting.compressed
         return _Conn(channel), greeting
-
-    def _check_refusal(self, kind: int, body: wire.Buffer) -> None:
-        if kind != MsgType.ERROR:
-            return
-        code, message = wire.decode_error(body)
-        if code in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT):
-            raise _Transient(f"the server said: {message}")
-        hint = ""
-        if code == ErrorCode.AUTH:
-            hint = " (set DRAFTER_TOKEN or give the right --token-file)"
-        raise DrafterError(f"{self.raddr} refused the connection: {message}{hint}")
 
     def _start(self, conn: _Conn) -> None:
         """Adopt a fresh connection: start its tasks, send what is still unanswered."""
@@ -604,7 +369,7 @@ class RemoteSource:
             if not pending.future.done():
                 self._send(conn, request_id, pending)
 
-    def _send(self, conn: _Conn, request_id: int, pending: _Pending) -> None:
+    def _send(self, conn: _Conn, request_id: int, pending: Pending) -> None:
         if conn.dead or conn.channel.is_closing():
             return  # the receiver notices the loss; the request is sent again after it
         request = wire.Request(pending.priority, pending.resource, pending.index, pending.count)
@@ -612,51 +377,11 @@ class RemoteSource:
         conn.last_sent = asyncio.get_running_loop().time()
         pending.sent = pending.sent or conn.last_sent
 
-    def _chunk_data(self, head: ChunkHead, payload: memoryview, p: _Pending) -> ChunkData:
+    def _chunk_data(self, head: ChunkHead, payload: memoryview, p: Pending) -> ChunkData:
         """The bytes of the next chunk of ``p`` from a CHUNK frame, verified."""
-        name = self._names[p.resource]
         size = self._chunk_length(p.resource, p.index)
-        if (head.resource, head.index, head.length) != (p.resource, p.index, size):
-            raise ProtocolError(
-                ErrorCode.PROTOCOL, f"answer for another chunk than {name} {p.index}"
-            )
-        if head.flags & wire.CHUNK_ZERO:
-            if payload or head.hash != wire.ZERO_HASH:
-                raise ProtocolError(ErrorCode.PROTOCOL, "malformed zero marker")
-            data: ChunkData = bytes(size)
-            self.stats.zero_chunks += 1
-        else:
-            if head.flags & wire.CHUNK_ZSTD:
-                try:
-                    if zstandard.frame_content_size(payload) != size:
-                        raise ProtocolError(ErrorCode.PROTOCOL, "compressed chunk of wrong size")
-                    data = self._dctx.decompress(payload)
-                except zstandard.ZstdError:
-                    raise ProtocolError(ErrorCode.PROTOCOL, "malformed compressed chunk") from None
-            else:
-                data = payload
-            if len(data) != size:
-                raise ProtocolError(
-                    ErrorCode.PROTOCOL,
-                    f"chunk {p.index} of {name} has {len(data)} bytes, not {size}",
-                )
-            if digest(data) != head.hash:
-                self.stats.verify_failures += 1
-                raise VerificationError(
-                    f"chunk {p.index} of {name} from {self.raddr} failed verification "
-                    "(its bytes do not match their hash): refused it"
-                )
-            self.stats.chunks += 1
-            self.stats.bytes += size
-            self.stats.wire_bytes += len(payload)
-        expected = p.expected[0]
-        if expected is not None and head.hash != expected:
-            self.stats.verify_failures += 1
-            raise VerificationError(
-                f"chunk {p.index} of {name} from {self.raddr} does not match the hash "
-                "the manifest gave for it: refused it"
-            )
-        return data
+        name = self._names[p.resource]
+        return p.verify(head, payload, size, f"{name} from {self.raddr}", self._dctx, self.stats)
 
     async def _receive(self, conn: _Conn) -> None:
         """Read answers and hand them to the waiting fetches."""
@@ -683,9 +408,8 @@ class RemoteSource:
                         self.metrics.chunk_pulled(self._names[p.resource], p.priority, size,
                                                   received, latency)  # fmt: skip
                     if p.windowed:
-                        self._release(p, size)
-                        if self.window < MAX_WINDOW:
-                            self.window = min(MAX_WINDOW, self.window + size)  # slow start
+                        self._window.release(p, size)
+                        self._window.grow(size)
                     try:
                         p.deliver(head.index, data, head.hash)
                     except Exception as e:  # the receiver's problem: fail its request only
@@ -715,14 +439,14 @@ class RemoteSource:
                         conn.last_progress = loop.time()
                 elif kind == MsgType.ERROR:
                     code, message = wire.decode_error(body)
-                    if code in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT):
-                        raise _Transient(f"the server said: {message}")
-                    raise DrafterError(f"{self.raddr} reported an error: {message}")
+                    if code_is_transient(code):
+                        raise Transient(f"the server said: {message}")
+                    raise RemoteError(code, f"{self.raddr} reported an error: {message}")
                 else:
                     raise ProtocolError(ErrorCode.PROTOCOL, f"unexpected frame type {kind}")
         except asyncio.IncompleteReadError:
             self._lost(conn, "the server closed the connection")
-        except _Transient as e:
+        except Transient as e:
             self._lost(conn, str(e))
         except ProtocolError as e:
             with contextlib.suppress(Exception):
@@ -789,7 +513,7 @@ class RemoteSource:
             except DrafterError as e:
                 self._fail(e)
                 return
-            except (_Transient, TimeoutError) as e:
+            except (Transient, TimeoutError) as e:
                 last = str(e) or "timed out"
             else:
                 w = greeting.welcome
@@ -801,7 +525,7 @@ class RemoteSource:
                     conn.channel.abort()
                     self._fail(DrafterError(f"{self.raddr} now serves different resources"))
                     return
-                self.reconnects += 1
+                self.stats.reconnects += 1
                 self._reconnecting = None
                 if not self._pending:
                     self._lost_since = None
@@ -827,7 +551,7 @@ class RemoteSource:
         self._failed = error
         for call in self._calls.values():
             if not call.done():
-                call.set_exception(DrafterError(str(error)))
+                call.set_exception(_again(error))
         if self._conn is not None:
             self._drop(self._conn)
         task, self._reconnecting = self._reconnecting, None
@@ -838,7 +562,4 @@ class RemoteSource:
     def _fail_pending(self, error: DrafterError) -> None:
         for pending in self._pending.values():
             if not pending.future.done():
-                pending.future.set_exception(
-                    type(error)(str(error)) if isinstance(error, VerificationError)
-                    else DrafterError(str(error))
-                )  # fmt: skip
+                pending.future.set_exception(_again(error))

@@ -7,7 +7,7 @@ import os
 
 import blake3
 
-from drafter.transport.protocol import ZERO_HASH
+from drafter.chunks import ZERO_HASH
 
 _ZEROS: dict[int, bytes] = {}
 

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from drafter.device import Priority as Priority  # re-exported: one definition, in device
+from drafter.chunks import HASH_SIZE as HASH_SIZE
+from drafter.chunks import ZERO_HASH as ZERO_HASH
+from drafter.chunks import Priority as Priority
+from drafter.chunks import chunk_count as chunk_count
 from drafter.errors import DrafterError
 
 Buffer = bytes | bytearray | memoryview  # a frame body as received
@@ -39,8 +42,6 @@ MAX_CLIENT_BODY = 64 << 10  # what a server reads from a client afterwards
 MAX_ANSWER = 64 << 20
 NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
-HASH_SIZE = 32  # BLAKE3-256 of a chunk's bytes
-ZERO_HASH = bytes(HASH_SIZE)  # the marker for "this chunk is all zeros"
 MAX_RESOURCES = 16
 # Chunks of all resources together: a client keeps every chunk's hash (~90 bytes each
 # in memory), so a welcome announcing more is refused before any hash arrives.
@@ -110,6 +111,9 @@ class ErrorCode(IntEnum):
     BUSY = 9  # a migration is already in progress
     REFUSED = 10  # the server cannot do what the control call asks
     TIMEOUT = 11  # idle too long, or did not read what it asked for
+    # A call names a migration the source no longer has: it took the VM back (resumed it
+    # itself), or the id is wrong. The destination must not run the VM.
+    NO_MIGRATION = 12
 
     @property
     def transient(self) -> bool:
@@ -117,13 +121,37 @@ class ErrorCode(IntEnum):
         return self in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT)
 
 
-class ProtocolError(Exception):
-    """The other side broke the protocol; ``code`` goes into the ERROR frame we answer."""
+class ProtocolError(DrafterError):
+    """The other side broke the protocol, or a call cannot be done; ``code`` goes into
+    the ERROR frame we answer."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class RemoteError(DrafterError):
+    """The other side answered with an ERROR frame: ``code`` is its wire code (an
+    :class:`ErrorCode`, or the bare number of one this version does not know), the
+    message says who and what for a user. Decide on ``code``, never on the text."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        """Whether reconnecting and asking again may succeed."""
+        return code_is_transient(self.code)
+
+
+def code_is_transient(code: int) -> bool:
+    """Whether a client should reconnect and try again after an ERROR with ``code``."""
+    try:
+        return ErrorCode(code).transient
+    except ValueError:
+        return False
 
 
 def _bad(what: str) -> ProtocolError:
@@ -235,10 +263,6 @@ class Welcome:
         if sum(chunk_count(size, chunk_size) for size in manifest.values()) > MAX_CHUNKS:
             raise _bad(f"welcome (more than {MAX_CHUNKS} chunks)")
         return cls(bytes(proof), chunk_size, manifest, bytes(body[pos:]))
-
-
-def chunk_count(size: int, chunk_size: int) -> int:
-    return (size + chunk_size - 1) // chunk_size
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import logging
 import os
 import time
 
+from drafter.chunks import RESOURCES, ZERO_HASH, chunk_length, chunk_span
 from drafter.errors import DrafterError
-from drafter.package import RESOURCES, Package
+from drafter.package import Package
 from drafter.transport.hashes import file_hashes
-from drafter.transport.protocol import ZERO_HASH
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class PackageProvider:
             size = self._members[resource].size
             indices: dict[int, None] = {}
             for offset, length in ranges:
-                end = min(offset + length, size)
-                first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
-                indices.update(dict.fromkeys(range(first, last + 1)))
+                span = chunk_span(offset, min(offset + length, size) - offset, self.chunk_size)
+                indices.update(dict.fromkeys(span))
             out[resource] = list(indices)
         return out
 
@@ -90,7 +89,7 @@ class PackageProvider:
         """
         member = self._members[resource]
         start = index * self.chunk_size
-        n = min(self.chunk_size, member.size - start)
+        n = chunk_length(member.size, self.chunk_size, index)
         if index < 0 or n <= 0:
             raise DrafterError(f"chunk {index} is beyond the end of {resource}")
         known = self._hashes[resource][index] if self._hashes else None

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import resource
 import socket
 import ssl as ssl_module
 import time
@@ -29,12 +28,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import zstandard
 
+from drafter.chunks import chunk_length
 from drafter.errors import DrafterError
+from drafter.transport import handshake
 from drafter.transport import protocol as wire
-from drafter.transport import security
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.hashes import digest, is_zero
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
+from drafter.transport.sockets import descriptor_room, listen, peer_of, reason
 
 if TYPE_CHECKING:
     from drafter.metrics import Metrics
@@ -69,6 +70,21 @@ class ChunkProvider(Protocol):
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
         """Chunk ``index`` of ``resource`` and its hash if known (None: compute it)."""
+        ...
+
+
+class ControlHandler(Protocol):
+    """What answers a server's control calls (16-47, other than PING): a migration
+    source (:class:`drafter.migration.MigrationSource`). A server without one (a
+    registry) refuses them."""
+
+    async def control(self, conn: Connection, kind: int, body: bytes) -> bytes:
+        """The answer's body to the call ``kind`` on ``conn``; ProtocolError refuses it
+        (its code goes to the client in an ERROR frame, and the connection closes)."""
+        ...
+
+    def connection_closed(self, conn: Connection) -> None:
+        """``conn`` ended (whatever the reason); called once, after its last call."""
         ...
 
 
@@ -133,11 +149,6 @@ class Connection:
         return wire.Priority.PREFETCH if queue is self.prefetch else wire.Priority.BACKGROUND
 
 
-def _descriptor_room() -> int:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
 class ChunkServer:
     """Serve a ChunkProvider to many clients at once (asyncio).
 
@@ -146,11 +157,17 @@ class ChunkServer:
 
     linger_timeout = 1.0  # seconds to let an error frame reach the client before closing
 
-    def __init__(self, provider: ChunkProvider, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        provider: ChunkProvider,
+        limits: ServerLimits | None = None,
+        control: ControlHandler | None = None,
+    ) -> None:
         self.provider = provider
+        self.control = control  # answers control calls (None: refused)
         self.limits = limits or ServerLimits()
         # Below the descriptor limit, with room for the provider's own files.
-        self.max_connections = max(1, min(self.limits.max_connections, _descriptor_room() - 64))
+        self.max_connections = max(1, min(self.limits.max_connections, descriptor_room() - 64))
         chunk_size = provider.chunk_size
         if not 0 < chunk_size <= wire.MAX_CHUNK_SIZE:
             raise DrafterError(f"chunk size {chunk_size} is not in 1..{wire.MAX_CHUNK_SIZE}")
@@ -197,7 +214,7 @@ class ChunkServer:
         sockets: list[socket.socket] = []
         try:
             for h, p in [(host or "", port), *more]:
-                sockets += _listen(h or "", p)
+                sockets += listen(h or "", p)
         except BaseException:
             for sock in sockets:
                 sock.close()
@@ -268,7 +285,7 @@ class ChunkServer:
     async def _on_socket(self, client: socket.socket) -> None:
         self.stats.connections += 1
         try:
-            peer = _peer_of(client)
+            peer = peer_of(client)
             loop = asyncio.get_running_loop()
             proto = FrameProtocol(queue_limit=_QUEUE_LIMIT)
             try:
@@ -284,10 +301,10 @@ class ChunkServer:
             except (OSError, TimeoutError, ssl_module.SSLError) as e:
                 self.stats.refused += 1
                 client.close()
-                reason = _reason(e)
+                why = reason(e)
                 if isinstance(e, (ConnectionResetError, BrokenPipeError)):
-                    reason = "the client dropped the connection (does it trust this certificate?)"
-                log.warning("client %s: TLS handshake failed: %s; dropped it", peer, reason)
+                    why = "the client dropped the connection (does it trust this certificate?)"
+                log.warning("client %s: TLS handshake failed: %s; dropped it", peer, why)
                 return
             assert isinstance(transport, asyncio.Transport)
             await self._on_client(peer, Channel(transport, proto))
@@ -322,7 +339,7 @@ class ChunkServer:
             if not accepted:
                 problem += " during the handshake"
         except (ConnectionError, OSError) as e:
-            problem = f"connection failed: {_reason(e)}"
+            problem = f"connection failed: {reason(e)}"
         except _Gone as e:
             problem = str(e)
         except DrafterError as e:  # the provider could not read a chunk
@@ -361,39 +378,10 @@ class ChunkServer:
         await channel.close(self.linger_timeout)
 
     async def _handshake(self, peer: str, channel: Channel) -> Connection:
-        kind, _, body = await channel.read()
-        client_hello = bytes(body)
-        if kind != MsgType.CLIENT_HELLO:
-            raise ProtocolError(
-                ErrorCode.PROTOCOL, f"expected a client hello, got frame type {kind}"
-            )
-        hello = wire.Hello.decode(client_hello, "client")
-        token = self._token
-        flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if token else 0)
-        server_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
-        channel.write(MsgType.SERVER_HELLO, server_hello)
-        kind, _, body = await channel.read()
-        auth = bytes(body)
-        if kind != MsgType.AUTH:
-            raise ProtocolError(ErrorCode.PROTOCOL, f"expected auth, got frame type {kind}")
-        proof, choice = auth[: wire.PROOF_SIZE], auth[wire.PROOF_SIZE :]
-        if len(choice) != 2:
-            raise ProtocolError(ErrorCode.PROTOCOL, "malformed auth")
-        server_proof = bytes(wire.PROOF_SIZE)
-        send = recv = None
-        if token:
-            want = security.client_proof(token, client_hello, server_hello + choice)
-            if not security.proof_matches(proof, want):
-                raise ProtocolError(ErrorCode.AUTH, "wrong or missing token")
-            server_proof = security.server_proof(token, client_hello, server_hello + choice)
-            if self._ssl is None:
-                recv, send = security.seals(token, client_hello, server_hello)
-        compress = bool(int.from_bytes(choice, "big") & wire.HELLO_ZSTD & hello.flags)
-        channel.seal(send, recv)
-        # What a client sends is small (requests, control calls): a header cannot make
-        # the server set aside a chunk-sized buffer.
-        channel.protocol.max_body = wire.MAX_CLIENT_BODY
-        conn = Connection(peer, compress, parts=bool(hello.flags & wire.HELLO_PARTS))
+        """Hellos and proofs, then the welcome, every chunk's hash and the hot chunks."""
+        accepted = await handshake.accept(channel, self._token, tls=self._ssl is not None)
+        conn = Connection(peer, accepted.compress, parts=accepted.parts)
+        server_proof = accepted.proof
         manifest = dict(zip(self._names, self._sizes, strict=True))
         channel.write(
             MsgType.WELCOME,
@@ -444,9 +432,8 @@ class ChunkServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            closed = getattr(self.provider, "connection_closed", None)
-            if closed is not None:
-                closed(conn)
+            if self.control is not None:
+                self.control.connection_closed(conn)
         first = next(t for t in (receiving, sending, watching) if t in done)
         exc = first.exception()
         if exc is not None:
@@ -510,7 +497,7 @@ class ChunkServer:
                 channel.write(MsgType.PING, b"", request_id)
                 await self._drain(channel)  # a client that does not read is dropped
             elif wire.is_control(kind):
-                control = getattr(self.provider, "control", None)
+                control = self.control
                 if control is None:
                     raise ProtocolError(
                         ErrorCode.REFUSED, f"this server takes no control call {kind}"
@@ -519,7 +506,7 @@ class ChunkServer:
                 conn.last_work = conn.last_activity
                 conn.in_call = True
                 try:
-                    reply = await control(conn, kind, body)
+                    reply = await control.control(conn, kind, bytes(body))
                 finally:
                     conn.in_call = False
                 await self._answer(channel, conn, kind, reply, request_id)
@@ -559,11 +546,11 @@ class ChunkServer:
                 queue.appendleft((request_id, r, index + 1, count - 1))
             conn.busy = True
             name = self._names[r]
-            expected = min(chunk_size, self._sizes[r] - index * chunk_size)
+            expected = chunk_length(self._sizes[r], chunk_size, index)
             try:
                 data, known = await provider.read_chunk(name, index)
             except OSError as e:
-                raise DrafterError(f"{name} chunk {index}: {_reason(e)}") from None
+                raise DrafterError(f"{name} chunk {index}: {reason(e)}") from None
             if len(data) != expected:
                 raise DrafterError(f"{name} chunk {index}: got {len(data)} bytes, not {expected}")
             zero = known == wire.ZERO_HASH or (known is None and is_zero(data))
@@ -591,38 +578,3 @@ class ChunkServer:
             conn.busy = False
             conn.last_activity = conn.last_work = time.monotonic()
             await self._drain(channel)
-
-
-def _listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for ``host`` ("" = every interface, IPv6 too where possible)."""
-    if host == "":
-        if socket.has_dualstack_ipv6():
-            sock = socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
-            )
-        else:
-            sock = socket.create_server(("", port), backlog=128)
-    else:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not infos:
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}")
-        family, _, _, _, addr = infos[0]
-        sock = socket.create_server(addr[:2], family=family, backlog=128)
-    sock.setblocking(False)
-    return [sock]
-
-
-def _peer_of(sock: socket.socket) -> str:
-    try:
-        peername = sock.getpeername()
-    except OSError:
-        return "?"
-    return wire.format_addr(*peername[:2])
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, ssl_module.SSLError):
-        return e.reason or str(e)
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__

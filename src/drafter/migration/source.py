@@ -1,0 +1,506 @@
+"""The source's half of a live migration: a running peer's devices, served so that one
+destination at a time can migrate the VM away (device loop).
+
+Each control call is looked up in :data:`HANDLERS` by (phase, kind); a call the
+table has no entry for is refused, with the code that says why (:meth:`_refusal`).
+One :class:`Migration` record holds what belongs to the migration under way, from its
+offer until the source is idle again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from drafter import loops
+from drafter.chunks import TRACKED, Priority
+from drafter.device import Device
+from drafter.migration.messages import (
+    INLINE_LIMIT,
+    INLINE_MARGIN,
+    TAKEN_BACK,
+    SwitchOver,
+    decode_id,
+    encode_dirty,
+    encode_offer,
+    encode_suspended,
+)
+from drafter.snapshot import failpoint, fsync_file
+from drafter.transport.hashes import chunk_hash
+from drafter.transport.protocol import ErrorCode, MsgType, ProtocolError
+from drafter.transport.server import Connection
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """The source's phase: who may run the VM is the source until HANDED_OVER."""
+
+    IDLE = "idle"  # no migration; the VM runs here
+    PRECOPY = "pre-copy"  # a destination pulls; the VM runs here
+    SWITCHING = "switching over"  # BeforeSuspend, pause, state: no other step meanwhile
+    SUSPENDED = "suspended"  # paused here, state sent; the destination has not the right
+    HANDED_OVER = "handed over"  # the destination may run the VM; this copy never will
+    RESCUING = "rescuing"  # resuming the VM here (hand-over provably not done, or asked)
+    DONE = "done"  # the destination holds everything; this process stops
+
+
+SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.IDLE: frozenset({Phase.PRECOPY}),  # an offer
+    # the destination left, fell silent, or asks to switch over
+    Phase.PRECOPY: frozenset({Phase.IDLE, Phase.SWITCHING}),
+    # paused and answered; or a step failed and the VM runs here again
+    Phase.SWITCHING: frozenset({Phase.SUSPENDED, Phase.IDLE}),
+    # granted; or ABORT, rescue timeout, operator
+    Phase.SUSPENDED: frozenset({Phase.HANDED_OVER, Phase.RESCUING}),
+    # DONE; or ABORT (the destination never ran it), operator
+    Phase.HANDED_OVER: frozenset({Phase.DONE, Phase.RESCUING}),
+    # resumed here; or the resume failed and it stays where it was
+    Phase.RESCUING: frozenset({Phase.IDLE, Phase.SUSPENDED, Phase.HANDED_OVER}),
+    Phase.DONE: frozenset(),
+}
+
+# The calls that name a switched-over migration (its id in the body).
+_NAMING = frozenset(
+    {MsgType.MIGRATE_RESUME, MsgType.MIGRATE_HANDOVER, MsgType.MIGRATE_ABORT, MsgType.MIGRATE_DONE}
+)
+
+
+class VMControl:
+    """What the source needs from the VM, as coroutines on the VM's own event loop (the
+    main loop), reached from the device loop through :mod:`drafter.loops`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        suspend: Callable[[], Awaitable[tuple[bytes, float, dict[str, float]]]],
+        resume_here: Callable[[], Awaitable[None]],
+        finished: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.suspend = suspend
+        self.resume_here = resume_here
+        self.finished = finished
+
+    async def run(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one of the VM's steps on its loop, from the device loop."""
+
+        async def call() -> Any:
+            return await make()
+
+        return await loops.run_on(self.loop, call())
+
+    def tell_finished(self) -> None:
+        """The migration is done: tell the VM's loop (nothing to wait for)."""
+        loops.call_soon(self.loop, self.finished)
+
+
+@dataclass(eq=False)
+class Migration:
+    """The migration under way, from its offer until the source is idle again."""
+
+    id: str  # a secret: names the migration in every call after the offer
+    conn: Connection  # the destination's; a reconnect that names the id adopts its new one
+    watch: asyncio.Task[None] | None = None  # forgets a destination silent in pre-copy
+    # The switch-over's encoded answer, once asked; kept while it may be lost on a cut.
+    answer: asyncio.Future[bytes] | None = None
+    lost_while_switching: bool = False  # its connection ended while the VM paused
+    destination_lost: bool = False  # after switch-over: its connection is gone
+    rescue: asyncio.Task[None] | None = None  # resumes here after the grace, if still lost
+
+    def cancel_rescue(self) -> None:
+        if self.rescue is not None:
+            self.rescue.cancel()
+            self.rescue = None
+
+
+Handler = Callable[["MigrationSource", Connection, bytes], Awaitable[bytes]]
+
+
+class MigrationSource:
+    """A ChunkProvider over a running peer's devices that one destination at a time
+    can migrate the VM away from, and the ControlHandler of its calls. Runs on the
+    device loop."""
+
+    def __init__(
+        self,
+        devices: dict[str, Device],
+        config: bytes,
+        memory_file: Path,
+        vm: VMControl,
+        grace: float | None = 30.0,
+        offer_timeout: float = 30.0,
+    ) -> None:
+        self.devices = devices
+        self._config = config
+        self.memory_file = memory_file
+        self.vm = vm
+        # After switch-over and before the hand-over, how long a lost destination has to
+        # come back before the VM resumes here (None: only when an operator asks).
+        self.grace = grace
+        # A destination that offered and then falls silent this long loses the migration,
+        # so that the next one can migrate the VM.
+        self.offer_timeout = offer_timeout
+        self.chunk_size = next(iter(devices.values())).chunk_size
+        self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
+        self._phase = Phase.IDLE
+        self.migration: Migration | None = None  # from the offer until idle or done
+        # What the VM touched after its resume: fixed, or asked for at each connection.
+        self.hot_chunks: dict[str, list[int]] | Callable[[], dict[str, list[int]]] = {}
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def migrating(self) -> Connection | None:
+        """The destination's connection, while a migration is under way."""
+        return self.migration.conn if self.migration is not None else None
+
+    @property
+    def migration_id(self) -> str:
+        return self.migration.id if self.migration is not None else ""
+
+    @property
+    def destination_lost(self) -> bool:
+        """After switch-over: the destination's connection is gone (it may come back)."""
+        return self.migration is not None and self.migration.destination_lost
+
+    def _to(self, new: Phase) -> None:
+        """The one place the phase changes; only along SOURCE_TRANSITIONS."""
+        old = self._phase
+        if new not in SOURCE_TRANSITIONS[old]:
+            raise AssertionError(f"migration source: {old.value} -> {new.value}")
+        self._phase = new
+        log.debug("migration source: %s -> %s", old.value, new.value)
+        if new in (Phase.IDLE, Phase.DONE):
+            self.migration = None
+        elif new not in (Phase.SWITCHING, Phase.SUSPENDED) and self.migration is not None:
+            self.migration.answer = None  # kept only while it may be lost
+        if self.metrics is not None:
+            self.metrics.source_phase(old.value, new.value)
+
+    # -- ChunkProvider -------------------------------------------------------------
+
+    def manifest(self) -> dict[str, int]:
+        # No "state": it only exists at switch-over. That tells clients "a peer".
+        return {name: d.size for name, d in self.devices.items()}
+
+    def config(self) -> bytes:
+        return self._config
+
+    async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        device = self.devices[resource]
+        await device.ensure_chunk(index, Priority.DEMAND)  # a chain: may still be pulling
+        return device.read_chunk(index)
+
+    async def hashes(self, resource: str) -> list[bytes]:
+        """Every chunk's hash; chunks changed here since they were hashed are read again."""
+        device = self.devices[resource]
+
+        def compute() -> list[bytes]:
+            out = []
+            for index, known in enumerate(device.hashes):
+                if known is None:
+                    data, known = device.read_chunk(index)
+                    if known is None:
+                        known = chunk_hash(data)
+                out.append(known)
+            return out
+
+        return await asyncio.to_thread(compute)
+
+    def hot(self) -> dict[str, list[int]]:
+        hot = self.hot_chunks
+        return dict(hot() if callable(hot) else hot)
+
+    # -- ControlHandler ------------------------------------------------------------
+
+    async def control(self, conn: Connection, kind: int, body: bytes) -> bytes:
+        """One control call of a destination, by the phase and the call's kind."""
+        handler = HANDLERS.get((self._phase, kind))
+        if handler is None:
+            raise self._refusal(kind)
+        return await handler(self, conn, body)
+
+    def _refusal(self, kind: int) -> ProtocolError:
+        """Why a call the phase has no handler for is refused."""
+        if kind == MsgType.MIGRATE_OFFER:
+            return ProtocolError(ErrorCode.BUSY, f"a migration is already {self.phase.value}")
+        if kind in (MsgType.DIRTY_LIST, MsgType.MIGRATE_SUSPENDED):
+            return ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
+        if kind in _NAMING:
+            return ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        return ProtocolError(ErrorCode.REFUSED, f"unknown control call {kind}")
+
+    def connection_closed(self, conn: Connection) -> None:
+        migration = self.migration
+        if migration is None or conn is not migration.conn:
+            return
+        if self.phase is Phase.SWITCHING:
+            migration.lost_while_switching = True
+            return
+        if self.phase is Phase.PRECOPY:
+            log.warning("the destination left before switch-over; the VM keeps running here")
+            self._to(Phase.IDLE)
+            return
+        if self.phase not in (Phase.SUSPENDED, Phase.HANDED_OVER):
+            return
+        migration.destination_lost = True
+        if self.phase is Phase.HANDED_OVER:
+            log.warning(
+                "lost the destination after the hand-over: the VM is its own now; waiting "
+                "for it to come back (SIGUSR1 takes the VM back here, losing the writes "
+                "it took since the hand-over)"
+            )
+        elif self.grace is None:
+            log.warning(
+                "lost the destination before the hand-over; waiting for it to come back "
+                "(SIGUSR1 resumes the VM here, no write is lost)"
+            )
+        elif migration.rescue is None:
+            log.warning(
+                "lost the destination before the hand-over; waiting %.0fs for it to come back",
+                self.grace,
+            )
+            migration.rescue = asyncio.ensure_future(self._rescue(migration, self.grace))
+
+    # -- the calls, one handler each ------------------------------------------------
+
+    async def _offer(self, conn: Connection, body: bytes) -> bytes:
+        self._to(Phase.PRECOPY)
+        migration = self.migration = Migration(secrets.token_hex(16), conn)
+        # What changed since it was last collected, the destination's hashes of it
+        # included: it must not trust those. From now on, dirty means "since the offer".
+        dirty = await self._collect_dirty()
+        log.info("migration %s offered: pre-copy starts; the VM keeps running", migration.id)
+        migration.watch = asyncio.ensure_future(self._watch_precopy(migration))
+        return encode_offer(migration.id, dirty)
+
+    async def _dirty_list(self, conn: Connection, body: bytes) -> bytes:
+        self._expect(conn)
+        return encode_dirty(await self._collect_dirty())
+
+    async def _switch_over_call(self, conn: Connection, body: bytes) -> bytes:
+        migration = self._expect(conn)
+        answer = migration.answer = asyncio.get_running_loop().create_future()
+        try:
+            encoded = encode_suspended(await self._switch_over(migration))
+        except Exception as e:
+            answer.set_exception(e)
+            answer.exception()  # retrieved: whoever asked again gets it too
+            raise
+        except BaseException:
+            answer.cancel()
+            raise
+        answer.set_result(encoded)
+        return encoded
+
+    async def _answer_again(self, conn: Connection, body: bytes) -> bytes:
+        """Asked again, naming the migration: the destination lost the answer on a cut.
+        The same answer again, once the switch-over has it."""
+        migration = self.migration
+        if migration is None or migration.answer is None or decode_id(body) != migration.id:
+            raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        encoded = await asyncio.shield(migration.answer)
+        self._adopt(conn, body, Phase.SUSPENDED)
+        log.info("the destination of migration %s asked again", migration.id)
+        return encoded
+
+    async def _destination_back(self, conn: Connection, body: bytes) -> bytes:
+        """The destination came back after a lost connection: it owns the migration
+        again, and the source must not resume the VM itself."""
+        migration = self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        log.info("the destination of migration %s is back", migration.id)
+        return b""
+
+    async def _hand_over(self, conn: Connection, body: bytes) -> bytes:
+        """The destination has the state and asks for the right to run the VM. Asked
+        again (its answer was lost), the grant is given again."""
+        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        if self.phase is Phase.SUSPENDED:
+            self._to(Phase.HANDED_OVER)
+            log.info("handed the VM over: it runs at the destination from now on")
+        failpoint("after-handover")
+        return b""
+
+    async def _abort(self, conn: Connection, body: bytes) -> bytes:
+        """The destination gives up before it ran the VM: it runs here again."""
+        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        log.warning("the destination gave the migration up before running the VM")
+        await self._resume_here("the destination did not run it; no write is lost")
+        return b""
+
+    async def _done(self, conn: Connection, body: bytes) -> bytes:
+        self._adopt(conn, body, Phase.HANDED_OVER)
+        self._to(Phase.DONE)
+        log.info("the destination holds everything and runs the VM")
+        self.vm.tell_finished()
+        return b""
+
+    # -- steps -----------------------------------------------------------------------
+
+    async def _collect_dirty(self, sync: bool = True) -> dict[str, list[int]]:
+        """The chunks written since the last collection; ``sync`` first pushes the pages
+        the running guest dirtied in QEMU's mapping down to the devices."""
+        if sync:
+            await asyncio.to_thread(fsync_file, self.memory_file)
+        return {name: sorted(self.devices[name].take_dirty()) for name in TRACKED}
+
+    async def _switch_over(self, migration: Migration) -> SwitchOver:
+        self._to(Phase.SWITCHING)  # the offer watchdog and other offers keep off
+        migration.lost_while_switching = False
+        try:
+            state, paused_at, phases = await self.vm.run(self.vm.suspend)
+        except Exception as e:
+            # The suspend resumed the VM here itself (AfterResume included) if it paused.
+            log.error("switch-over failed, the VM keeps running here: %s", e)
+            self._to(Phase.IDLE)
+            raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+        start = time.monotonic()
+        try:
+            failpoint("before-answer")
+            # The suspend synced memory after the pause (and QEMU flushes the disk when
+            # it pauses): nothing more to push, no second sync in the downtime.
+            runs = {name: self.devices[name].take_dirty_runs() for name in TRACKED}
+            dirty = {name: sorted(chunks) for name, chunks in runs.items()}
+            # The pages written since the last round, as many as the answer may carry
+            # (a client that takes PART frames: up to INLINE_LIMIT), so the
+            # destination's VM faults on none.
+            limit = min(INLINE_LIMIT, migration.conn.answer_limit)
+            inline = self._inline(runs, limit - INLINE_MARGIN - len(state))
+        except Exception as e:
+            log.error("switch-over failed after the pause (%s); resuming the VM here", e)
+            try:
+                await self.vm.run(self.vm.resume_here)
+            finally:
+                self._to(Phase.IDLE)
+            raise ProtocolError(ErrorCode.REFUSED, f"switch-over failed: {e}") from None
+        phases["final dirty set"] = (time.monotonic() - start) * 1000
+        self._to(Phase.SUSPENDED)
+        log.info("switched over: the VM is paused here, the destination loads it")
+        if migration.lost_while_switching:  # the answer will not arrive: as if lost now
+            self.connection_closed(migration.conn)
+        return SwitchOver(dirty, paused_at, phases, state, inline)
+
+    def _inline(
+        self, runs: dict[str, dict[int, list[tuple[int, int]]]], budget: int
+    ) -> dict[str, dict[int, list[tuple[int, bytes]]]]:
+        """The bytes written in the dirty chunks since the last round, chunk by chunk
+        while they fit in ``budget``, memory first: sent with the state, so the
+        destination's VM does not fault on them over the link."""
+        inline: dict[str, dict[int, list[tuple[int, bytes]]]] = {}
+        for name in TRACKED:
+            device = self.devices[name]
+            for index, chunk_runs in sorted(runs.get(name, {}).items()):
+                size = sum(length for _, length in chunk_runs)
+                if size > budget or not device.local[index]:
+                    continue
+                inline.setdefault(name, {})[index] = device.read_runs(index, chunk_runs)
+                budget -= size
+        return inline
+
+    async def _watch_precopy(self, migration: Migration) -> None:
+        """Forget a migration whose destination fell silent during pre-copy."""
+        while self.phase is Phase.PRECOPY and self.migration is migration:
+            await asyncio.sleep(min(1.0, self.offer_timeout / 4))
+            if time.monotonic() - migration.conn.last_work <= self.offer_timeout:
+                continue  # pings do not count as work
+            if self.phase is Phase.PRECOPY and self.migration is migration:
+                log.warning(
+                    "the destination of migration %s said nothing for %.0fs in pre-copy; "
+                    "forgetting it (the VM keeps running here)",
+                    migration.id,
+                    self.offer_timeout,
+                )
+                self._to(Phase.IDLE)
+
+    def _adopt(self, conn: Connection, body: bytes, *phases: Phase) -> Migration:
+        """A call that names the switched-over migration: its connection owns it from
+        now on (a destination that reconnected). Anything else is refused."""
+        migration = self.migration
+        if self.phase not in phases or migration is None or decode_id(body) != migration.id:
+            raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        migration.conn = conn
+        migration.destination_lost = False
+        migration.cancel_rescue()
+        return migration
+
+    def _expect(self, conn: Connection) -> Migration:
+        """A pre-copy call: only from the destination that offered."""
+        migration = self.migration
+        if self.phase is not Phase.PRECOPY or migration is None or conn is not migration.conn:
+            raise ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
+        return migration
+
+    async def _rescue(self, migration: Migration, after: float) -> None:
+        """Before the hand-over, a destination that never comes back: resume here."""
+        await asyncio.sleep(after)
+        if self.phase is Phase.SUSPENDED and self.migration is migration:
+            migration.rescue = None
+            with contextlib.suppress(ProtocolError):  # logged; the VM stays paused here
+                await self._resume_here("the hand-over did not happen: no write is lost")
+
+    async def take_back(self) -> str:
+        """The operator's call: resume the VM here while its destination is away. Says
+        what that costs; refused while the destination is connected."""
+        if self.phase not in (Phase.SUSPENDED, Phase.HANDED_OVER):
+            return f"nothing to take back: the migration is {self.phase.value}"
+        if not self.destination_lost:
+            return "the destination is connected: it runs or loads the VM; not taking it back"
+        lost = (
+            "writes the destination took since the hand-over are lost"
+            if self.phase is Phase.HANDED_OVER
+            else "the hand-over did not happen: no write is lost"
+        )
+        try:
+            await self._resume_here(lost)
+        except ProtocolError as e:
+            return e.message
+        return f"took the VM back: {lost}"
+
+    async def _resume_here(self, cost: str) -> None:
+        back = self.phase
+        self._to(Phase.RESCUING)  # a destination coming back now is refused
+        if self.migration is not None:
+            self.migration.cancel_rescue()
+        log.error("resuming the VM here from its paused state: %s", cost)
+        try:
+            await self.vm.run(self.vm.resume_here)
+        except Exception as e:
+            log.error("could not resume the VM here: %s", e)
+            self._to(back)
+            raise ProtocolError(ErrorCode.REFUSED, f"could not resume the VM: {e}") from None
+        self._to(Phase.IDLE)
+
+
+def _in(phases: tuple[Phase, ...], kind: MsgType, handler: Handler) -> dict[Any, Handler]:
+    return {(phase, kind): handler for phase in phases}
+
+
+_AWAY = (Phase.SUSPENDED, Phase.HANDED_OVER)  # switched over: the VM does not run here
+
+# (phase, call) -> its handler: every call the source answers, and when.
+HANDLERS: dict[tuple[Phase, int], Handler] = {
+    (Phase.IDLE, MsgType.MIGRATE_OFFER): MigrationSource._offer,
+    (Phase.PRECOPY, MsgType.DIRTY_LIST): MigrationSource._dirty_list,
+    (Phase.PRECOPY, MsgType.MIGRATE_SUSPENDED): MigrationSource._switch_over_call,
+    **_in(
+        (Phase.SWITCHING, Phase.SUSPENDED), MsgType.MIGRATE_SUSPENDED, MigrationSource._answer_again
+    ),  # fmt: skip
+    **_in(_AWAY, MsgType.MIGRATE_RESUME, MigrationSource._destination_back),
+    **_in(_AWAY, MsgType.MIGRATE_HANDOVER, MigrationSource._hand_over),
+    **_in(_AWAY, MsgType.MIGRATE_ABORT, MigrationSource._abort),
+    (Phase.HANDED_OVER, MsgType.MIGRATE_DONE): MigrationSource._done,
+}
