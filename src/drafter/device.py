@@ -122,9 +122,9 @@ class Device:
         VM's chunks change after they were hashed (dirty lists say which), so there
         the hashes only say what is zero and what a local copy may be reused for.
         """
-        self.binding = binding
         if len(hashes) != self.chunks:
             raise DrafterError(f"device {self.name}: {len(hashes)} hashes for {self.chunks} chunks")
+        self.binding = binding
         with self._lock:
             for index, h in enumerate(hashes):
                 if self.local[index]:
@@ -164,8 +164,16 @@ class Device:
     async def ensure_chunk(self, index: int, priority: Priority) -> None:
         """Make chunk ``index`` local, fetching it once however many ask (a demand for a
         chunk that is only being prefetched is fetched again, ahead of the prefetches)."""
+        future = self._fetching(index, priority)
+        if future is not None:
+            await asyncio.shield(future)
+
+    def _fetching(self, index: int, priority: Priority) -> asyncio.Future[None] | None:
+        """The fetch of chunk ``index`` that serves ``priority``, registered as in flight
+        at once (so that a fetch asked for in the same loop step finds it); None if
+        the chunk is local."""
         if self.source is None or self.local[index]:
-            return
+            return None
         inflight = self._inflight.get(index)
         future: asyncio.Future[None]
         if inflight is None or (priority == Priority.DEMAND and inflight[0] != Priority.DEMAND):
@@ -179,7 +187,7 @@ class Device:
             future.add_done_callback(done)
         else:
             future = inflight[1]
-        await asyncio.shield(future)
+        return future
 
     async def _fetch(self, index: int, priority: Priority) -> None:
         assert self.source is not None
@@ -254,13 +262,13 @@ class Device:
             return
         waits = []
         for index in chunk_span(offset, min(offset + size, self.size) - offset, self.chunk_size):
-            if self.local[index]:
-                continue
             start = index * self.chunk_size
             whole = offset <= start and offset + size >= start + self.chunk_length(index)
             if partial_only and whole:
                 continue
-            waits.append(self.ensure_chunk(index, priority))
+            future = self._fetching(index, priority)
+            if future is not None:
+                waits.append(asyncio.shield(future))
         if waits:
             await asyncio.gather(*waits)
 
@@ -322,13 +330,15 @@ class Device:
             raise ValueError("write beyond the end of the device")
         span = chunk_span(offset, len(data), self.chunk_size)
         with self._lock:
+            if self.source is not None:  # nothing changes unless every chunk can take it
+                for index in span:
+                    if not self.local[index] and not self._covers(index, offset, len(data)):
+                        raise MissingChunkError(self.name, index)
             for index in span:
                 if not self.local[index]:
                     start = index * self.chunk_size
                     length = self.chunk_length(index)
-                    covered = offset <= start and offset + len(data) >= start + length
-                    if not covered and self.source is not None:
-                        raise MissingChunkError(self.name, index)
+                    covered = self._covers(index, offset, len(data))
                     if not covered and self.base is not None:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
                     self.local[index] = 1
@@ -343,6 +353,11 @@ class Device:
                     self.dirty_pages[index] = self.dirty_pages.get(index, 0) | mask
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
+
+    def _covers(self, index: int, offset: int, size: int) -> bool:
+        """Whether ``[offset, offset+size)`` covers chunk ``index`` whole."""
+        start = index * self.chunk_size
+        return offset <= start and offset + size >= start + self.chunk_length(index)
 
     def invalidate(self, indices: list[int]) -> None:
         """Forget local copies of these chunks: they changed at the remote (migration).
@@ -402,9 +417,10 @@ class Device:
         with self._lock:
             if not self.local[index]:
                 raise MissingChunkError(self.name, index)
+            if any(offset < 0 or offset + len(data) > self.chunk_length(index)
+                   for offset, data in runs):  # fmt: skip
+                raise DrafterError(f"device {self.name}: a patch beyond chunk {index}")
             for offset, data in runs:
-                if offset + len(data) > self.chunk_length(index):
-                    raise DrafterError(f"device {self.name}: a patch beyond chunk {index}")
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
             self.hashes[index] = None
 

@@ -108,6 +108,7 @@ class MigrationDestination:
 
     @property
     def phase(self) -> DestinationPhase:
+        """Whether the VM may run here (from RUNNING on), or must not."""
         return self._phase
 
     @property

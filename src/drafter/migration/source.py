@@ -161,6 +161,7 @@ class MigrationSource:
 
     @property
     def phase(self) -> Phase:
+        """Who may run the VM, and which calls are answered (HANDLERS)."""
         return self._phase
 
     @property
@@ -170,6 +171,7 @@ class MigrationSource:
 
     @property
     def migration_id(self) -> str:
+        """The id of the migration under way ("" when none)."""
         return self.migration.id if self.migration is not None else ""
 
     @property

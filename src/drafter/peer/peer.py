@@ -100,6 +100,7 @@ class Peer:
 
     @property
     def phase(self) -> PeerPhase:
+        """Where the VM is in its life on this host (PEER_TRANSITIONS says what follows)."""
         return self._phase
 
     def _to(self, new: PeerPhase) -> None:

@@ -64,10 +64,10 @@ class PullPool:
                     device, start, count = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
+                before = _missing_bytes(device, start, count) if counted else 0
                 await device.pull_run(start, count)
-                if counted:
-                    end = min((start + count) * device.chunk_size, device.size)
-                    self.progress.done += end - start * device.chunk_size
+                if counted:  # what became local in the run's range, whoever fetched it
+                    self.progress.done += before - _missing_bytes(device, start, count)
                     self.report()
 
         workers = [asyncio.ensure_future(worker()) for _ in range(min(queue.qsize(), self.workers))]
@@ -82,8 +82,10 @@ class PullPool:
         await self._drain(self.runs(), counted=False)
 
     async def pull_all(self) -> None:
-        """Fetch until every chunk is local, counting progress (the background pull);
-        DrafterError if chunks stay missing after PASSES passes."""
+        """Fetch until every chunk is local, counting progress (the background pull).
+        A chunk that another fetch (demand, prefetch) failed to get is pulled again, for
+        PASSES passes at most; DrafterError then, or at once when one of the pool's own
+        fetches fails (its source already tried again through reconnects)."""
         progress = self.progress
         progress.total = sum(d.size for d in self.devices.values())
         progress.done = sum(d.size - d.missing_bytes() for d in self.devices.values())
@@ -99,3 +101,8 @@ class PullPool:
         progress.done = progress.total
         progress.finished = time.monotonic()
         self.report()
+
+
+def _missing_bytes(device: Device, start: int, count: int) -> int:
+    """Bytes of chunks ``start`` .. ``start + count - 1`` that are not local."""
+    return sum(device.chunk_length(i) for i in range(start, start + count) if not device.local[i])
