@@ -176,7 +176,7 @@ def test_importing_drafter_stays_light() -> None:
         "import sys, drafter\n"
         "assert not {'drafter.vm', 'drafter.peer', 'drafter.package'} & set(sys.modules)\n"
         "assert set(drafter.__all__) <= set(dir(drafter))\n"
-        "assert drafter.Peer.__module__ == 'drafter.peer'\n"
+        "assert drafter.Peer.__module__.startswith('drafter.peer.')\n"  # the peer package
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,7 @@
 """The words every layer shares: a VM's resources, chunks, who waits for a chunk, and
 the seam a device gets its chunks through (:class:`ChunkSource`).
 
-This module is the bottom floor: it imports nothing of the project but its errors.
+This module is the bottom floor: it imports nothing of the project.
 A device, the wire, the migration and the peer all speak of chunks in these terms.
 """
 

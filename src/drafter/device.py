@@ -70,8 +70,9 @@ class Device:
     With a ``source`` (a :class:`drafter.chunks.ChunkSource`) a chunk that is not in
     the overlay is *missing* and must be fetched (:meth:`ensure`) before it is read or
     partly written. Fetching runs on the event loop that serves the device (the device
-    loop); the chunk map is guarded by a lock, since the page-cache stores and the
-    hashing of a migration source read chunks from worker threads.
+    loop); reads, writes and changes of the chunk map take a lock, since the
+    page-cache stores and the hashing of a migration source read chunks from worker
+    threads (the fetch bookkeeping only runs on the device loop).
     """
 
     def __init__(

@@ -273,7 +273,7 @@ class DeviceHost:
             log.warning("unmounting %s: %s", self.mountpoint, e)
             if self.mountpoint is not None:
                 lazy_unmount(self.mountpoint)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        loops.call_soon(self.loop, self.loop.stop)
         self._thread.join(10)
         if self.mountpoint is not None:
             with contextlib.suppress(OSError):

@@ -142,7 +142,8 @@ class HotSet:
     ``first`` gives chunks to put ahead of the recording (those a migration stored
     into the page cache before the VM ran here: the VM touched them without a FUSE
     read, so a recording does not see them); ``limit`` caps each device's bytes.
-    Runs on the main loop.
+    Started and stopped on the main loop; :meth:`now` may be asked from any thread
+    (a migration source asks it on the device loop at each connection).
     """
 
     def __init__(
@@ -157,29 +158,41 @@ class HotSet:
         self.first = first
         self.limit = limit
         self.chunks: dict[str, list[int]] | None = None  # once the window ended
+        self._recording = False
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self) -> None:
-        """Record from now on; the recording ends after the window."""
+    def start(self, arm: bool = True) -> None:
+        """Record from now on; with ``arm`` the window starts now too (else at
+        :meth:`arm`, for example once the VM resumed)."""
         self.session.start_recording()
-        self._timer = asyncio.get_running_loop().call_later(self.window, self.stop)
+        self._recording = True
+        if arm:
+            self.arm()
+
+    def arm(self) -> None:
+        """Start the window: the recording ends ``window`` seconds from now."""
+        if self._recording and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.window, self.stop)
 
     def stop(self) -> None:
         """End the recording now (nothing once ended, or once cancelled)."""
-        if self.chunks is None and self._timer is not None:
-            self._timer.cancel()
+        if self.chunks is None and self._recording:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._recording = False
             self.chunks = self._shape(self.session.stop_recording())
 
     def now(self) -> dict[str, list[int]]:
         """The hot set as far as it is known now (recorded whole, or so far)."""
         if self.chunks is not None:
             return self.chunks
-        if self._timer is None:
+        if not self._recording:
             return {}
         return self._shape(self.session.recorded())
 
     def cancel(self) -> None:
         """The VM is going away: the timer does nothing any more."""
+        self._recording = False
         if self._timer is not None:
             self._timer.cancel()
 

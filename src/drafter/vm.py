@@ -193,8 +193,10 @@ class LocalVM:
             session.mount(pkg.config, self.netns, self.accel)
             if self.hot_window > 0:
                 self._hot = HotSet(session, self.hot_window)
-                self._hot.start()
+                self._hot.start(arm=False)  # the window starts once the VM runs
             await session.resume(self.timings)
+            if self._hot is not None:
+                self._hot.arm()
         except BaseException:
             await self.close()
             raise

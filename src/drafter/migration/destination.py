@@ -144,7 +144,8 @@ class MigrationDestination:
     ) -> bytes:
         """Call ``kind`` naming this migration, asked again after a lost connection
         (once reconnected the source answers the same) until ``deadline``
-        (monotonic). ``timeout`` bounds each try (None: until the deadline). Raises the
+        (monotonic): no try starts after it, though one may end after it.
+        ``timeout`` bounds each try (None: until the deadline). Raises the
         last error at once when the source no longer has the migration, when the
         connection is lost for good, or when it was taken back meanwhile."""
         while True:

@@ -166,7 +166,7 @@ def decode_offer(body: bytes) -> tuple[str, dict[str, list[int]]]:
 
 
 def encode_id(migration: str) -> bytes:
-    """The body of the calls that name a migration (DONE, RESUME)."""
+    """The body of the calls that name a migration (all after the offer but DIRTY_LIST)."""
     return json.dumps({"migration": migration}).encode()
 
 

@@ -119,6 +119,12 @@ class Migration:
     destination_lost: bool = False  # after switch-over: its connection is gone
     rescue: asyncio.Task[None] | None = None  # resumes here after the grace, if still lost
 
+    def end(self) -> None:
+        """The migration is over: its timers do nothing any more."""
+        if self.watch is not None and self.watch is not asyncio.current_task():
+            self.watch.cancel()
+        self.cancel_rescue()
+
     def cancel_rescue(self) -> None:
         if self.rescue is not None:
             self.rescue.cancel()
@@ -186,7 +192,8 @@ class MigrationSource:
             raise AssertionError(f"migration source: {old.value} -> {new.value}")
         self._phase = new
         log.debug("migration source: %s -> %s", old.value, new.value)
-        if new in (Phase.IDLE, Phase.DONE):
+        if new in (Phase.IDLE, Phase.DONE) and self.migration is not None:
+            self.migration.end()
             self.migration = None
         elif new not in (Phase.SWITCHING, Phase.SUSPENDED) and self.migration is not None:
             self.migration.answer = None  # kept only while it may be lost
@@ -313,7 +320,9 @@ class MigrationSource:
         """Asked again, naming the migration: the destination lost the answer on a cut.
         The same answer again, once the switch-over has it."""
         migration = self.migration
-        if migration is None or migration.answer is None or decode_id(body) != migration.id:
+        if migration is None or migration.answer is None:  # (a rescue that failed)
+            raise ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
+        if decode_id(body) != migration.id:
             raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
         encoded = await asyncio.shield(migration.answer)
         self._adopt(conn, body, Phase.SUSPENDED)

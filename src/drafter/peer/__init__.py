@@ -18,10 +18,6 @@ from drafter.peer.peer import PEER_TRANSITIONS, Peer, PeerPhase
 from drafter.peer.pull import PullPool
 from drafter.peer.summary import MigrationSummary, PullProgress
 
-# Their public home, in reprs and docs (they are defined in the role modules).
-for _public in (MigrationSummary, Peer, PeerOptions, PeerPhase, PullPool, PullProgress):
-    _public.__module__ = __name__
-
 __all__ = [
     "PEER_TRANSITIONS",
     "MigrationSummary",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drafter import loops, snapshot
-from drafter.chunks import Priority
+from drafter.chunks import DEVICES, Priority
 from drafter.device import Device
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
@@ -54,7 +54,7 @@ class PeerPhase(enum.Enum):
     SERVING = "serving"  # and is served on for the next migration
     MIGRATED_AWAY = "migrated away"  # the next host holds everything and runs it
     TAKEN_BACK = "taken back"  # the source resumed the VM itself: this copy must stop
-    CLOSED = "closed"  # stopped here (or never started)
+    CLOSED = "closed"  # stopped here (or its start failed)
 
 
 PEER_TRANSITIONS: dict[PeerPhase, frozenset[PeerPhase]] = {
@@ -104,8 +104,11 @@ class Peer:
         return self._phase
 
     def _to(self, new: PeerPhase) -> None:
-        """The one place the phase changes; only along PEER_TRANSITIONS (or to CLOSED)."""
+        """The one place the phase changes; only along PEER_TRANSITIONS (or to CLOSED).
+        A peer taken back stays so until it is closed, whatever step it was in."""
         old = self._phase
+        if old is PeerPhase.TAKEN_BACK and new is not PeerPhase.CLOSED:
+            return
         if new is not PeerPhase.CLOSED and new not in PEER_TRANSITIONS[old]:
             raise AssertionError(f"peer: {old.value} -> {new.value}")
         self._phase = new
@@ -168,7 +171,8 @@ class Peer:
         await host.run(sources.connect())
         config = sources.check()
         await asyncio.to_thread(self.follow.prepare, not sources.at_rest)
-        vm.devices.update(sources.devices(work))
+        for name in DEVICES:  # each in the session as soon as it exists: closed with it
+            vm.devices[name] = sources.device(name, work / f"{name}.cache")
         if o.local_package is not None:
             self.summary.reused = await asyncio.to_thread(
                 take_local_chunks, self.devices, o.local_package
@@ -356,6 +360,8 @@ class Peer:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
         if self.hot is not None:
             self.hot.cancel()
+        if self.serving is not None:
+            self.serving.stop_takeover()
         if self._pull is not None:  # its failure, if any, was reported by whoever waited
             if self._pull.done():
                 _ = self._pull.cancelled() or self._pull.exception()

@@ -22,7 +22,8 @@ Run = tuple[Device, int, int]  # device, first chunk, chunk count
 class PullPool:
     """At most ``workers`` runs in flight at once (the client's window bounds the
     bytes); runs go in :data:`drafter.chunks.DEVICES` order. ``progress`` counts the
-    bytes that became local and ``report`` is told after each run."""
+    bytes that became local and ``report`` is told after each run of the background
+    pull (:meth:`pull_all`)."""
 
     def __init__(
         self,

@@ -170,10 +170,14 @@ class Serving:
         a switched-over migration is away. Says what was done and what it cost."""
         return await self.session.host.run(self.source.take_back())
 
-    async def close(self) -> None:
-        """Stop serving (main loop; after the VM stopped)."""
+    def stop_takeover(self) -> None:
+        """No more waiting for the address to be free (the VM is going away)."""
         if self._takeover is not None:
             self._takeover.cancel()
+
+    async def close(self) -> None:
+        """Stop serving (main loop; after the VM stopped)."""
+        self.stop_takeover()
         await self.vm.settle()
         if self.server is not None:
             with contextlib.suppress(Exception):

@@ -113,10 +113,6 @@ class Sources:
         device.expect(source.hashes[name], binding=self.at_rest or name not in TRACKED)
         return device
 
-    def devices(self, work: Path) -> dict[str, Device]:
-        """The VM's lazy devices, in the order they are pulled."""
-        return {name: self.device(name, work / f"{name}.cache") for name in DEVICES}
-
 
 def take_local_chunks(devices: dict[str, Device], path: Path) -> int:
     """Chunks of a local package whose hashes match the remote's: copied, not moved.

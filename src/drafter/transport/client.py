@@ -343,8 +343,6 @@ class RemoteSource:
             conn.channel.abort()
         self._fail_pending(DrafterError(f"the connection to {self.raddr} was closed"))
 
-    # --- the window ----------------------------------------------------------------
-
     # --- connection --------------------------------------------------------------
 
     async def _open(self) -> tuple[_Conn, Greeting]:

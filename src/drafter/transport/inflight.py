@@ -73,7 +73,7 @@ class Pending:
         p = self
         if (head.resource, head.index, head.length) != (p.resource, p.index, size):
             raise ProtocolError(
-                ErrorCode.PROTOCOL, f"answer for another chunk than {where} {p.index}"
+                ErrorCode.PROTOCOL, f"answer for another chunk than {p.index} of {where}"
             )
         if head.flags & wire.CHUNK_ZERO:
             if payload or head.hash != wire.ZERO_HASH:
