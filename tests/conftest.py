@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -24,24 +23,18 @@ import pytest
 
 from drafter.blueprint.builder import Blueprint, BlueprintSpec, build
 from drafter.devicefs import unmount_stale_under
-from drafter.network import NamespaceInfo, namespace_info
 from drafter.vmm import MachineConfig, QemuMachine
-
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "out"
-CACHE = OUT / "cache"
-BIN = Path(sys.executable).parent
-# Namespaces dt0..dt3, apart from a user's ark*; the cleanup test runs an inner
-# session under another prefix.
-TEST_PREFIX = os.environ.get("DRAFTER_TEST_PREFIX", "dt")
-TEST_CIDR_BASE = int(os.environ.get("DRAFTER_TEST_CIDR_BASE", "230"))
-# Temporary directories of this session; the pid keeps another session's apart (a
-# suite running at the same time in another checkout has mounts of its own).
-TMP_PREFIX = f"drafter-test-{os.getpid()}-"
-
-
-def command(name: str) -> str:
-    return str(BIN / name)
+from support.common import (
+    CACHE,
+    OUT,
+    TEST_CIDR_BASE,
+    TEST_PREFIX,
+    TMP_PREFIX,
+    command,
+    run_command,
+    stop_process,
+)
+from support.vms import TestNetwork, copy_package, ctrl_c, runner, wait_for_redis
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,19 +71,6 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@dataclass
-class TestNetwork:
-    state_dir: Path
-    prefix: str
-    count: int
-
-    def name(self, index: int) -> str:
-        return f"{self.prefix}{index}"
-
-    def info(self, index: int) -> NamespaceInfo:
-        return namespace_info(self.name(index), self.state_dir)
-
-
 def start_daemon(state_dir: Path, prefix: str, count: int, cidr_base: int) -> subprocess.Popen:
     """Start drafter-daemon and wait for its ready line."""
     proc = subprocess.Popen(
@@ -123,49 +103,6 @@ def start_daemon(state_dir: Path, prefix: str, count: int, cidr_base: int) -> su
             return proc
     stop_process(proc)
     raise RuntimeError("drafter-daemon did not become ready:\n" + "".join(lines))
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> int:
-    """Stop a process we started, by its PID: ``sig`` first, SIGKILL if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            wait_killed(proc)
-    return proc.returncode
-
-
-def wait_killed(proc: subprocess.Popen, timeout: float = 30) -> int:
-    """Wait for a process we killed. One stuck on its own FUSE mount (D state) would
-    hang the suite: its mounts are aborted through fusectl, and the test fails."""
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    aborted = abort_fuse_mounts(lambda point: f".{proc.pid}." in point or TMP_PREFIX in point)
-    proc.wait(30)
-    raise AssertionError(f"process {proc.pid} was stuck after SIGKILL; aborted FUSE {aborted}")
-
-
-def abort_fuse_mounts(select: Callable[[str], bool]) -> list[str]:
-    """Abort the FUSE connections of the drafter mounts ``select`` picks."""
-    connections = Path("/sys/fs/fuse/connections")
-    if not any(connections.iterdir()):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], check=False)
-    aborted = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point, kind = fields[4], fields[fields.index("-") + 1]
-        if kind.startswith("fuse") and select(point):
-            major, minor = fields[2].split(":")
-            abort = connections / str(os.makedev(int(major), int(minor))) / "abort"
-            with contextlib.suppress(OSError):
-                abort.write_text("1")
-                aborted.append(point)
-    return aborted
 
 
 @pytest.fixture(scope="session")
@@ -228,25 +165,6 @@ def machine_factory(workdir: Path) -> Iterator[Callable[..., QemuMachine]]:
         factory.cleanup()
 
 
-def run_command(*argv: str, env: dict[str, str] | None = None, timeout: float = 600):
-    """Run one of our commands; return the CompletedProcess (text)."""
-    return subprocess.run(
-        [command(argv[0]), *argv[1:]], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """A failed command must say what went wrong in one line, without a traceback."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    # Progress lines may come before it; the error itself is one line, and the last.
-    errors = [ln for ln in result.stderr.splitlines() if "error:" in ln]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
 @pytest.fixture(scope="session")
 def redis_package(redis_blueprint: Blueprint, network: TestNetwork) -> Iterator[Path]:
     """A packaged Redis VM (256 MiB), made once by drafter-packager."""
@@ -267,19 +185,11 @@ def redis_package(redis_blueprint: Blueprint, network: TestNetwork) -> Iterator[
     yield path
 
 
-def copy_package(src: Path, dst_dir: Path) -> Path:
-    dst = dst_dir / src.name
-    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
-    return dst
-
-
 @pytest.fixture(scope="session")
 def seeded_package(redis_package, network) -> Iterator[Path]:
     """The Redis package with one key written into it (through drafter-runner)."""
     directory = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "seeded-"))
     package = copy_package(redis_package, directory)
-    from test_runner import ctrl_c, runner, wait_for_redis
-
     with runner(package, network.name(0)) as proc:
         assert wait_for_redis(network.info(0).external_address).set("from", "the package")
         ctrl_c(proc)

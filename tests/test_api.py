@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import drafter
-from conftest import CACHE, ROOT, stop_process
 from drafter.blueprint.builder import Blueprint
+from support.common import CACHE, ROOT, stop_process
+from support.net import free_port
 
 if TYPE_CHECKING:  # pytest would try to collect a Test* class imported here
-    from conftest import TestNetwork
+    from support.vms import TestNetwork
 
 DOC = ROOT / "docs" / "api.md"
 SCRIPT_TIMEOUT = 600
@@ -44,14 +45,6 @@ def with_settings(script: str, **settings: object) -> str:
         script, n = setting.subn(lambda _m, line=line: line, script, count=1)
         assert n == 1, f"no setting {name} in\n{script}"
     return script
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(script: str, cwd: Path) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from support.common import ROOT
 
 
 def qemu_pids(using: Path) -> set[int]:

@@ -9,23 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import command, copy_package, stop_process, wait_killed
-from test_runner import wait_for_redis
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
-def wait_gone(pids: list[int], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{p}").exists() for p in pids):
-        assert time.monotonic() < deadline, f"processes {pids} outlived their runner"
-        time.sleep(0.05)
+from support.common import children, command, stop_process, wait_gone, wait_killed
+from support.vms import copy_package, wait_for_redis
 
 
 def test_sigkill_at_random_moments_never_breaks_the_package(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, command, run_command
+from support.common import assert_one_line_error, command, run_command
+from support.vms import packager
 
 
 def test_unknown_app(redis_blueprint) -> None:
@@ -47,18 +48,6 @@ def test_packager_resource_missing(redis_blueprint, workdir: Path, which: str) -
     )  # fmt: skip
     assert_one_line_error(result, which, "does not exist")
     assert not out.exists()
-
-
-def packager(blueprint, out: Path, *extra: str, env: dict[str, str] | None = None):
-    return run_command(
-        "drafter-packager",
-        "--kernel-path", str(blueprint.kernel),
-        "--initramfs-path", str(blueprint.initramfs),
-        "--disk-path", str(blueprint.disk),
-        "--package-output-path", str(out),
-        *extra,
-        env=env,
-    )  # fmt: skip
 
 
 def test_memory_too_small_for_the_kernel(redis_blueprint, workdir: Path) -> None:

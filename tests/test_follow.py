@@ -30,21 +30,28 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import (
-    TEST_CIDR_BASE,
-    TEST_PREFIX,
-    TMP_PREFIX,
-    assert_one_line_error,
-    copy_package,
-    run_command,
-)
 from drafter.errors import DrafterError
 from drafter.network import carrier
 from drafter.network.follow import parse_stable_address, stable_ruleset
 from drafter.network.namespaces import in_namespace
-from test_migration import finish_source
-from test_peer import peer, registry, wait_resumed
-from test_runner import ctrl_c, free_port, runner, wait_for_redis
+from support.common import (
+    TEST_CIDR_BASE,
+    TEST_PREFIX,
+    TMP_PREFIX,
+    assert_one_line_error,
+    run_command,
+)
+from support.net import free_port
+from support.vms import (
+    copy_package,
+    ctrl_c,
+    finish_source,
+    peer,
+    registry,
+    runner,
+    wait_for_redis,
+    wait_resumed,
+)
 
 # Stable addresses: apart from every daemon's CIDRs (10.{base}.0.0/24, 10.{base+1}.0.0/24)
 # and from other sessions (they use another base).

@@ -18,16 +18,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_one_line_error, run_command
 from drafter import metrics
 from drafter.errors import DrafterError
 from drafter.migration import MigrationSource, Phase
 from drafter.transport.client import Priority, RemoteSource
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.server import ChunkServer
-from test_migration import finish_source, migrate
-from test_peer import registry, wait_resumed
-from test_runner import free_port
+from support.common import assert_one_line_error, run_command
+from support.net import free_port
+from support.vms import finish_source, migrate, registry, wait_resumed
 
 CHUNK = 4096
 TOKEN = "f" * 64

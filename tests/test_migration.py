@@ -5,22 +5,27 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from conftest import wait_killed
 from drafter.transport.client import RemoteSource
 from drafter.transport.protocol import MsgType
-from test_peer import peer, registry, wait_resumed
-from test_runner import free_port, wait_for_redis
+from support.common import StderrWatch, wait_killed
+from support.net import free_port
+from support.vms import (
+    check_no_loss,
+    finish_source,
+    migrate,
+    peer,
+    registry,
+    wait_for_redis,
+    wait_resumed,
+    writing,
+)
 
 
 @contextlib.contextmanager
@@ -59,123 +64,6 @@ def offered_migration(raddr: str) -> Iterator[None]:
     finally:
         release.set()
         thread.join(10)
-
-
-class Writer(threading.Thread):
-    """Appends 1, 2, 3, ... to a Redis list, following the VM to wherever it runs.
-
-    A write counts once Redis acknowledged it. After a failure the writer checks
-    whether the write landed anyway; if it cannot tell yet, it retries, so a write the
-    guest had received just before switch-over may land twice (at-least-once, as for
-    any client that retries). Such values are recorded in ``retried``.
-    """
-
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.addresses = addresses
-        self.acked: list[int] = []
-        self.gaps: list[float] = []
-        self.stop = threading.Event()
-        self.errors = 0
-        self.retried: set[int] = set()
-
-    def client(self, address: str) -> redis.Redis:
-        # No retries inside redis-py: a retried write must be visible to the check.
-        return redis.Redis(
-            host=address, socket_timeout=1, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)
-        )
-
-    def run(self) -> None:
-        value = 1
-        current = 0
-        client = self.client(self.addresses[current])
-        last_ack = time.monotonic()
-        while not self.stop.is_set():
-            try:
-                client.rpush("log", value)
-            except redis.RedisError:
-                self.errors += 1
-                self.retried.add(value)
-                landed = self.find(value)
-                if landed is None:
-                    current = (current + 1) % len(self.addresses)
-                    client = self.client(self.addresses[current])
-                    continue
-                client = landed
-            now = time.monotonic()
-            self.gaps.append(now - last_ack)
-            last_ack = now
-            self.acked.append(value)
-            value += 1
-            time.sleep(0.005)
-
-    def find(self, value: int) -> redis.Redis | None:
-        """The client of the VM if ``value`` is already its list's last element."""
-        for address in self.addresses:
-            client = self.client(address)
-            try:
-                if client.lindex("log", -1) == str(value).encode():
-                    return client
-            except redis.RedisError:
-                continue
-        return None
-
-
-@contextlib.contextmanager
-def writing(addresses: list[str]) -> Iterator[Writer]:
-    writer = Writer(addresses)
-    writer.start()
-    try:
-        yield writer
-    finally:
-        writer.stop.set()
-        writer.join(30)
-
-
-def check_no_loss(address: str, writer: Writer) -> None:
-    log = [int(x) for x in wait_for_redis(address).lrange("log", 0, -1)]
-    assert writer.acked, "the writer never got an acknowledgement"
-    writes: list[int] = []
-    for value in log:
-        if writes and value == writes[-1]:
-            # Only a write the client sent again may appear twice, and only in a row.
-            assert value in writer.retried, f"{value} appears twice but was sent once"
-            continue
-        writes.append(value)
-    assert writes == sorted(set(writes)), "writes out of order"
-    assert writes[: len(writer.acked)] == writer.acked, "acknowledged writes lost"
-
-
-class StderrWatch(threading.Thread):
-    """Collects a process's stderr lines so a test can wait for one."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        super().__init__(daemon=True)
-        self.proc = proc
-        self.lines: list[str] = []
-        self.start()
-
-    def run(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert time.monotonic() < deadline, f"no {text!r} in {self.lines}"
-            time.sleep(0.005)
-
-
-def migrate(raddr: str, netns: str, workdir: Path, laddr: str, *extra: str):
-    return peer(raddr, netns, workdir, *extra, laddr=laddr)
-
-
-def finish_source(source: subprocess.Popen) -> str:
-    out, err = source.communicate(timeout=180)
-    assert source.returncode == 0, err
-    assert "migrated away" in out, out
-    return out
 
 
 def run_chain(seeded_package, network, workdir: Path, *extra: str) -> list[str]:

@@ -20,11 +20,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import wait_killed
-from test_migration import StderrWatch, check_no_loss, migrate, writing
-from test_peer import registry, wait_resumed
-from test_runner import free_port, wait_for_redis
-from test_wire_peers import CuttableProxy
+from support.common import StderrWatch, wait_killed
+from support.net import CuttableProxy, free_port
+from support.vms import (
+    check_no_loss,
+    migrate,
+    peer,
+    registry,
+    wait_for_redis,
+    wait_resumed,
+    writing,
+)
 
 
 class Prober(threading.Thread):
@@ -91,8 +97,6 @@ def source_and_writer(stack: contextlib.ExitStack, seeded_package, network, work
 
 def destination(port: int, network, workdir, *extra: str, failpoints: str = ""):
     env = {**os.environ, "DRAFTER_FAILPOINTS": failpoints}
-    from test_peer import peer
-
     return peer(f"127.0.0.1:{port}", network.name(1), workdir, *extra, laddr="", env=env)
 
 

@@ -22,21 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    CACHE,
-    OUT,
-    TMP_PREFIX,
-    assert_one_line_error,
-    copy_package,
-    run_command,
-)
 from drafter.blueprint import container, oci
 from drafter.blueprint.builder import Blueprint
 from drafter.devicefs import unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.guest import liveness
 from drafter.package import open_package
-from oci_images import (
+from support.common import CACHE, OUT, TMP_PREFIX, assert_one_line_error, run_command
+from support.net import free_port
+from support.oci_images import (
     HTTP_PORT,
     Symlink,
     busybox_image,
@@ -45,9 +39,18 @@ from oci_images import (
     redis_image,
     umoci,
 )
-from test_migration import check_no_loss, finish_source, migrate, writing
-from test_peer import registry, wait_resumed
-from test_runner import ctrl_c, free_port, runner, wait_for_redis
+from support.vms import (
+    check_no_loss,
+    copy_package,
+    ctrl_c,
+    finish_source,
+    migrate,
+    registry,
+    runner,
+    wait_for_redis,
+    wait_resumed,
+    writing,
+)
 
 IMAGES = OUT / "test" / "oci-images"
 GUEST_ROOTFS = f"/{container.GUEST_BUNDLE}/rootfs"

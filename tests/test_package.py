@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import assert_one_line_error, command, run_command, stop_process
 from drafter.errors import DrafterError
 from drafter.package import (
     ALIGN,
@@ -35,27 +34,13 @@ from drafter.package import (
     open_package,
     write_package,
 )
+from support.common import assert_one_line_error, command, run_command, stop_process
+from support.packages import small_package
 
 if TYPE_CHECKING:  # pytest would try to collect a Test* class imported here
-    from conftest import TestNetwork
+    from support.vms import TestNetwork
 
 MIB = 1 << 20
-
-
-def small_package(directory: Path, memory_mib: int = 1) -> Path:
-    files = {}
-    for resource in RESOURCES[1:]:
-        path = directory / resource
-        with path.open("wb") as f:
-            f.write(resource.encode() * 100)
-            if resource in ("memory", "disk"):
-                f.truncate(memory_mib * MIB)
-                f.seek(memory_mib * MIB - 5)
-                f.write(b"last!")
-        files[resource] = path
-    pkg = directory / "small.drft"
-    write_package(pkg, PackageConfig(memory_mib, 1, "console=ttyS0", "02:00:00:00:00:01"), files)
-    return pkg
 
 
 def digest(path: Path) -> str:

@@ -10,10 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import CACHE, assert_one_line_error, command, copy_package, stop_process
 from drafter.blueprint.builder import BlueprintSpec, build
-from test_crash import children, wait_gone
-from test_errors import packager
+from support.common import CACHE, assert_one_line_error, children, command, stop_process, wait_gone
+from support.vms import copy_package, packager
 
 
 def test_interrupted_packager_leaves_nothing(redis_blueprint, network, workdir: Path) -> None:

@@ -5,62 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from conftest import command, stop_process, wait_killed
-from test_runner import ctrl_c, free_port, runner, wait_for_redis
-
-
-@contextlib.contextmanager
-def registry(package: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [command("drafter-registry"), "--package-path", str(package),
-         "--laddr", f"127.0.0.1:{port}", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "serving" in line, line + (proc.stderr.read() if proc.stderr else "")
-        yield proc, f"127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
-
-
-@contextlib.contextmanager
-def peer(
-    raddr: str,
-    netns: str,
-    workdir: Path,
-    *extra: str,
-    laddr: str = "",
-    env: dict[str, str] | None = None,
-) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [command("drafter-peer"), "--netns", netns, "--raddr", raddr, "--laddr", laddr,
-         "--work-dir", str(workdir / "vms"), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        stop_process(proc)  # Ctrl-C first: the peer removes its mount and cache
-
-
-def wait_resumed(proc: subprocess.Popen) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "resumed the VM" in line, line + (proc.stderr.read() if proc.stderr else "")
-    return line
+from support.common import wait_killed
+from support.vms import ctrl_c, peer, registry, runner, wait_for_redis, wait_resumed
 
 
 def test_peer_serves_the_package_data_and_takes_writes(seeded_package, network, workdir) -> None:

@@ -2,52 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import signal
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import redis
-
-from conftest import command, copy_package, stop_process
-
-
-def wait_for_redis(address: str, port: int = 6379, timeout: float = 60) -> redis.Redis:
-    client = redis.Redis(host=address, port=port, socket_timeout=10, socket_connect_timeout=2)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return client
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def runner(package: Path, netns: str, *extra: str) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [command("drafter-runner"), "--netns", netns, "--package-path", str(package), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        stop_process(proc)  # Ctrl-C first: the runner removes its mount
-
-
-def ctrl_c(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "snapshot" in out
+from support.common import command, stop_process
+from support.net import free_port
+from support.vms import copy_package, ctrl_c, runner, wait_for_redis
 
 
 def test_keys_survive_three_rounds_of_run_and_ctrl_c(redis_package, network, workdir) -> None:
@@ -74,12 +34,6 @@ def test_persist_false_never_modifies_the_package(redis_package, network, workdi
     with runner(package, network.name(2), "--persist=false") as proc:
         assert wait_for_redis(network.info(2).external_address).get("ephemeral") is None
         ctrl_c(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_forwarder_carries_a_redis_session(redis_package, network, workdir) -> None:

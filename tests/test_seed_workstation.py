@@ -16,9 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import command, stop_process
-from test_peer import wait_resumed
-from test_runner import wait_for_redis
+from support.common import command, stop_process
+from support.vms import wait_for_redis, wait_resumed
 
 
 @contextlib.contextmanager

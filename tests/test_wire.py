@@ -1,5 +1,5 @@
 """The wire protocol (v2) over real loopback sockets: registry provider, chunk server,
-client. No QEMU: the package is synthetic (tests/wire_helpers.py).
+client. No QEMU: the package is synthetic (tests/support/wire.py).
 
 Every chunk a client returns is checked against the package's bytes, so a torn or
 misplaced chunk fails the test wherever it happens. Attacks on purpose are in
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_command
 from drafter.errors import DrafterError
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
 from drafter.transport import protocol as wire
@@ -35,7 +34,8 @@ from drafter.transport.client import Priority, RemoteSource
 from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.registry import PackageProvider
-from wire_helpers import (
+from support.common import assert_one_line_error, run_command
+from support.wire import (
     CHUNK,
     LOOPBACK,
     MIB,

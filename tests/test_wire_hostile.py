@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_one_line_error, run_command
 from drafter.errors import DrafterError
 from drafter.package import open_package
 from drafter.transport import protocol as wire
@@ -33,7 +32,9 @@ from drafter.transport.hashes import digest
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.registry import PackageProvider
 from drafter.transport.server import ServerLimits
-from wire_helpers import (
+from support.common import assert_one_line_error, run_command
+from support.net import free_port, nothing_listens
+from support.wire import (
     CHUNK,
     LOOPBACK,
     MIB,
@@ -45,8 +46,6 @@ from wire_helpers import (
     data_chunks,
     data_requests,
     env_without_token,
-    free_port,
-    nothing_listens,
     one_line_logged,
     pull,
     raw_connect,

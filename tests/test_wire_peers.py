@@ -10,10 +10,24 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import assert_one_line_error, command, run_command, stop_process
-from test_migration import finish_source, migrate
-from test_peer import peer, registry, wait_resumed
-from test_runner import free_port, wait_for_redis
+from support.common import (
+    StderrWatch,
+    assert_one_line_error,
+    command,
+    run_command,
+    stop_process,
+)
+from support.net import CuttableProxy, free_port
+from support.vms import (
+    check_no_loss,
+    finish_source,
+    migrate,
+    peer,
+    registry,
+    wait_for_redis,
+    wait_resumed,
+    writing,
+)
 
 
 def make_token(workdir: Path) -> Path:
@@ -179,58 +193,6 @@ def test_a_flipped_bit_in_flight_is_refused(seeded_package, network, workdir) ->
         assert "refused" in last or "failed authentication" in last, last
 
 
-class CuttableProxy(threading.Thread):
-    """Forwards TCP connections to ``target``; :meth:`cut` drops the open ones (new ones
-    are forwarded again)."""
-
-    def __init__(self, target: int) -> None:
-        super().__init__(daemon=True)
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open: list[socket.socket] = []
-        self.cuts = 0
-        self.refuse_until = 0.0  # connections before this moment are closed at once
-        self.start()
-
-    def run(self) -> None:
-        import time
-
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                if time.monotonic() < self.refuse_until:
-                    client.close()
-                    continue
-                server = socket.create_connection(("127.0.0.1", self.target))
-                self.open += [client, server]
-                for a, b in ((client, server), (server, client)):
-                    threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def cut(self) -> None:
-        self.cuts += 1
-        sockets, self.open = self.open, []
-        for s in sockets:
-            # shutdown() ends the connection even while a pipe thread is blocked in
-            # recv() on it (close() alone would wait for that thread).
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
 def post_copy_through(proxy: CuttableProxy, network, workdir: Path, failpoints: str = ""):
     """A destination in namespace 1 that migrates the VM through ``proxy``, resuming
     at once (pure post-copy), and rides out cuts for 30 s."""
@@ -245,8 +207,6 @@ def test_a_cut_during_post_copy_is_recovered_not_rescued(seeded_package, network
     """The link to the source drops right after switch-over: the destination comes back
     with the migration's id, the source keeps the migration its own instead of resuming
     the VM itself, and the migration completes with no acknowledged write lost."""
-    from test_migration import StderrWatch, check_no_loss, writing
-
     addresses = [network.info(i).external_address for i in range(2)]
     with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:
         port = free_port()
@@ -286,7 +246,7 @@ def test_auto_compression_is_off_on_loopback_only(network, workdir) -> None:
     from drafter.transport.client import RemoteSource
     from drafter.transport.registry import PackageProvider
     from drafter.transport.server import ChunkServer
-    from wire_helpers import build_package
+    from support.wire import build_package
 
     package = open_package(build_package(workdir))
 
@@ -315,8 +275,6 @@ def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, work
     lost the switch-over answer, or its RESUME is refused), so only one copy of the
     VM answers."""
     import time
-
-    from test_migration import StderrWatch
 
     addresses = [network.info(i).external_address for i in range(2)]
     with registry(seeded_package) as (_, raddr), contextlib.ExitStack() as stack:

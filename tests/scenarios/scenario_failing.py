@@ -22,7 +22,7 @@ def test_fails_while_a_vm_runs(redis_blueprint, network, machine_factory) -> Non
 
 
 def test_fails_while_a_package_is_mounted(redis_package, network, workdir) -> None:
-    from conftest import copy_package
+    from support.vms import copy_package
 
     package = copy_package(redis_package, workdir)
 

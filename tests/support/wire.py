@@ -1,4 +1,4 @@
-"""Helpers for the wire tests (tests/test_wire.py, tests/test_wire_hostile.py).
+"""Helpers for the wire tests (test_wire.py, test_wire_hostile.py and the client's).
 
 A synthetic package (no QEMU), servers over it, a pull that checks every chunk, a
 hand-driven client (:class:`Raw`) that speaks protocol v2 byte by byte, a proxy that
@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from conftest import command, stop_process
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -32,10 +31,11 @@ from drafter.transport.client import Priority, RemoteSource
 from drafter.transport.protocol import MsgType
 from drafter.transport.registry import PackageProvider
 from drafter.transport.server import ChunkServer, ServerLimits
+from support.common import command, stop_process
+from support.net import LOOPBACK
 
 CHUNK = 64 * 1024
 MIB = 1 << 20
-LOOPBACK = "127.0.0.1"
 SERVER_LOG = "drafter.transport.server"
 HOT = {"memory": [(0, 100), (3 * MIB + MIB // 2, 10)]}  # chunks 0 and 56 of memory
 
@@ -498,17 +498,6 @@ def start_registry(
         stop_process(proc)
         raise AssertionError(f"no serving line: {line!r} {stderr_path.read_text()}")
     return Registry(proc, int(line.rsplit(":", 1)[1]), stderr_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def nothing_listens(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((LOOPBACK, port)) != 0
 
 
 def env_without_token() -> dict[str, str]:
