@@ -2,7 +2,7 @@
 the VM answers at any moment, and the outcome is the one docs/migration.md names.
 
 A prober asks both namespaces' addresses, all the time, and records which one
-answered; a writer appends to whichever answers (test_migration's). The other
+answered; a writer appends to whichever answers (support.vms.Writer). The other
 steps' faults are in test_migration.py (pre-copy, after the pause, source death) and
 test_wire_peers.py (cuts during post-copy, a link down past the rescue timeout).
 """

@@ -3,7 +3,7 @@ client. No QEMU: the package is synthetic (tests/support/wire.py).
 
 Every chunk a client returns is checked against the package's bytes, so a torn or
 misplaced chunk fails the test wherever it happens. Attacks on purpose are in
-tests/test_wire_hostile.py.
+tests/unit/test_wire_hostile.py.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from drafter.blueprint import container, oci
 from drafter.blueprint.builder import Blueprint
 from drafter.devicefs import unmount_stale_under
 from drafter.errors import DrafterError
-from drafter.guest import liveness
 from drafter.package import open_package
 from support.common import CACHE, OUT, TMP_PREFIX, assert_one_line_error, run_command
 from support.net import free_port
@@ -386,13 +385,7 @@ def test_oci_flags_need_an_image() -> None:
     assert_one_line_error(result, "--oci-cmd needs --oci-image")
 
 
-# ------------------------------------------------------------------ pure helpers (fast)
-
-
-def test_multi_arch_image_uses_the_amd64_variant(workdir: Path) -> None:
-    layout = craft_layout(workdir / "m", [("a", b"")], multi_arch=True)
-    with oci.open_image(oci.OciOptions(f"{layout}:crafted"), workdir) as image:
-        assert image.config["architecture"] == "amd64"
+# ------------------------------------------- helpers over an image (others: tests/unit/)
 
 
 def test_reference_parsing(busybox_layout: Path) -> None:
@@ -405,33 +398,3 @@ def test_reference_parsing(busybox_layout: Path) -> None:
     assert oci.parse_args_list("a 'b c'", "--oci-cmd") == ["a", "b c"]
     with pytest.raises(DrafterError, match="JSON array"):
         oci.parse_args_list("[1", "--oci-cmd")
-
-
-def test_runtime_spec_shares_the_vm_network() -> None:
-    spec = {
-        "process": {"terminal": True, "args": ["x"]},
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
-    }
-    container.adapt_runtime_spec(spec)
-    assert [ns["type"] for ns in spec["linux"]["namespaces"]] == ["pid", "mount"]
-    assert spec["process"]["terminal"] is False
-    assert "CAP_CHOWN" in spec["process"]["capabilities"]["effective"]
-    assert "/etc/hosts" in [m["destination"] for m in spec["mounts"]]
-
-
-def test_liveness_waits_until_the_container_runs(workdir: Path) -> None:
-    """drafter-liveness --wait-container polls the OCI runtime's state."""
-    runtime = workdir / "fake-crun"
-    count = workdir / "count"
-    runtime.write_text(
-        "#!/bin/sh\n"
-        f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
-        '[ "$n" -ge 3 ] && status=running || status=created\n'
-        'echo "{\\"id\\": \\"$2\\", \\"status\\": \\"$status\\"}"\n'
-    )
-    runtime.chmod(0o755)
-    liveness.wait_for_container("drafter", str(runtime), timeout=10)
-    assert int(count.read_text()) == 4
-    count.write_text("-1000")
-    with pytest.raises(TimeoutError, match="last status: created"):
-        liveness.wait_for_container("drafter", str(runtime), timeout=0.5)

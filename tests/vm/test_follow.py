@@ -30,9 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from drafter.errors import DrafterError
 from drafter.network import carrier
-from drafter.network.follow import parse_stable_address, stable_ruleset
 from drafter.network.namespaces import in_namespace
 from support.common import (
     TEST_CIDR_BASE,
@@ -485,44 +483,6 @@ def test_a_bad_stable_address_gets_one_line(
         result = run_command(cmd, "--netns", network.name(3), *where,
                              *follow_flags(network, address), timeout=60)  # fmt: skip
         assert_one_line_error(result, needle)
-
-
-# -- pure parts ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "ok"),
-    [("10.0.16.1", True), ("192.0.2.1", True), ("0.0.0.0", False), ("224.0.0.1", False),
-     ("169.254.1.1", False), ("255.255.255.255", False), ("10.0.16.1/32", False), ("", False)],
-)  # fmt: skip
-def test_parse_stable_address(text: str, ok: bool) -> None:
-    if ok:
-        assert parse_stable_address(text) == text
-    else:
-        with pytest.raises(DrafterError):
-            parse_stable_address(text)
-
-
-def test_the_stable_translation_is_the_same_in_every_namespace() -> None:
-    rules = stable_ruleset("10.0.16.1", "veth0", "172.100.100.2")
-    assert (
-        'iifname "veth0" ip daddr 10.0.16.1 meta l4proto { tcp, udp } dnat to 172.100.100.2'
-        in rules
-    )
-    assert 'oifname "veth0" ip saddr 172.100.100.2 snat to 10.0.16.1' in rules
-    assert "ark" not in rules  # nothing of the namespace it is made in
-
-
-def test_carrier_is_read_from_the_last_link_event_about_the_tap() -> None:
-    def event(index: int, flags: int) -> bytes:
-        body = struct.pack("=BxHiII", 0, 1, index, flags, 0)
-        return struct.pack("=LHHLL", 16 + len(body), 16, 0, 0, 0) + body
-
-    up, down = 0x10000 | 1, 1
-    assert carrier.CarrierWatch._carrier_in(event(5, up), 5) is True
-    assert carrier.CarrierWatch._carrier_in(event(5, up) + event(5, down), 5) is False
-    assert carrier.CarrierWatch._carrier_in(event(6, down), 5) is None
-    assert carrier.CarrierWatch._carrier_in(b"\x00" * 8, 5) is None
 
 
 def test_a_stable_address_is_unreachable_until_its_vm_runs(network) -> None:

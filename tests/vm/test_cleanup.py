@@ -46,7 +46,7 @@ def test_failing_tests_clean_up_after_themselves(redis_package, workdir: Path) -
             "-q",
             "-p",
             "no:cacheprovider",
-            str(ROOT / "tests" / "scenarios" / "scenario_failing.py"),
+            str(ROOT / "tests" / "vm" / "scenarios" / "scenario_failing.py"),
         ],  # fmt: skip
         cwd=ROOT,
         env=env,

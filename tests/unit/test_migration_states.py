@@ -4,7 +4,7 @@ A real :class:`ChunkServer` serves a :class:`MigrationSource` over small real de
 a real :class:`RemoteSource` carries a :class:`MigrationDestination`'s calls, through
 a proxy in the same event loop that can cut the link. Only the VM is fake: it records
 whether it runs at the source. The end-to-end tests with QEMU guests are in
-test_migration.py and test_wire_peers.py.
+tests/vm/test_migration.py and tests/vm/test_wire_peers.py.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ import pytest
 from drafter.errors import DrafterError
 from drafter.network import NetworkConfig, namespace_info
 from drafter.network.config import plan_namespaces
-from drafter.network.forwarder import parse_port_forwards
 from drafter.network.namespaces import in_namespace
 
 BIN = Path(sys.executable).parent
@@ -334,60 +333,8 @@ def wait_until(pred: Callable[[], bool], timeout: float = 5) -> bool:
     return pred()
 
 
-# -- pure library tests (no root needed) ---------------------------------------------------
-
-
-def test_plan_addresses() -> None:
-    cfg = NetworkConfig(namespace_count=3)
-    plans = plan_namespaces(cfg)
-    assert [p.namespace for p in plans] == ["ark0", "ark1", "ark2"]
-    assert [(p.host_address, p.namespace_address) for p in plans] == [
-        ("10.0.8.1", "10.0.8.2"),
-        ("10.0.8.5", "10.0.8.6"),
-        ("10.0.8.9", "10.0.8.10"),
-    ]
-    assert [p.external_address for p in plans] == ["10.0.15.1", "10.0.15.2", "10.0.15.3"]
-    assert all(len(p.host_veth) <= 15 for p in plans)
-    long = plan_namespaces(NetworkConfig(namespace_prefix="a" * 30, namespace_count=2))
-    assert len({p.host_veth for p in long}) == 2
-    assert all(len(p.host_veth) <= 15 for p in long)
-
-
-@pytest.mark.parametrize(
-    ("cfg", "word"),
-    [
-        (NetworkConfig(namespace_prefix="bad/name"), "prefix"),
-        (NetworkConfig(namespace_count=0), "count"),
-        (NetworkConfig(host_veth_cidr="10.0.8.0/29", namespace_count=3), "room"),
-        (NetworkConfig(namespace_veth_cidr="nonsense"), "namespace veth CIDR"),
-        (NetworkConfig(namespace_interface_mac="zz"), "MAC"),
-        (NetworkConfig(namespace_veth_cidr="10.0.8.0/24"), "overlaps"),
-    ],
-)
-def test_config_errors(cfg: NetworkConfig, word: str) -> None:
-    with pytest.raises(DrafterError, match=word):
-        plan_namespaces(cfg)
-
-
-def test_parse_port_forwards() -> None:
-    (f,) = parse_port_forwards(
-        '[{"netns":"ark0","internalPort":"6379","protocol":"tcp","externalAddr":"127.0.0.1:3333"}]'
-    )
-    assert (f.netns, f.internal_port, f.external_host, f.external_port) == (
-        "ark0",
-        6379,
-        "127.0.0.1",
-        3333,
-    )
-    for bad, word in [
-        ("{nope", "JSON"),
-        ("[]", "non-empty"),
-        ('[{"netns":"a","internalPort":"1","protocol":"udp","externalAddr":"1.2.3.4:5"}]', "tcp"),
-        ('[{"netns":"a","internalPort":"x","externalAddr":"127.0.0.1:5"}]', "internalPort"),
-        ('[{"netns":"a","internalPort":"1","externalAddr":"127.0.0.1"}]', "HOST:PORT"),
-    ]:
-        with pytest.raises(DrafterError, match=word):
-            parse_port_forwards(bad)
+# The pure library tests (no root needed) are in tests/unit/test_network_config.py and
+# tests/unit/test_port_forwards.py.
 
 
 # -- the daemon ------------------------------------------------------------------------------
