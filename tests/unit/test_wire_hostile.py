@@ -374,6 +374,7 @@ def test_a_server_sending_other_bytes_with_their_own_hash_is_refused(package: Pa
 # --- clients that cost the server ----------------------------------------------------
 
 
+@pytest.mark.serial
 def test_silent_and_trickling_clients_meet_the_handshake_deadline(
     package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -421,6 +422,7 @@ def test_silent_and_trickling_clients_meet_the_handshake_deadline(
     run(go())
 
 
+@pytest.mark.serial
 def test_the_connection_cap_pauses_accepting(package: Path) -> None:
     expected = contents(package)
 
@@ -466,6 +468,7 @@ def test_the_connection_cap_pauses_accepting(package: Path) -> None:
     run(go())
 
 
+@pytest.mark.serial
 def test_clients_that_do_not_read_are_dropped(
     package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -520,6 +523,7 @@ def test_clients_that_do_not_read_are_dropped(
     run(go(), timeout=60)
 
 
+@pytest.mark.serial
 def test_more_than_1024_outstanding_requests_are_too_many(
     package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -553,6 +557,7 @@ def test_more_than_1024_outstanding_requests_are_too_many(
     run(go())
 
 
+@pytest.mark.serial
 def test_an_idle_client_is_dropped(package: Path, caplog: pytest.LogCaptureFixture) -> None:
     expected = contents(package)
 
@@ -891,6 +896,7 @@ def registry_args(package: Path, token_file: Path, *more: str) -> list[str]:
             "--token-file", str(token_file), "--chunk-size", str(CHUNK), *more]  # fmt: skip
 
 
+@pytest.mark.serial
 def test_running_out_of_descriptors_does_not_spin(
     package: Path, token_file: Path, workdir: Path
 ) -> None:
@@ -928,6 +934,7 @@ def test_running_out_of_descriptors_does_not_spin(
     assert len(stderr.splitlines()) < 60, stderr  # one line per dropped connection at most
 
 
+@pytest.mark.serial
 def test_registry_memory_and_speed_under_attack(
     package: Path, token_file: Path, workdir: Path
 ) -> None:
