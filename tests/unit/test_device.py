@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,8 +16,6 @@ import pytest
 
 from drafter.chunks import (
     ZERO_HASH,
-    ChunkSource,
-    Deliver,
     Priority,
     chunk_count,
     chunk_length,
@@ -26,110 +23,10 @@ from drafter.chunks import (
 )
 from drafter.device import Device, FileRange, MissingChunkError
 from drafter.errors import DrafterError
-from drafter.transport.hashes import chunk_hash, digest
+from drafter.transport.hashes import digest
+from support.chunk_sources import CS, Call, FakeSource, as_source, pattern
 
-CS = 4096  # chunk size of most devices here
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, order=True)
-class Call:
-    """One request a source was asked for."""
-
-    resource: str
-    start: int
-    count: int
-    priority: Priority
-
-
-def pattern(size: int, seed: int = 1) -> bytes:
-    """``size`` bytes where every chunk of CS differs from the others and from zeros."""
-    return bytes((seed + i // CS * 7 + i % 251) % 255 + 1 for i in range(size))
-
-
-@dataclass
-class FakeSource:
-    """A :class:`ChunkSource` over bytes in memory.
-
-    ``hold[priority]``: requests at that priority wait for the event first. ``fail``:
-    chunks whose request raises DrafterError every time; ``fail_once``: the first time
-    only. ``wrong_size``: chunks delivered one byte short. ``drop``: chunks the source
-    says nothing about (the request returns without delivering them).
-    """
-
-    contents: dict[str, bytes]
-    chunk_size: int = CS
-
-    def __post_init__(self) -> None:
-        cs = self.chunk_size
-        self.manifest: dict[str, int] = {r: len(b) for r, b in self.contents.items()}
-        self.hashes: dict[str, list[bytes]] = {
-            r: [chunk_hash(b[i * cs : (i + 1) * cs]) for i in range(chunk_count(len(b), cs))]
-            for r, b in self.contents.items()
-        }
-        self.hot: dict[str, list[int]] = {}
-        self.config = b"{}"
-        self.calls: list[Call] = []
-        self.expected: list[list[bytes | None]] = []
-        self.hold: dict[Priority, asyncio.Event] = {}
-        self.fail: set[tuple[str, int]] = set()
-        self.fail_once: set[tuple[str, int]] = set()
-        self.wrong_size: set[tuple[str, int]] = set()
-        self.drop: set[tuple[str, int]] = set()
-        self.inflight = 0
-        self.peak = 0
-        self.connected = False
-
-    def chunk(self, resource: str, index: int) -> bytes:
-        cs = self.chunk_size
-        return self.contents[resource][index * cs : (index + 1) * cs]
-
-    async def connect(self) -> None:
-        self.connected = True
-
-    async def close(self) -> None:
-        self.connected = False
-
-    async def fetch_run(
-        self,
-        resource: str,
-        start: int,
-        count: int,
-        priority: Priority | int,
-        expected: Sequence[bytes | None],
-        deliver: Deliver,
-    ) -> None:
-        priority = Priority(priority)
-        self.calls.append(Call(resource, start, count, priority))
-        self.expected.append(list(expected))
-        assert len(expected) == count
-        self.inflight += 1
-        self.peak = max(self.peak, self.inflight)
-        try:
-            event = self.hold.get(priority)
-            if event is not None:
-                await event.wait()
-            for _ in range(3):  # let other requests start meanwhile
-                await asyncio.sleep(0)
-            for index in range(start, start + count):
-                key = (resource, index)
-                if key in self.fail:
-                    raise DrafterError(f"{resource} chunk {index} cannot be had")
-                if key in self.fail_once:
-                    self.fail_once.discard(key)
-                    raise DrafterError(f"{resource} chunk {index} failed once")
-                if key in self.drop:
-                    continue
-                data = self.chunk(resource, index)
-                if key in self.wrong_size:
-                    data = data[:-1]
-                deliver(index, memoryview(data), chunk_hash(data))
-        finally:
-            self.inflight -= 1
-
-
-def _is_source(source: FakeSource) -> ChunkSource:
-    return source  # mypy: the fake satisfies the protocol
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -170,7 +67,7 @@ def remote_device(
         None,
         tmp_path / f"{name}.overlay",
         chunk_size=source.chunk_size,
-        source=_is_source(source),
+        source=as_source(source),
     )
     if expect:
         device.expect(source.hashes[name], binding)

@@ -5,117 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from drafter.chunks import DEVICES, ZERO_HASH, ChunkSource, Deliver, Priority, chunk_count
+from drafter.chunks import DEVICES, ZERO_HASH, Priority
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.peer.pull import PASSES, PULL_RUN, PullPool
 from drafter.peer.summary import PullProgress
-from drafter.transport.hashes import chunk_hash
-
-CS = 4096
-
-
-@dataclass(frozen=True, order=True)
-class Call:
-    """One request a source was asked for."""
-
-    resource: str
-    start: int
-    count: int
-    priority: Priority
-
-
-def pattern(size: int, seed: int = 1) -> bytes:
-    """``size`` bytes where every chunk of CS differs from the others and from zeros."""
-    return bytes((seed + i // CS * 7 + i % 251) % 255 + 1 for i in range(size))
-
-
-@dataclass
-class FakeSource:
-    """A :class:`ChunkSource` over bytes in memory that records its requests.
-
-    ``hold[priority]``: requests at that priority wait for the event. ``fail``: chunks
-    that fail every time; ``fail_once``: the first time only; ``drop``: chunks a
-    request returns without (neither delivered nor failed).
-    """
-
-    contents: dict[str, bytes]
-    chunk_size: int = CS
-
-    def __post_init__(self) -> None:
-        cs = self.chunk_size
-        self.manifest: dict[str, int] = {r: len(b) for r, b in self.contents.items()}
-        self.hashes: dict[str, list[bytes]] = {
-            r: [chunk_hash(b[i * cs : (i + 1) * cs]) for i in range(chunk_count(len(b), cs))]
-            for r, b in self.contents.items()
-        }
-        self.hot: dict[str, list[int]] = {}
-        self.config = b"{}"
-        self.calls: list[Call] = []
-        self.hold: dict[Priority, asyncio.Event] = {}
-        self.fail: set[tuple[str, int]] = set()
-        self.fail_once: set[tuple[str, int]] = set()
-        self.drop: set[tuple[str, int]] = set()
-        self.inflight = 0
-        self.peak = 0
-
-    async def connect(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def fetch_run(
-        self,
-        resource: str,
-        start: int,
-        count: int,
-        priority: Priority | int,
-        expected: Sequence[bytes | None],
-        deliver: Deliver,
-    ) -> None:
-        priority = Priority(priority)
-        self.calls.append(Call(resource, start, count, priority))
-        assert len(expected) == count
-        self.inflight += 1
-        self.peak = max(self.peak, self.inflight)
-        try:
-            event = self.hold.get(priority)
-            if event is not None:
-                await event.wait()
-            for _ in range(3):  # let other requests start meanwhile
-                await asyncio.sleep(0)
-            cs = self.chunk_size
-            for index in range(start, start + count):
-                key = (resource, index)
-                if key in self.fail:
-                    raise DrafterError(f"{resource} chunk {index} cannot be had")
-                if key in self.fail_once:
-                    self.fail_once.discard(key)
-                    raise DrafterError(f"{resource} chunk {index} failed once")
-                if key in self.drop:
-                    continue
-                data = self.contents[resource][index * cs : (index + 1) * cs]
-                deliver(index, data, chunk_hash(data))
-        finally:
-            self.inflight -= 1
-
-    def requested(self, resource: str, index: int) -> list[Priority]:
-        """The priorities of the requests that asked for this chunk, in order."""
-        return [
-            c.priority
-            for c in self.calls
-            if c.resource == resource and c.start <= index < c.start + c.count
-        ]
-
-
-def _is_source(source: FakeSource) -> ChunkSource:
-    return source  # mypy: the fake satisfies the protocol
+from support.chunk_sources import CS, Call, FakeSource, as_source, pattern
 
 
 def devices_of(tmp_path: Path, source: FakeSource, order: Sequence[str]) -> dict[str, Device]:
@@ -128,7 +27,7 @@ def devices_of(tmp_path: Path, source: FakeSource, order: Sequence[str]) -> dict
             None,
             tmp_path / f"{name}.overlay",
             chunk_size=source.chunk_size,
-            source=_is_source(source),
+            source=as_source(source),
         )
         device.expect(source.hashes[name])
         devices[name] = device
