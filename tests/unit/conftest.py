@@ -4,10 +4,10 @@ Servers and clients here talk over 127.0.0.1 only. Every test below this directo
 gets the ``unit`` marker (``pytest -m unit`` selects the tier, as does
 ``pytest tests/unit``).
 
-``scripts/test --fast`` runs the tier on several workers (pytest-xdist, ``--dist
-loadgroup``). Tests marked ``serial`` measure time or CPU use (or load the CPU
-themselves): they share one xdist group, so they run one after another on one worker,
-and they come first, so that the group's worker starts on them at once.
+``scripts/test --fast`` runs the tier on several workers, a module per worker at a time
+(pytest-xdist, ``--dist loadfile --no-loadscope-reorder``): the tests of a module never
+run beside each other. The longest module, test_server_limits.py (whose tests measure
+time and CPU use), goes first, so that its worker starts on it at once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+FIRST = HERE / "test_server_limits.py"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -25,7 +26,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.unit)
-            if item.get_closest_marker("serial"):
-                item.add_marker(pytest.mark.xdist_group("serial"))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike
-        items.sort(key=lambda item: item.get_closest_marker("serial") is None)
+        items.sort(key=lambda item: item.path != FIRST)

@@ -584,7 +584,6 @@ def test_client_survives_a_connection_cut_mid_chunk(package: Path, token: str | 
     run(go())
 
 
-@pytest.mark.serial
 def test_client_rides_out_a_server_restart_and_gives_up_later(package: Path) -> None:
     expected = contents(package)
 
@@ -702,7 +701,6 @@ def test_registry_command(package: Path, workdir: Path) -> None:
     assert sha256(package) == before
 
 
-@pytest.mark.serial
 def test_thousands_of_requests_at_once_stay_under_the_servers_limit(workdir: Path) -> None:
     """A client asked for far more chunks at once than a connection may have outstanding
     (as a peer's hot set can be, at small chunk sizes): it paces its requests, every
