@@ -5,7 +5,7 @@ what it delivers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from drafter.chunks import ChunkSource, Deliver, Priority, chunk_count
@@ -121,3 +121,12 @@ class FakeSource:
 
 def as_source(source: FakeSource) -> ChunkSource:
     return source  # mypy: the fake satisfies the protocol
+
+
+async def until(condition: Callable[[], bool], steps: int = 500) -> None:
+    """Yield to the loop until ``condition`` holds (a bounded number of times)."""
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,22 +24,13 @@ from drafter.chunks import (
 from drafter.device import Device, FileRange, MissingChunkError
 from drafter.errors import DrafterError
 from drafter.transport.hashes import digest
-from support.chunk_sources import CS, Call, FakeSource, as_source, pattern
+from support.chunk_sources import CS, Call, FakeSource, as_source, pattern, until
 
 T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-async def until(condition: Callable[[], bool], steps: int = 200) -> None:
-    """Yield to the loop until ``condition`` holds (a bounded number of times)."""
-    for _ in range(steps):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 async def raises(awaitable: Awaitable[object], kind: type[BaseException]) -> BaseException:

@@ -31,6 +31,7 @@ from drafter.migration import (
     decode_suspended,
     encode_id,
     encode_suspended,
+    no_migration,
 )
 from drafter.transport.client import RemoteSource
 from drafter.transport.protocol import MsgType, ProtocolError
@@ -434,12 +435,14 @@ def test_only_the_migration_s_owner_can_take_it_over_or_end_it(tmp_path: Path) -
             for kind in (MsgType.MIGRATE_HANDOVER, MsgType.MIGRATE_DONE, MsgType.MIGRATE_ABORT):
                 for body in (b"", encode_id("not-the-migration"), b"\xff" * 40):
                     other = await p.connect()
-                    with pytest.raises(DrafterError, match="no such switched-over migration"):
+                    with pytest.raises(DrafterError, match="no such switched-over migration") as e:
                         await other.call(kind, body)
+                    assert no_migration(e.value)  # the wire code, not only the text
             # DONE before the hand-over is refused even with the right id.
             other = await p.connect()
-            with pytest.raises(DrafterError, match="no such switched-over migration"):
+            with pytest.raises(DrafterError, match="no such switched-over migration") as e:
                 await other.call(MsgType.MIGRATE_DONE, encode_id(dest.migration_id))
+            assert no_migration(e.value)
             assert p.source.phase is Phase.SUSPENDED and not p.vm.running_here
             await dest.hand_over()
             assert p.source.phase is Phase.HANDED_OVER

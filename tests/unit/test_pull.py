@@ -4,7 +4,7 @@ chunk source (no QEMU, no network)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.peer.pull import PASSES, PULL_RUN, PullPool
 from drafter.peer.summary import PullProgress
-from support.chunk_sources import CS, Call, FakeSource, as_source, pattern
+from support.chunk_sources import CS, Call, FakeSource, as_source, pattern, until
 
 
 def devices_of(tmp_path: Path, source: FakeSource, order: Sequence[str]) -> dict[str, Device]:
@@ -51,14 +51,6 @@ class Reports:
     def __call__(self) -> None:
         p = self.progress
         self.seen.append((p.done, p.total, p.finished))
-
-
-async def until(condition: Callable[[], bool], steps: int = 500) -> None:
-    for _ in range(steps):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 def four_devices(tmp_path: Path) -> tuple[FakeSource, dict[str, Device]]:

@@ -70,10 +70,9 @@ class Pending:
         """The bytes of this request's next chunk (``size`` bytes) from a CHUNK frame,
         unpacked and verified against their hash and the one expected; ProtocolError
         or VerificationError (``where`` names the chunk's resource and server)."""
-        p = self
-        if (head.resource, head.index, head.length) != (p.resource, p.index, size):
+        if (head.resource, head.index, head.length) != (self.resource, self.index, size):
             raise ProtocolError(
-                ErrorCode.PROTOCOL, f"answer for another chunk than {p.index} of {where}"
+                ErrorCode.PROTOCOL, f"answer for another chunk than {self.index} of {where}"
             )
         if head.flags & wire.CHUNK_ZERO:
             if payload or head.hash != wire.ZERO_HASH:
@@ -93,22 +92,22 @@ class Pending:
             if len(data) != size:
                 raise ProtocolError(
                     ErrorCode.PROTOCOL,
-                    f"chunk {p.index} of {where} has {len(data)} bytes, not {size}",
+                    f"chunk {self.index} of {where} has {len(data)} bytes, not {size}",
                 )
             if digest(data) != head.hash:
                 stats.verify_failures += 1
                 raise VerificationError(
-                    f"chunk {p.index} of {where} failed verification "
+                    f"chunk {self.index} of {where} failed verification "
                     "(its bytes do not match their hash): refused it"
                 )
             stats.chunks += 1
             stats.bytes += size
             stats.wire_bytes += len(payload)
-        expected = p.expected[0]
+        expected = self.expected[0]
         if expected is not None and head.hash != expected:
             stats.verify_failures += 1
             raise VerificationError(
-                f"chunk {p.index} of {where} does not match the hash "
+                f"chunk {self.index} of {where} does not match the hash "
                 "the manifest gave for it: refused it"
             )
         return data
