@@ -16,6 +16,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from drafter.chunks import (
     chunk_span,
 )
 from drafter.errors import DrafterError
+
+# Takes bytes copied to (destination offset, bytes) and writes them: see copy_sparse.
+Sink = Callable[[int, bytes], None]
+SINK_PIECE = 1 << 20
 
 __all__ = ["CHUNK_SIZE", "Device", "FileRange", "MissingChunkError", "Priority", "copy_sparse"]
 
@@ -56,10 +61,10 @@ class FileRange:
             raise DrafterError(f"{path} does not exist")
         return cls(Path(path), 0, Path(path).stat().st_size)
 
-    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
+    def copy_to(self, dst_fd: int, dst_offset: int, sink: Sink | None = None) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            copy_sparse(fd, self.offset, self.size, dst_fd, dst_offset)
+            copy_sparse(fd, self.offset, self.size, dst_fd, dst_offset, sink)
         finally:
             os.close(fd)
 
@@ -425,8 +430,9 @@ class Device:
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
             self.hashes[index] = None
 
-    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
-        """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping holes."""
+    def copy_to(self, dst_fd: int, dst_offset: int, sink: Sink | None = None) -> None:
+        """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping
+        holes (through ``sink``, in ascending order, when one is given)."""
         with self._lock:
             index = 0
             while index < self.chunks:
@@ -437,16 +443,30 @@ class Device:
                 start = index * self.chunk_size
                 length = min(stop * self.chunk_size, self.size) - start
                 if kind:
-                    copy_sparse(self._overlay_fd, start, length, dst_fd, dst_offset + start)
+                    copy_sparse(self._overlay_fd, start, length, dst_fd, dst_offset + start, sink)
                 elif self.base is not None:
                     copy_sparse(
-                        self._base_fd, self.base.offset + start, length, dst_fd, dst_offset + start
+                        self._base_fd,
+                        self.base.offset + start,
+                        length,
+                        dst_fd,
+                        dst_offset + start,
+                        sink,
                     )
                 index = stop
 
 
-def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset: int) -> None:
-    """Copy ``size`` bytes, skipping holes in the source (they stay holes)."""
+def copy_sparse(
+    src_fd: int,
+    src_offset: int,
+    size: int,
+    dst_fd: int,
+    dst_offset: int,
+    sink: Sink | None = None,
+) -> None:
+    """Copy ``size`` bytes, skipping holes in the source (they stay holes). With a
+    ``sink`` the bytes pass through it instead (read once, in ascending order, at most
+    :data:`SINK_PIECE` at a time): it writes them and may look at them on the way."""
     pos = 0
     while pos < size:
         try:
@@ -457,6 +477,12 @@ def copy_sparse(src_fd: int, src_offset: int, size: int, dst_fd: int, dst_offset
             return
         hole = min(os.lseek(src_fd, src_offset + data, os.SEEK_HOLE) - src_offset, size)
         n = data
+        while sink is not None and n < hole:
+            piece = os.pread(src_fd, min(hole - n, SINK_PIECE), src_offset + n)
+            if not piece:
+                raise DrafterError("short read while copying a resource")
+            sink(dst_offset + n, piece)
+            n += len(piece)
         while n < hole:
             chunk = min(hole - n, 8 << 20)
             done = _copy_range(src_fd, dst_fd, chunk, src_offset + n, dst_offset + n)

@@ -22,9 +22,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from drafter.chunks import RESOURCES, chunk_length
-from drafter.device import FileRange, copy_sparse
+import blake3
+
+from drafter.chunks import RESOURCES, ZERO_HASH, chunk_count, chunk_length, chunk_span
+from drafter.device import FileRange, Sink, copy_sparse
 from drafter.errors import DrafterError
+from drafter.hashes import is_zero
+from drafter.index import (
+    ADD_INDEX,
+    INDEX_CHUNK_SIZE,
+    INDEX_MEMBER,
+    MAX_INDEX_SIZE,
+    MemberPlace,
+    PackageIndex,
+    parse_index,
+)
 from drafter.vmm.base import MachineConfig, brief, check_shape
 
 FORMAT_VERSION = 1
@@ -39,7 +51,12 @@ MAX_MEMBERS = 64  # a package has seven; room for members a later version may ad
 # tarfile reads a PAX or long-name header whole (ours pad to at most 4 KiB).
 MAX_HEADER_SIZE = 64 << 10
 MAX_RESOURCE_SIZE = 1 << 50  # a size in the config: 1 PiB is more than any resource
-_CAPS = {"config": MAX_CONFIG_SIZE, "state": MAX_STATE_SIZE, "hot": MAX_HOT_SIZE}
+_CAPS = {
+    "config": MAX_CONFIG_SIZE,
+    "state": MAX_STATE_SIZE,
+    "hot": MAX_HOT_SIZE,
+    "index": MAX_INDEX_SIZE,
+}
 _TAR_KINDS = {
     tarfile.SYMTYPE: "symbolic link",
     tarfile.LNKTYPE: "hard link",
@@ -158,6 +175,20 @@ class Package:
     config: PackageConfig
     members: dict[str, Member]
     hot: HotRanges = field(default_factory=dict)
+    index: Member | None = None  # the index member, in packages that have one
+
+    def read_index(self, key: bytes | None = None, pin: bytes | None = None) -> PackageIndex:
+        """The package's index, checked (:func:`drafter.index.parse_index`)."""
+        if self.index is None:
+            raise DrafterError(f"{self.path} has no index (older package): add one with "
+                               f"`{ADD_INDEX} {self.path}`")  # fmt: skip
+        return parse_index(_read(self.path, self.index), str(self.path), key, pin)
+
+    def index_digest(self) -> str:
+        """The BLAKE3 digest of the index member, hex (what ``--index-digest`` pins)."""
+        if self.index is None:
+            raise DrafterError(f"{self.path} has no index")
+        return blake3.blake3(_read(self.path, self.index)).hexdigest()
 
     def range(self, resource: str) -> FileRange:
         """Where a member's bytes lie in the package file."""
@@ -194,7 +225,9 @@ def open_package(path: Path) -> Package:
     if missing:
         raise DrafterError(f"{path}: missing member(s) {', '.join(map(member_name, missing))}")
     hot = members.pop("hot", None)
+    index = members.pop("index", None)
     pkg = Package(path, PackageConfig.from_json(_read(path, members["config"]), str(path)), members)
+    pkg.index = index
     mem = members["memory"].size
     if mem != pkg.config.memory_mib << 20:
         raise DrafterError(
@@ -225,7 +258,7 @@ class _HeaderReader(io.FileIO):
 def _members(path: Path, file_size: int) -> dict[str, Member]:
     """Where each known member lies (the hot member as "hot"), after checking that
     each is a plain regular file that appears once, within its cap and the file."""
-    known = {member_name(r): r for r in RESOURCES} | {HOT_MEMBER: "hot"}
+    known = {member_name(r): r for r in RESOURCES} | {HOT_MEMBER: "hot", INDEX_MEMBER: "index"}
     members: dict[str, Member] = {}
     try:
         with _HeaderReader(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
@@ -384,7 +417,7 @@ class Source(Protocol):
     @property
     def size(self) -> int: ...
 
-    def copy_to(self, dst_fd: int, dst_offset: int) -> None: ...
+    def copy_to(self, dst_fd: int, dst_offset: int, sink: Sink | None = None) -> None: ...
 
 
 def write_package(
@@ -392,9 +425,16 @@ def write_package(
     config: PackageConfig,
     sources: dict[str, Source | Path],
     hot: HotRanges | None = None,
-) -> None:
+    key: bytes | None = None,
+    chunk_size: int = INDEX_CHUNK_SIZE,
+) -> PackageIndex:
     """Write a package atomically from its resources (files or devices), with the
-    ranges a resumed VM touches first when ``hot`` is given."""
+    ranges a resumed VM touches first when ``hot`` is given; return its index.
+
+    The index (first member) is sealed with ``key`` (:func:`drafter.index.index_key`
+    of a token) when given. Each chunk is hashed as it is copied: the resources are
+    read once.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     ranges: dict[str, Source] = {}
@@ -403,26 +443,44 @@ def write_package(
         ranges[resource] = FileRange.whole(src) if isinstance(src, Path) else src
     config.sizes = {r: ranges[r].size for r in ranges}
     config_bytes = config.to_json()
+    hot_body = b""
+    if hot:
+        hot_body = json.dumps({r: [list(x) for x in v] for r, v in hot.items()}).encode()
+    sizes = {"config": len(config_bytes), **config.sizes}
+    if hot_body:
+        sizes["hot"] = len(hot_body)
+    index = PackageIndex(
+        chunk_size,
+        {},
+        blake3.blake3(config_bytes).digest(),
+        hot=hot_chunks(hot or {}, chunk_size, sizes),
+    )
+    index_size = 0
+    for _ in range(8):  # the index's size and the members' offsets settle at once
+        places, heads = _layout(index_size, sizes)
+        index.members = {r: p for r, p in places.items() if r != "index"}
+        if index.size() == index_size:
+            break
+        index_size = index.size()
+    else:
+        raise DrafterError("cannot lay out the package index")  # never: offsets settle
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            offset = 0
-            for resource in RESOURCES:
-                size = len(config_bytes) if resource == "config" else ranges[resource].size
-                head = _header(member_name(resource), size, offset)
-                os.pwrite(fd, head, offset)
-                offset += len(head)
-                if resource == "config":
-                    os.pwrite(fd, config_bytes, offset)
-                else:
-                    ranges[resource].copy_to(fd, offset)
-                offset += (size + 511) // 512 * 512
-            if hot:
-                body = json.dumps({r: [list(x) for x in v] for r, v in hot.items()}).encode()
-                head = _header(HOT_MEMBER, len(body), offset)
-                os.pwrite(fd, head + body, offset)
-                offset += len(head) + (len(body) + 511) // 512 * 512
-            end = offset + 2 * 512  # two zero blocks end a tar
+            end = 0
+            for name, place in places.items():
+                os.pwrite(fd, heads[name], place.offset - len(heads[name]))
+                if name == "config":
+                    os.pwrite(fd, config_bytes, place.offset)
+                elif name == "hot":
+                    os.pwrite(fd, hot_body, place.offset)
+                elif name != "index":
+                    hasher = ChunkHasher(fd, place.offset, place.size, chunk_size)
+                    ranges[name].copy_to(fd, place.offset, hasher)
+                    index.hashes[name] = hasher.finish()
+                end = place.offset + (place.size + 511) // 512 * 512
+            os.pwrite(fd, index.to_bytes(key), places["index"].offset)
+            end += 2 * 512  # two zero blocks end a tar
             end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
             os.ftruncate(fd, end)
             os.fsync(fd)
@@ -440,3 +498,104 @@ def write_package(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return index
+
+
+_MEMBER_NAMES = {"index": INDEX_MEMBER, "hot": HOT_MEMBER} | {r: member_name(r) for r in RESOURCES}
+
+
+def _layout(
+    index_size: int, sizes: dict[str, int]
+) -> tuple[dict[str, MemberPlace], dict[str, bytes]]:
+    """Where each member's data lies (in the order written: the index first, then the
+    resources in RESOURCES order, then the hot member if there is one), and the tar
+    header that ends just before it."""
+    places: dict[str, MemberPlace] = {}
+    heads: dict[str, bytes] = {}
+    offset = 0
+    order = ["index", *RESOURCES, *(["hot"] if "hot" in sizes else [])]
+    for name in order:
+        size = index_size if name == "index" else sizes[name]
+        head = _header(_MEMBER_NAMES[name], size, offset)
+        places[name] = MemberPlace(offset + len(head), size)
+        heads[name] = head
+        offset += len(head) + (size + 511) // 512 * 512
+    return places, heads
+
+
+def hot_chunks(hot: HotRanges, chunk_size: int, sizes: dict[str, int]) -> dict[str, list[int]]:
+    """Hot byte ranges as chunk indices of ``chunk_size``, in the order first touched."""
+    out: dict[str, list[int]] = {}
+    for resource, ranges in hot.items():
+        if resource not in sizes or resource == "config":
+            continue
+        size = sizes[resource]
+        indices: dict[int, None] = {}
+        for offset, length in ranges:
+            span = chunk_span(offset, min(offset + length, size) - offset, chunk_size)
+            indices.update(dict.fromkeys(span))
+        if indices:
+            out[resource] = list(indices)
+    return out
+
+
+class ChunkHasher:
+    """A copy's sink (:data:`drafter.device.Sink`) that writes the bytes of one member
+    and hashes them chunk by chunk as they pass, as :func:`chunk_hash` would: a chunk
+    never written (a hole) or written as zeros is :data:`ZERO_HASH`, and zeros are not
+    written (they stay holes)."""
+
+    def __init__(self, fd: int, base: int, size: int, chunk_size: int) -> None:
+        self.fd, self.base, self.size, self.chunk_size = fd, base, size, chunk_size
+        self.hashes: list[bytes] = []  # of the chunks before the current one
+        self._hasher: blake3.blake3 | None = None  # the current chunk's, once non-zero
+        self._fed = 0  # bytes of the current chunk the hasher has seen
+
+    def __call__(self, at: int, data: bytes) -> None:
+        pos = at - self.base
+        if pos < 0 or pos + len(data) > self.size:
+            raise DrafterError("a resource holds more bytes than its size")
+        view = memoryview(data)
+        while view:
+            index = pos // self.chunk_size
+            if index < len(self.hashes):
+                raise DrafterError("a resource's bytes came out of order")
+            self._finish_until(index)
+            within = pos - index * self.chunk_size
+            n = min(len(view), self.chunk_size - within)
+            piece = view[:n]
+            if not is_zero(piece):
+                os.pwrite(self.fd, piece, self.base + pos)
+                if self._hasher is None:
+                    self._hasher, self._fed = blake3.blake3(), 0
+                if within > self._fed:
+                    self._hasher.update(bytes(within - self._fed))
+                self._hasher.update(piece)
+                self._fed = within + n
+            pos += n
+            view = view[n:]
+
+    def _finish_until(self, index: int) -> None:
+        while len(self.hashes) < index:
+            length = chunk_length(self.size, self.chunk_size, len(self.hashes))
+            if self._hasher is None:
+                self.hashes.append(ZERO_HASH)
+                continue
+            if length > self._fed:
+                self._hasher.update(bytes(length - self._fed))
+            self.hashes.append(self._hasher.digest())
+            self._hasher, self._fed = None, 0
+
+    def finish(self) -> list[bytes]:
+        """Every chunk's hash (call once the copy is done)."""
+        self._finish_until(chunk_count(self.size, self.chunk_size))
+        return self.hashes
+
+
+def add_index(path: Path, key: bytes | None = None) -> str:
+    """Rewrite an older package (atomically) so it carries an index; its index digest.
+    A package that has one gets it anew (sealed with ``key``, if given)."""
+    package = open_package(path)
+    sources: dict[str, Source | Path] = {r: package.range(r) for r in RESOURCES[1:]}
+    write_package(path, package.config, sources, package.hot or None, key)
+    return open_package(path).index_digest()

@@ -110,15 +110,17 @@ class VMSession:
         output: Path,
         hot: Callable[[], HotRanges],
         timings: snapshot.Timings | None = None,
+        key: bytes | None = None,
     ) -> None:
         """Suspend, stop QEMU, and write the VM to the package ``output`` (atomically,
-        with the hot set ``hot`` gives once the VM stopped)."""
+        with the hot set ``hot`` gives once the VM stopped; its index sealed with
+        ``key``, a token's, when given)."""
         if self.config is None:
             raise DrafterError("the VM is not running")
         await self.suspend(timings)
         await self.stop()
         sources: dict[str, Source | Path] = {"state": self.state, **self.devices}
-        await asyncio.to_thread(write_package, output, self.config, sources, hot())
+        await asyncio.to_thread(write_package, output, self.config, sources, hot(), key)
 
     async def stop(self) -> None:
         """Stop QEMU (without saving); the devices stay served."""

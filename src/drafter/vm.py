@@ -85,12 +85,14 @@ async def package_blueprint(
     shape: VMShape,
     liveness_timeout: float = 300.0,
     hot_window: float = 2.0,
+    key: bytes | None = None,
 ) -> snapshot.Timings:
     """Boot ``blueprint``, wait for liveness, snapshot, write the package ``output``.
 
     With ``hot_window`` > 0 the package is then resumed once for that many seconds to
     record the chunks a resumed VM touches first (its hot set), and snapshotted again
-    with that record, so a peer can fetch them before the resume, all at once.
+    with that record, so a peer can fetch them before the resume, all at once. The
+    package's index is sealed with ``key`` (a token's) when given.
     """
     for what, path in (("kernel", blueprint.kernel), ("initramfs", blueprint.initramfs),
                        ("disk", blueprint.disk)):  # fmt: skip
@@ -131,11 +133,13 @@ async def package_blueprint(
                 "initramfs": Path(blueprint.initramfs),
                 "disk": disk,
             },
+            key=key,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if hot_window > 0:
-        async with LocalVM(output, netns, accel=shape.accel, hot_window=hot_window) as vm:
+        trial = LocalVM(output, netns, accel=shape.accel, hot_window=hot_window, key=key)
+        async with trial as vm:
             await asyncio.sleep(hot_window)
             await vm.suspend_and_flush()
     return timings
@@ -160,6 +164,9 @@ class LocalVM:
     # Seconds after the resume during which reads are recorded as the hot set that
     # the next flush stores in the package (0: keep the package's hot set).
     hot_window: float = 3.0
+    key: bytes | None = None  # a token's: seals the index of the packages it writes
+    # Where a flush writes the package (None: back to package_path).
+    output: Path | None = None
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
     session: VMSession | None = None
@@ -218,13 +225,14 @@ class LocalVM:
         if session is None or session.machine is None or self.package is None:
             raise DrafterError("the VM is not running")
         start = time.monotonic()
+        target = self.output or self.package_path
         if self.persist:
-            await session.write_package(self.package_path, self.hot, self.timings)
+            await session.write_package(target, self.hot, self.timings, self.key)
         else:
             await session.suspend(self.timings)
             await session.stop()
         took = time.monotonic() - start
-        log.info("flushed the snapshot to %s in %.2fs", self.package_path, took)
+        log.info("flushed the snapshot to %s in %.2fs", target, took)
         return took
 
     async def close(self) -> None:

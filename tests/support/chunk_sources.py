@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from drafter.chunks import ChunkSource, Deliver, Priority, chunk_count
 from drafter.errors import DrafterError
-from drafter.transport.hashes import chunk_hash
+from drafter.hashes import chunk_hash
 
 CS = 4096  # chunk size of most devices in the unit tests
 

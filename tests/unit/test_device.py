@@ -23,7 +23,7 @@ from drafter.chunks import (
 )
 from drafter.device import Device, FileRange, MissingChunkError
 from drafter.errors import DrafterError
-from drafter.transport.hashes import digest
+from drafter.hashes import digest
 from support.chunk_sources import CS, Call, FakeSource, as_source, pattern, until
 
 T = TypeVar("T")

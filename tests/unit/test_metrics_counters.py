@@ -15,9 +15,9 @@ import pytest
 
 from drafter import metrics
 from drafter.errors import DrafterError
+from drafter.hashes import chunk_hash
 from drafter.migration import MigrationSource, Phase
 from drafter.transport.client import Priority, RemoteSource
-from drafter.transport.hashes import chunk_hash
 from drafter.transport.server import ChunkServer
 from support.common import assert_one_line_error, run_command
 from support.metrics import PHASES, Samples

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from drafter.errors import DrafterError
+from drafter.hashes import chunk_hash, digest
 from drafter.transport.client import Priority, RemoteSource, VerificationError
-from drafter.transport.hashes import chunk_hash, digest
 from drafter.transport.inflight import INITIAL_WINDOW
 from drafter.transport.server import ChunkServer
 from support.net import LOOPBACK

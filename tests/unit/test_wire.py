@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from drafter.errors import DrafterError
+from drafter.hashes import chunk_hash
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.channel import FrameProtocol
 from drafter.transport.client import Priority, RemoteSource
-from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.registry import PackageProvider
 from support.common import assert_one_line_error, run_command

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from drafter.errors import DrafterError
+from drafter.hashes import digest
 from drafter.package import open_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.client import RemoteSource, VerificationError
-from drafter.transport.hashes import digest
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.registry import PackageProvider
 from support.common import assert_one_line_error, run_command

@@ -14,8 +14,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from drafter import cli, console, metrics
 from drafter.chunks import FETCHED
+from drafter.cmd import storeflags
 from drafter.errors import DrafterError
 from drafter.network import follow
+from drafter.objects.location import is_object_url, parse_location
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import protocol as wire
 from drafter.transport import security
@@ -96,7 +98,16 @@ async def run(a: argparse.Namespace) -> int:
             # where the VM comes from (a migration to here).
             raddr = DEFAULT_PEER
             log.info("migrating the VM served at %s to here", raddr)
+    for where in (raddr, *raddrs.values()):
+        if is_object_url(where):
+            parse_location(where, "--raddr")  # one line now if it is not a usable URL
+    output = None
+    if a.package_output_path:
+        output = storeflags.output(a, a.package_output_path)
+        await output.check()
     options = PeerOptions(
+        index_pin=a.index_digest,
+        s3_virtual_hosted=a.s3_virtual_hosted,
         raddr=raddr,
         raddrs=raddrs,
         netns=a.netns or None,
@@ -178,12 +189,26 @@ async def run(a: argparse.Namespace) -> int:
             )
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)  # finish stopping first
-        if a.package_output_path:
-            await peer.write_package(Path(a.package_output_path))
+        if output is not None:
+            try:
+                await peer.write_package(output.local)
+                await output.publish()
+            finally:
+                output.discard()
             print(f"package written to {a.package_output_path}", flush=True)
     finally:
         await peer.close()
     return 0
+
+
+def _digest(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise argparse.ArgumentTypeError("give 64 hexadecimal digits (a BLAKE3 digest)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     follow.add_flags(p)
     p.add_argument(
         "--raddr", default=None,
-        help="registry to start from, or peer to migrate the VM from (default: a peer "
+        help="registry to start from (HOST:PORT), a package in object storage "
+        "(s3://BUCKET/KEY, https://HOST/PATH), or peer to migrate the VM from (default: a peer "
         f"serving on {DEFAULT_PEER} if there is one, else {DEFAULT_REGISTRY})",
     )  # fmt: skip
     for resource in RESOURCES:
@@ -243,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-timeout", type=float, default=30,
                    help="seconds to keep retrying a lost connection")  # fmt: skip
     p.add_argument("--package-output-path", default="",
-                   help="on Ctrl-C, write the VM to this package first")  # fmt: skip
+                   help="on Ctrl-C, write the VM to this package first (a file or "
+                   "s3://BUCKET/KEY)")  # fmt: skip
+    storeflags.add(p, writes=True)
+    p.add_argument("--index-digest", type=_digest, default=None, metavar="HEX",
+                   help="an s3:// or http(s):// package's index must have this BLAKE3 "
+                   "digest (what drafter-packager prints; not needed with a token)")  # fmt: skip
     p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")

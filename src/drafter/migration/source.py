@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from drafter import loops
 from drafter.chunks import TRACKED, Priority
 from drafter.device import Device
+from drafter.hashes import chunk_hash
 from drafter.migration.messages import (
     INLINE_LIMIT,
     INLINE_MARGIN,
@@ -34,7 +35,6 @@ from drafter.migration.messages import (
     encode_suspended,
 )
 from drafter.snapshot import failpoint, fsync_file
-from drafter.transport.hashes import chunk_hash
 from drafter.transport.protocol import ErrorCode, MsgType, ProtocolError
 from drafter.transport.server import Connection
 

@@ -61,3 +61,7 @@ class PeerOptions:
     state_dir: str = DEFAULT_STATE_DIR
     # A host address that follows this VM from namespace to namespace (docs/networking.md).
     stable_address: str | None = None
+    # A package in object storage (an s3:// or http(s):// raddr): the BLAKE3 digest its
+    # index must have (--index-digest), and S3 virtual-hosted addressing.
+    index_pin: bytes | None = None
+    s3_virtual_hosted: bool = False

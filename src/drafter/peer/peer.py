@@ -28,6 +28,7 @@ from drafter.chunks import DEVICES, Priority
 from drafter.device import Device
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
+from drafter.index import index_key
 from drafter.network.follow import Follower
 from drafter.peer.incoming import IncomingMigration
 from drafter.peer.options import PeerOptions
@@ -221,7 +222,7 @@ class Peer:
                 s = self.summary
                 o.metrics.migrated_in(s.downtime_s, s.precopy_s, s.switch_s, s.rounds, self._done)
         if o.laddr:
-            await self._serve(sources.control.config)
+            await self._serve(sources.config)
 
     def _hot_now(self) -> dict[str, list[int]]:
         return self.hot.now() if self.hot is not None else {}
@@ -354,7 +355,9 @@ class Peer:
         if vm is None or vm.machine is None:
             raise DrafterError("the VM is not running")
         await self.wait_pulled()
-        await vm.write_package(output, lambda: vm.hot_ranges(self._hot_now()))
+        token = self.options.token
+        key = index_key(token) if token else None
+        await vm.write_package(output, lambda: vm.hot_ranges(self._hot_now()), key=key)
 
     async def close(self) -> None:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""

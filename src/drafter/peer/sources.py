@@ -17,10 +17,14 @@ from pathlib import Path
 from drafter.chunks import DEVICES, FETCHED, TRACKED, ZERO_HASH
 from drafter.device import Device
 from drafter.errors import DrafterError
+from drafter.hashes import file_hashes
+from drafter.index import index_key
+from drafter.objects import ObjectSource, StoreOptions, is_object_url
 from drafter.package import MAX_STATE_SIZE, PackageConfig, open_package
 from drafter.peer.options import PeerOptions
 from drafter.transport.client import RemoteSource
-from drafter.transport.hashes import file_hashes
+
+Source = RemoteSource | ObjectSource  # a registry or peer over the wire, or an object
 
 log = logging.getLogger(__name__)
 
@@ -29,36 +33,54 @@ log = logging.getLogger(__name__)
 class Sources:
     """The servers of one VM's resources (not connected until :meth:`connect`)."""
 
-    addrs: dict[str, str]  # resource -> HOST:PORT of its server
-    connections: dict[str, RemoteSource]  # HOST:PORT -> the one connection to it
+    addrs: dict[str, str]  # resource -> HOST:PORT of its server, or its object's URL
+    connections: dict[str, Source]  # HOST:PORT or URL -> the one source of it
 
     @classmethod
     def open(cls, options: PeerOptions) -> Sources:
         addrs = {name: options.raddrs.get(name) or options.raddr for name in FETCHED}
-        connections = {
-            addr: RemoteSource(
-                addr,
-                token=options.token,
-                tls_ca=options.tls_ca,
-                retry_timeout=options.retry_timeout,
-                compress=options.compress,
-            )
-            for addr in dict.fromkeys(addrs.values())
-        }
+        connections: dict[str, Source] = {}
+        for addr in dict.fromkeys(addrs.values()):
+            if is_object_url(addr):
+                store = StoreOptions(
+                    retry_timeout=options.retry_timeout,
+                    tls_ca=options.tls_ca,
+                    virtual_hosted=options.s3_virtual_hosted,
+                )
+                key = index_key(options.token) if options.token else None
+                connections[addr] = ObjectSource(
+                    addr, key=key, pin=options.index_pin, options=store
+                )
+            else:
+                connections[addr] = RemoteSource(
+                    addr,
+                    token=options.token,
+                    tls_ca=options.tls_ca,
+                    retry_timeout=options.retry_timeout,
+                    compress=options.compress,
+                )
         return cls(addrs, connections)
 
     @property
-    def all(self) -> list[RemoteSource]:
+    def all(self) -> list[Source]:
         return list(self.connections.values())
 
-    def of(self, resource: str) -> RemoteSource:
+    def of(self, resource: str) -> Source:
         """The server of ``resource``."""
         return self.connections[self.addrs[resource]]
 
     @property
+    def config(self) -> bytes:
+        """The VM's package config, as its memory's source gave it."""
+        return self.of("memory").config
+
+    @property
     def control(self) -> RemoteSource:
         """The memory's server: a migration's control calls go there."""
-        return self.of("memory")
+        source = self.of("memory")
+        if not isinstance(source, RemoteSource):
+            raise DrafterError(f"{self.addrs['memory']} is an object: nothing migrates from it")
+        return source
 
     @property
     def at_rest(self) -> bool:
@@ -76,10 +98,9 @@ class Sources:
 
     def check(self) -> PackageConfig:
         """After :meth:`connect`: the servers serve one VM, whole; its config."""
-        control = self.control
-        if any(s.config != control.config for s in self.all):
+        if any(s.config != self.config for s in self.all):
             raise DrafterError("the servers given for the resources serve different VMs")
-        config = PackageConfig.from_json(control.config, self.addrs["memory"])
+        config = PackageConfig.from_json(self.config, self.addrs["memory"])
         for name in DEVICES:
             if name not in self.of(name).manifest:
                 raise DrafterError(f"{self.addrs[name]} does not offer the {name} resource")

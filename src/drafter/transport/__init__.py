@@ -3,7 +3,6 @@
 - :mod:`~drafter.transport.protocol`: frames, messages and limits (docs/wire.md);
 - :mod:`~drafter.transport.security`: tokens, proofs, frame seals, TLS;
 - :mod:`~drafter.transport.channel`: one connection's frames in and out;
-- :mod:`~drafter.transport.hashes`: chunk hashes;
 - :mod:`~drafter.transport.server`: :class:`ChunkServer`, serving any ChunkProvider;
 - :mod:`~drafter.transport.client`: :class:`RemoteSource`, fetching verified chunks;
 - :mod:`~drafter.transport.registry`: :class:`PackageProvider`, a package served read-only.

@@ -17,8 +17,8 @@ import zstandard
 
 from drafter.chunks import ChunkData, Deliver
 from drafter.errors import DrafterError
+from drafter.hashes import digest
 from drafter.transport import protocol as wire
-from drafter.transport.hashes import digest
 from drafter.transport.protocol import ChunkHead, ErrorCode, ProtocolError
 
 INITIAL_WINDOW = 16 << 20  # requests wait at the server, where demand overtakes them

@@ -15,8 +15,8 @@ import time
 
 from drafter.chunks import RESOURCES, ZERO_HASH, chunk_length, chunk_span
 from drafter.errors import DrafterError
+from drafter.hashes import file_hashes
 from drafter.package import Package
-from drafter.transport.hashes import file_hashes
 
 log = logging.getLogger(__name__)
 

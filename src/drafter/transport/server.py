@@ -30,10 +30,10 @@ import zstandard
 
 from drafter.chunks import chunk_length
 from drafter.errors import DrafterError
+from drafter.hashes import digest, is_zero
 from drafter.transport import handshake
 from drafter.transport import protocol as wire
 from drafter.transport.channel import Channel, FrameProtocol
-from drafter.transport.hashes import digest, is_zero
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
 from drafter.transport.sockets import descriptor_room, listen, peer_of, reason
 

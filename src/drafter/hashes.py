@@ -12,7 +12,7 @@ from drafter.chunks import ZERO_HASH
 _ZEROS: dict[int, bytes] = {}
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     zeros = _ZEROS.get(len(data))
     if zeros is None:
         zeros = _ZEROS.setdefault(len(data), bytes(len(data)))

@@ -1,0 +1,45 @@
+"""The object-storage flags every command that reads or writes a package shares."""
+
+from __future__ import annotations
+
+import argparse
+
+from drafter.index import index_key
+from drafter.objects.location import StoreOptions
+from drafter.objects.upload import PackageOutput
+from drafter.transport import security
+
+
+def add(parser: argparse.ArgumentParser, writes: bool) -> None:
+    """``--s3-virtual-hosted`` (and, for a command that writes a package,
+    ``--if-absent``); credentials come from the AWS environment, never a flag."""
+    parser.add_argument(
+        "--s3-virtual-hosted", action="store_true",
+        help="s3:// addresses the bucket as BUCKET.ENDPOINT (default: ENDPOINT/BUCKET); "
+        "endpoint, region and credentials come from the AWS environment (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ...): see docs/objectstore.md",
+    )  # fmt: skip
+    if writes:
+        parser.add_argument(
+            "--if-absent", action="store_true",
+            help="refuse to replace an existing package (s3://: a conditional upload)",
+        )  # fmt: skip
+
+
+def store_options(a: argparse.Namespace, retry_timeout: float = 30.0) -> StoreOptions:
+    return StoreOptions(
+        retry_timeout=retry_timeout,
+        tls_ca=getattr(a, "tls_ca", None) or None,
+        virtual_hosted=a.s3_virtual_hosted,
+    )
+
+
+def output(a: argparse.Namespace, target: str) -> PackageOutput:
+    """Where the command writes its package (a path or an s3:// object)."""
+    return PackageOutput(target, a.if_absent, store_options(a))
+
+
+def key(a: argparse.Namespace) -> bytes | None:
+    """The index key from ``--token-file`` or $DRAFTER_TOKEN (None without a token)."""
+    token = security.load_token(getattr(a, "token_file", None) or None)
+    return index_key(token) if token else None

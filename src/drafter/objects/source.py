@@ -1,0 +1,325 @@
+"""A package in object storage as a :class:`~drafter.chunks.ChunkSource`: range reads
+of one object, every chunk verified against the package's index.
+
+:meth:`ObjectSource.connect` learns the object's size and version (its ETag) with one
+HEAD, then reads the index with one or two range requests (its tar header is at the
+start of the object, :mod:`drafter.index`) and the config with at most one more.
+Every later range read is pinned to that ETag (``If-Match``): a replaced object fails
+the read, it is never mixed in. A run of chunks is one range request (all-zero chunks
+are never fetched); each chunk is checked against its hash in the index before it is
+handed on. At most :data:`INFLIGHT` requests are in flight; a request that waits for a
+slot goes in priority order (demand, prefetch, background).
+
+The store client retries timeouts, 5xx answers, throttling and cut connections with
+backoff for ``retry_timeout`` seconds per request; after that the fetch fails with one
+line. Nothing an answer claims is believed: its length, its range and its bytes are
+checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import hmac
+import io
+import itertools
+import logging
+import tarfile
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from drafter.chunks import ZERO_HASH, Deliver, Priority, chunk_length
+from drafter.errors import DrafterError
+from drafter.hashes import digest
+from drafter.index import ADD_INDEX, DATA, FIRST_READ, INDEX_MEMBER, MAX_INDEX_SIZE, parse_index
+from drafter.objects.location import (
+    CREDENTIALS_HELP,
+    ObjectLocation,
+    StoreOptions,
+    first_line,
+    open_store,
+    parse_location,
+)
+from drafter.package import MAX_CONFIG_SIZE
+from drafter.transport.inflight import ClientStats, VerificationError
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+INFLIGHT = 32  # range requests in flight: 32 x 4 MiB runs fill 1 Gbit/s at 1 s RTT
+MAX_RUN_BYTES = 8 << 20  # one range request carries at most this much
+
+
+class ObjectChanged(DrafterError):
+    """The object was replaced after the start: its reads no longer match its ETag."""
+
+
+class StoreError(DrafterError):
+    """The store refused, failed or stayed away past the retries."""
+
+
+class ObjectSource:
+    """One package object (``s3://`` or ``http(s)://``) as a chunk source."""
+
+    def __init__(
+        self,
+        url: str | ObjectLocation,
+        *,
+        key: bytes | None = None,
+        pin: bytes | None = None,
+        options: StoreOptions | None = None,
+        inflight: int = INFLIGHT,
+    ) -> None:
+        self.location = url if isinstance(url, ObjectLocation) else parse_location(url)
+        self.raddr = str(self.location)
+        self._key, self._pin = key, pin
+        self._options = options or StoreOptions()
+        self._store: Any = None
+        self._etag: str | None = None
+        self._size = 0
+        self._offsets: dict[str, int] = {}
+        self._slots = _Slots(inflight)
+        self._closed = False
+        self.chunk_size = 0
+        self.manifest: dict[str, int] = {}
+        self.hashes: dict[str, list[bytes]] = {}
+        self.hot: dict[str, list[int]] = {}
+        self.config = b""
+        self.stats = ClientStats()
+        self.metrics: Metrics | None = None
+        self.requests = 0  # range requests made (the HEAD not counted)
+
+    @property
+    def reconnects(self) -> int:
+        return 0  # the store client keeps its own connections; retries are not counted
+
+    async def connect(self) -> None:
+        """Learn the object's version, read and check its index and config."""
+        import obstore
+
+        self._store = open_store(self.location, self._options)
+        try:
+            meta = await obstore.head_async(self._store, self.location.key)
+        except Exception as e:
+            raise self._error(e, "cannot read") from None
+        self._size, self._etag = int(meta["size"]), meta.get("e_tag")
+        if self._etag is None:
+            log.warning("%s has no ETag: a replaced object shows only as chunks that "
+                        "fail verification", self.raddr)  # fmt: skip
+        first = await self._read(0, min(FIRST_READ, self._size))
+        name, offset, size = _first_member(first, self.raddr)
+        if name != INDEX_MEMBER:
+            raise DrafterError(
+                f"{self.raddr} is a package without an index (written by an older "
+                f"drafter): add one with `{ADD_INDEX} PACKAGE` and upload it again"
+            )
+        if size > MAX_INDEX_SIZE or offset + size > self._size:
+            raise DrafterError(f"{self.raddr}: the package index is larger than the object")
+        data = bytes(first[offset : offset + size])
+        if len(data) < size:
+            data += await self._read(offset + len(data), size - len(data))
+        index = parse_index(data, self.raddr, self._key, self._pin)
+        ends = [m.offset + m.size for m in index.members.values()]
+        if max(ends) > self._size:
+            raise DrafterError(f"{self.raddr}: the package index places members past its end")
+        config = index.members["config"]
+        if config.size > MAX_CONFIG_SIZE:
+            raise DrafterError(f"{self.raddr}: the package config is too large")
+        end = config.offset + config.size
+        if end <= len(first):
+            self.config = bytes(first[config.offset : end])
+        else:
+            self.config = bytes(await self._read(config.offset, config.size))
+        if not hmac.compare_digest(digest(self.config), index.config_digest):
+            raise VerificationError(f"{self.raddr}: the package config does not match its index")
+        self.chunk_size = index.chunk_size
+        self.manifest = {r: index.members[r].size for r in DATA}
+        self._offsets = {r: index.members[r].offset for r in DATA}
+        self.hashes = index.hashes
+        self.hot = index.hot
+        log.debug("%s: %d bytes, ETag %s, index of %d bytes, %d request(s)",
+                  self.raddr, self._size, self._etag, size, self.requests)  # fmt: skip
+
+    async def fetch_run(
+        self,
+        resource: str,
+        start: int,
+        count: int,
+        priority: Priority | int,
+        expected: Sequence[bytes | None],
+        deliver: Deliver,
+    ) -> None:
+        """Chunks ``start`` .. ``start + count - 1`` of ``resource``, verified against
+        the index (and ``expected``) and handed to ``deliver`` in order: stretches of
+        non-zero chunks as one range request each, zero chunks without a request."""
+        if self._closed or not self.chunk_size:
+            raise DrafterError(f"{self.raddr} is not open")
+        hashes = self.hashes.get(resource)
+        if hashes is None:
+            raise DrafterError(f"{self.raddr} has no resource named {resource!r}")
+        if count < 1 or start < 0 or start + count > len(hashes) or len(expected) != count:
+            raise DrafterError(f"chunks {start}+{count} are not in {resource} of {self.raddr}")
+        for i, want in enumerate(expected):
+            if want is not None and want != hashes[start + i]:
+                raise VerificationError(
+                    f"chunk {start + i} of {resource}: {self.raddr}'s index lists another hash"
+                )
+        size = self.manifest[resource]
+        index = start
+        stop = start + count
+        per_request = max(1, MAX_RUN_BYTES // self.chunk_size)
+        while index < stop:
+            if hashes[index] == ZERO_HASH:
+                self.stats.zero_chunks += 1
+                deliver(index, bytes(chunk_length(size, self.chunk_size, index)), ZERO_HASH)
+                index += 1
+                continue
+            end = index
+            while end < stop and end - index < per_request and hashes[end] != ZERO_HASH:
+                end += 1
+            await self._fetch_stretch(resource, index, end, int(priority), deliver)
+            index = end
+
+    async def _fetch_stretch(
+        self, resource: str, start: int, end: int, priority: int, deliver: Deliver
+    ) -> None:
+        size = self.manifest[resource]
+        first = start * self.chunk_size
+        length = min(end * self.chunk_size, size) - first
+        sent = time.monotonic()
+        async with self._slots.slot(priority):
+            data = await self._read(self._offsets[resource] + first, length)
+        seconds = time.monotonic() - sent
+        view = memoryview(data)
+        hashes = self.hashes[resource]
+        for index in range(start, end):
+            at = (index - start) * self.chunk_size
+            n = chunk_length(size, self.chunk_size, index)
+            chunk = view[at : at + n]
+            if digest(chunk) != hashes[index]:
+                self.stats.verify_failures += 1
+                raise VerificationError(
+                    f"chunk {index} of {resource} from {self.raddr} failed verification "
+                    "(its bytes do not match the package index): refused it"
+                )
+            self.stats.chunks += 1
+            self.stats.bytes += n
+            self.stats.wire_bytes += n
+            if self.metrics is not None:
+                self.metrics.chunk_pulled(resource, priority, n, n, seconds)
+            deliver(index, chunk, hashes[index])
+
+    async def _read(self, offset: int, length: int) -> memoryview:
+        """Bytes ``[offset, offset + length)`` of the object at its pinned version,
+        exactly that many; StoreError, ObjectChanged or a short-answer error if not."""
+        import obstore
+
+        if self._closed:
+            raise DrafterError(f"{self.raddr} is closed")
+        options: Any = {"range": (offset, offset + length)}
+        if self._etag is not None:
+            options["if_match"] = self._etag
+        self.requests += 1
+        try:
+            result = await obstore.get_async(self._store, self.location.key, options=options)
+            got = result.range
+            etag = result.meta.get("e_tag")
+            data = memoryview(await result.bytes_async())
+        except Exception as e:
+            raise self._error(e, "cannot read") from None
+        if self._etag is not None and etag is not None and etag != self._etag:
+            raise ObjectChanged(f"{self.raddr} was replaced during the start (its ETag changed)")
+        if tuple(got) != (offset, offset + length) or len(data) != length:
+            raise StoreError(
+                f"{self.raddr} answered bytes {got[0]}-{got[1]} ({len(data)} bytes) to a "
+                f"request for {offset}-{offset + length}: refused"
+            )
+        return data
+
+    def _error(self, error: Exception, doing: str) -> DrafterError:
+        """One line for a store client's error, with a class a caller can tell apart."""
+        from obstore import exceptions as e
+
+        if isinstance(error, e.PreconditionError):
+            return ObjectChanged(f"{self.raddr} was replaced during the start (its ETag changed)")
+        if isinstance(error, (e.NotFoundError, FileNotFoundError)):
+            return StoreError(f"{self.raddr} does not exist")
+        if isinstance(error, (e.PermissionDeniedError, e.UnauthenticatedError)):
+            return StoreError(
+                f"{self.raddr}: the store refused the credentials: {CREDENTIALS_HELP}"
+            )
+        if isinstance(error, DrafterError):
+            return error
+        return StoreError(f"{doing} {self.raddr}: {first_line(error)}")
+
+    async def close(self) -> None:
+        """Fetches after this fail; the store client's connections go with it."""
+        self._closed = True
+        self._store = None
+
+
+def _first_member(head: memoryview, origin: str) -> tuple[str, int, int]:
+    """The first tar member's name, data offset and size, from the object's start."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(bytes(head)), mode="r:") as tar:
+            info = tar.next()
+    except (tarfile.TarError, EOFError):
+        raise DrafterError(f"{origin} is not a drafter package (not a tar)") from None
+    if info is None:
+        raise DrafterError(f"{origin} is an empty tar, not a package")
+    if info.size < 0 or not info.isfile():
+        raise DrafterError(f"{origin}: the first member is not a regular file")
+    return info.name, info.offset_data, info.size
+
+
+class _Slots:
+    """At most ``limit`` requests at once; waiters go in priority order, then FIFO."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def slot(self, priority: int) -> _Slot:
+        return _Slot(self, priority)
+
+    async def take(self, priority: int) -> None:
+        if self.busy < self.limit and not self._waiting:
+            self.busy += 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (_RANK[priority], next(self._order), future))
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.give()  # it was handed the slot as it was cancelled
+            else:
+                future.cancel()
+            raise
+
+    def give(self) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)  # the slot passes to it
+                return
+        self.busy -= 1
+
+
+_RANK: dict[int, int] = {Priority.DEMAND: 0, Priority.PREFETCH: 1, Priority.BACKGROUND: 2}
+
+
+class _Slot:
+    def __init__(self, slots: _Slots, priority: int) -> None:
+        self._slots, self._priority = slots, priority
+
+    async def __aenter__(self) -> None:
+        await self._slots.take(self._priority)
+
+    async def __aexit__(self, *_: object) -> None:
+        self._slots.give()
