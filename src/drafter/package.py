@@ -286,6 +286,10 @@ def _members(path: Path, file_size: int) -> dict[str, Member]:
                 if info.offset_data + info.size > file_size:
                     raise DrafterError(f"{path}: the package is truncated (in {name})")
                 members[resource] = Member(resource, info.offset_data, info.size)
+            # The tar ended without its two zero blocks: the file was cut between members.
+            if tar.offset + 2 * 512 > file_size and len(members) < len(known):
+                raise DrafterError(f"{path}: the package is truncated (it ends after "
+                                   f"{len(members)} members)")  # fmt: skip
     except tarfile.TarError as e:
         raise DrafterError(f"{path}: not a readable tar package ({e})") from None
     except OSError as e:
