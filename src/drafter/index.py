@@ -86,7 +86,8 @@ class PackageIndex:
             "signed": self.signed,
         }
         text = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        padded = len(text) + (-(len(text) + _HEAD.size)) % 512
+        longest = len(text) + int(self.signed)  # "false" is a byte longer than "true"
+        padded = longest + (-(longest + _HEAD.size)) % 512  # the same either way
         return _HEAD.pack(MAGIC, padded) + text.ljust(padded)
 
     def hash_bytes(self) -> int:
@@ -159,7 +160,7 @@ def _signed(body: bytes) -> bool:
     try:
         _, n = _HEAD.unpack_from(body)
         return bool(json.loads(body[_HEAD.size : _HEAD.size + min(n, MAX_JSON)]).get("signed"))
-    except (ValueError, AttributeError, struct.error):
+    except (ValueError, AttributeError, RecursionError, struct.error):
         return False
 
 
@@ -181,7 +182,8 @@ def _int(value: object, low: int, high: int) -> int:
 
 def _from_doc(doc: dict[str, object], origin: str) -> PackageIndex:
     bad = f"{origin}: the package index has a bad "
-    if doc.get("version") != INDEX_VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != INDEX_VERSION:
         raise DrafterError(
             f"{origin}: package index version {doc.get('version')!r} is not supported"
         )

@@ -458,6 +458,7 @@ def write_package(
         {},
         blake3.blake3(config_bytes).digest(),
         hot=hot_chunks(hot or {}, chunk_size, sizes),
+        signed=key is not None,  # before the layout: the head's length depends on it
     )
     index_size = 0
     for _ in range(8):  # the index's size and the members' offsets settle at once
@@ -483,7 +484,10 @@ def write_package(
                     ranges[name].copy_to(fd, place.offset, hasher)
                     index.hashes[name] = hasher.finish()
                 end = place.offset + (place.size + 511) // 512 * 512
-            os.pwrite(fd, index.to_bytes(key), places["index"].offset)
+            sealed = index.to_bytes(key)
+            if len(sealed) != places["index"].size:
+                raise DrafterError("the package index changed size after its layout")
+            os.pwrite(fd, sealed, places["index"].offset)
             end += 2 * 512  # two zero blocks end a tar
             end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
             os.ftruncate(fd, end)

@@ -263,3 +263,45 @@ def test_slots_go_in_priority_order() -> None:
         return order
 
     assert asyncio.run(go()) == [Priority.DEMAND, Priority.PREFETCH, Priority.BACKGROUND]
+
+
+def test_a_running_vms_fetch_waits_out_a_store_outage(server, package, monkeypatch) -> None:
+    """After the resume (keep_trying) a store that stays away past the client's retries
+    stalls the fetch instead of failing the VM's reads; it completes once the store is
+    back. A lasting refusal still fails at once."""
+    monkeypatch.setattr("drafter.objects.source.OUTAGE_BACKOFF", (0.2, 0.5))
+    server.put("p.drft", package.read_bytes())
+    want = member_bytes(package)["memory"]
+
+    async def go() -> None:
+        source = ObjectSource(url(server), options=FAST)
+        await source.connect()
+        source.keep_trying = True
+        server.fault(Fault.UNAVAILABLE)
+        got: dict[int, bytes] = {}
+        fetch = asyncio.ensure_future(
+            source.fetch_run(
+                "memory",
+                0,
+                4,
+                Priority.DEMAND,
+                [None] * 4,
+                lambda i, d, h: got.__setitem__(i, bytes(d)),
+            )  # fmt: skip
+        )
+        await asyncio.sleep(4)  # several times the client's own 1 s of retries
+        assert not fetch.done() and got == {}
+        assert source.outages == 1
+        served = server.gets()
+        server.fault(Fault.NONE)
+        await asyncio.wait_for(fetch, 10)
+        assert b"".join(got[i] for i in range(4)) == want[: 4 * source.chunk_size]
+        assert served > 3  # it kept asking during the outage
+        server.fault(Fault.REPLACE)
+        with pytest.raises(ObjectChanged):
+            await asyncio.wait_for(
+                source.fetch_run("memory", 15, 1, Priority.DEMAND, [None], lambda i, d, h: None),
+                10,
+            )
+
+    asyncio.run(go())

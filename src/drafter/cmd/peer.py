@@ -132,6 +132,7 @@ async def run(a: argparse.Namespace) -> int:
         metrics=metrics.start(a.metrics),
         state_dir=a.state_dir,
         stable_address=a.stable_address or None,
+        chunk_cache=Path(a.chunk_cache) if a.chunk_cache else None,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-digest", type=_digest, default=None, metavar="HEX",
                    help="an s3:// or http(s):// package's index must have this BLAKE3 "
                    "digest (what drafter-packager prints; not needed with a token)")  # fmt: skip
+    p.add_argument("--chunk-cache", default="", metavar="DIR",
+                   help="a directory this host's peers share: chunks of an s3:// or "
+                   "http(s):// package that one fetched are not fetched again")  # fmt: skip
     p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")

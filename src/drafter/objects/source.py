@@ -12,8 +12,16 @@ slot goes in priority order (demand, prefetch, background).
 
 The store client retries timeouts, 5xx answers, throttling and cut connections with
 backoff for ``retry_timeout`` seconds per request; after that the fetch fails with one
-line. Nothing an answer claims is believed: its length, its range and its bytes are
-checked.
+line, unless :attr:`ObjectSource.keep_trying` is set (a peer sets it once its VM has
+resumed): then a store that stays away stalls the fetch, which tries again with backoff
+until the store is back, since failing it would fail the running VM's reads. A lasting
+refusal (a missing object, refused credentials, a replaced object, bytes that fail
+verification) fails at once either way. Nothing an answer claims is believed: its
+length, its range and its bytes are checked.
+
+With a :class:`~drafter.chunkcache.ChunkCache`, a chunk the host already has (from
+another VM of the same package, or an earlier run) is taken from it, verified, and not
+fetched; every chunk fetched is kept there.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from drafter.chunkcache import ChunkCache
 from drafter.chunks import ZERO_HASH, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest
@@ -51,6 +60,7 @@ log = logging.getLogger(__name__)
 
 INFLIGHT = 32  # range requests in flight: 32 x 4 MiB runs fill 1 Gbit/s at 1 s RTT
 MAX_RUN_BYTES = 8 << 20  # one range request carries at most this much
+OUTAGE_BACKOFF = (1.0, 30.0)  # a running VM's fetch retries from 1 s, doubling to 30 s
 
 
 class ObjectChanged(DrafterError):
@@ -58,7 +68,12 @@ class ObjectChanged(DrafterError):
 
 
 class StoreError(DrafterError):
-    """The store refused, failed or stayed away past the retries."""
+    """The store refused, failed or stayed away past the retries. ``lasting`` when
+    trying again cannot help (no such object, refused credentials, a wrong answer)."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class ObjectSource:
@@ -72,6 +87,7 @@ class ObjectSource:
         pin: bytes | None = None,
         options: StoreOptions | None = None,
         inflight: int = INFLIGHT,
+        cache: ChunkCache | None = None,
     ) -> None:
         self.location = url if isinstance(url, ObjectLocation) else parse_location(url)
         self.raddr = str(self.location)
@@ -91,6 +107,10 @@ class ObjectSource:
         self.stats = ClientStats()
         self.metrics: Metrics | None = None
         self.requests = 0  # range requests made (the HEAD not counted)
+        self.cache = cache
+        self.keep_trying = False  # a store outage stalls fetches instead of failing them
+        self.outages = 0  # times the store stayed away past the client's retries
+        self._outage_since: float | None = None
 
     @property
     def reconnects(self) -> int:
@@ -177,11 +197,33 @@ class ObjectSource:
                 deliver(index, bytes(chunk_length(size, self.chunk_size, index)), ZERO_HASH)
                 index += 1
                 continue
-            end = index
+            cached = self._cached(resource, index)
+            if cached is not None:
+                deliver(index, cached, hashes[index])
+                index += 1
+                continue
+            end = index + 1
             while end < stop and end - index < per_request and hashes[end] != ZERO_HASH:
+                cached = self._cached(resource, end)
+                if cached is not None:
+                    break
                 end += 1
             await self._fetch_stretch(resource, index, end, int(priority), deliver)
+            if cached is not None:  # the chunk that ended the stretch, in order
+                deliver(end, cached, hashes[end])
+                end += 1
             index = end
+
+    def _cached(self, resource: str, index: int) -> bytes | None:
+        """Chunk ``index`` from the host's cache, verified there, or None."""
+        if self.cache is None:
+            return None
+        n = chunk_length(self.manifest[resource], self.chunk_size, index)
+        data = self.cache.get(self.hashes[resource][index], n)
+        if data is not None:
+            self.stats.chunks += 1
+            self.stats.bytes += n
+        return data
 
     async def _fetch_stretch(
         self, resource: str, start: int, end: int, priority: int, deliver: Deliver
@@ -211,10 +253,46 @@ class ObjectSource:
             if self.metrics is not None:
                 self.metrics.chunk_pulled(resource, priority, n, n, seconds)
             deliver(index, chunk, hashes[index])
+        if self.cache is not None:
+            await asyncio.to_thread(self._keep, resource, start, end, view)
+
+    def _keep(self, resource: str, start: int, end: int, view: memoryview) -> None:
+        """Put verified chunks ``start`` .. ``end - 1`` (``view``) into the cache."""
+        assert self.cache is not None
+        hashes, size = self.hashes[resource], self.manifest[resource]
+        for index in range(start, end):
+            at = (index - start) * self.chunk_size
+            self.cache.put(
+                hashes[index], view[at : at + chunk_length(size, self.chunk_size, index)]
+            )
 
     async def _read(self, offset: int, length: int) -> memoryview:
         """Bytes ``[offset, offset + length)`` of the object at its pinned version,
-        exactly that many; StoreError, ObjectChanged or a short-answer error if not."""
+        exactly that many; StoreError, ObjectChanged or a short-answer error if not.
+        With :attr:`keep_trying`, a store that stays away is waited for."""
+        wait = OUTAGE_BACKOFF[0]
+        while True:
+            try:
+                data = await self._read_once(offset, length)
+            except StoreError as e:
+                if e.lasting or not self.keep_trying or self._closed:
+                    raise
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    self.outages += 1
+                    log.warning("%s; the VM runs on the chunks it has, retrying", e)
+                else:
+                    log.debug("still away (%s); next try in %.0f s", e, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, OUTAGE_BACKOFF[1])
+                continue
+            if self._outage_since is not None:
+                log.warning("%s is back after %.0f s", self.raddr,
+                            time.monotonic() - self._outage_since)  # fmt: skip
+                self._outage_since = None
+            return data
+
+    async def _read_once(self, offset: int, length: int) -> memoryview:
         import obstore
 
         if self._closed:
@@ -235,7 +313,8 @@ class ObjectSource:
         if tuple(got) != (offset, offset + length) or len(data) != length:
             raise StoreError(
                 f"{self.raddr} answered bytes {got[0]}-{got[1]} ({len(data)} bytes) to a "
-                f"request for {offset}-{offset + length}: refused"
+                f"request for {offset}-{offset + length}: refused",
+                lasting=True,
             )
         return data
 
@@ -246,10 +325,11 @@ class ObjectSource:
         if isinstance(error, e.PreconditionError):
             return ObjectChanged(f"{self.raddr} was replaced during the start (its ETag changed)")
         if isinstance(error, (e.NotFoundError, FileNotFoundError)):
-            return StoreError(f"{self.raddr} does not exist")
+            return StoreError(f"{self.raddr} does not exist", lasting=True)
         if isinstance(error, (e.PermissionDeniedError, e.UnauthenticatedError)):
             return StoreError(
-                f"{self.raddr}: the store refused the credentials: {CREDENTIALS_HELP}"
+                f"{self.raddr}: the store refused the credentials: {CREDENTIALS_HELP}",
+                lasting=True,
             )
         if isinstance(error, DrafterError):
             return error

@@ -65,3 +65,6 @@ class PeerOptions:
     # index must have (--index-digest), and S3 virtual-hosted addressing.
     index_pin: bytes | None = None
     s3_virtual_hosted: bool = False
+    # The host's chunk cache for object-store packages (--chunk-cache): chunks another
+    # VM of the package already fetched are taken from it, and every fetched one kept.
+    chunk_cache: Path | None = None

@@ -215,6 +215,7 @@ class Peer:
         except TimeoutError:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
         self._to(PeerPhase.RUNNING)
+        sources.keep_trying()
         if self.incoming is not None:
             self.incoming.summarise(timings)
             self._done = asyncio.ensure_future(self._tell_done(self.incoming))
@@ -295,6 +296,8 @@ class Peer:
         await pool.pull_all()
         self.summary.moved = {name: d.fetched_bytes for name, d in self.devices.items()}
         self.summary.wire_bytes = sum(s.stats.wire_bytes for s in self.sources.all)
+        if self.sources.cache is not None:
+            self.summary.cached = self.sources.cache.hit_bytes
         if self.incoming is None:  # every chunk is here: the registry is not needed
             await self.sources.close()
 

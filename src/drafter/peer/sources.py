@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from drafter.chunkcache import ChunkCache
 from drafter.chunks import DEVICES, FETCHED, TRACKED, ZERO_HASH
 from drafter.device import Device
 from drafter.errors import DrafterError
@@ -35,11 +36,15 @@ class Sources:
 
     addrs: dict[str, str]  # resource -> HOST:PORT of its server, or its object's URL
     connections: dict[str, Source]  # HOST:PORT or URL -> the one source of it
+    cache: ChunkCache | None = None  # the host's chunk cache, for object sources
 
     @classmethod
     def open(cls, options: PeerOptions) -> Sources:
         addrs = {name: options.raddrs.get(name) or options.raddr for name in FETCHED}
         connections: dict[str, Source] = {}
+        cache = None
+        if options.chunk_cache is not None and any(map(is_object_url, addrs.values())):
+            cache = ChunkCache(options.chunk_cache)
         for addr in dict.fromkeys(addrs.values()):
             if is_object_url(addr):
                 store = StoreOptions(
@@ -49,7 +54,7 @@ class Sources:
                 )
                 key = index_key(options.token) if options.token else None
                 connections[addr] = ObjectSource(
-                    addr, key=key, pin=options.index_pin, options=store
+                    addr, key=key, pin=options.index_pin, options=store, cache=cache
                 )
             else:
                 connections[addr] = RemoteSource(
@@ -59,7 +64,7 @@ class Sources:
                     retry_timeout=options.retry_timeout,
                     compress=options.compress,
                 )
-        return cls(addrs, connections)
+        return cls(addrs, connections, cache)
 
     @property
     def all(self) -> list[Source]:
@@ -87,6 +92,13 @@ class Sources:
         """Whether the VM is a package at rest (a registry offers its ``state``), not a
         running peer's VM (a migration: its state exists only at switch-over)."""
         return "state" in self.of("state").manifest
+
+    def keep_trying(self) -> None:
+        """The VM runs: from now on a store outage stalls its fetches (the VM runs on
+        the chunks it has) rather than failing them."""
+        for source in self.all:
+            if isinstance(source, ObjectSource):
+                source.keep_trying = True
 
     async def connect(self) -> None:
         """Connect to every server (device loop); DrafterError if one cannot be had."""

@@ -22,6 +22,7 @@ class MigrationSummary:
     phases: dict[str, float] = field(default_factory=dict)
     reused: int = 0  # bytes taken from a local package instead of moved
     wire_bytes: int = 0  # chunk payload bytes that crossed the network (compressed)
+    cached: int = 0  # bytes taken from the host's chunk cache instead of fetched
 
     def line(self) -> str:
         """The summary as one line for a log or a terminal."""
@@ -29,6 +30,8 @@ class MigrationSummary:
         moved += f"; {self.wire_bytes / (1 << 20):.1f} MiB on the wire"
         if self.reused:
             moved += f", {self.reused / (1 << 20):.1f} MiB reused from a local package"
+        if self.cached:
+            moved += f", {self.cached / (1 << 20):.1f} MiB from the host's chunk cache"
         if not self.migrated:
             return f"started from {self.source} in {self.total_s * 1000:.0f} ms; moved {moved}"
         return (
