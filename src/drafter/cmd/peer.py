@@ -202,16 +202,6 @@ async def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _digest(text: str) -> bytes:
-    try:
-        value = bytes.fromhex(text)
-    except ValueError:
-        value = b""
-    if len(value) != 32:
-        raise argparse.ArgumentTypeError("give 64 hexadecimal digits (a BLAKE3 digest)")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, __doc__.split(": ", 1)[1])
     p.add_argument("--netns", default="ark0", help="network namespace for the VM")
@@ -273,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="on Ctrl-C, write the VM to this package first (a file or "
                    "s3://BUCKET/KEY)")  # fmt: skip
     storeflags.add(p, writes=True)
-    p.add_argument("--index-digest", type=_digest, default=None, metavar="HEX",
-                   help="an s3:// or http(s):// package's index must have this BLAKE3 "
-                   "digest (what drafter-packager prints; not needed with a token)")  # fmt: skip
+    storeflags.add_pin(p)
     p.add_argument("--chunk-cache", default="", metavar="DIR",
                    help="a directory this host's peers share: chunks of an s3:// or "
                    "http(s):// package that one fetched are not fetched again")  # fmt: skip

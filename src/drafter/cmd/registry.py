@@ -1,4 +1,7 @@
-"""drafter-registry: serve a package's resources over the network, read-only."""
+"""drafter-registry: serve a package's resources over the network, read-only.
+
+The package is a file, or an object (``s3://BUCKET/KEY``, ``http(s)://HOST/PATH``) read
+lazily through its index (:mod:`drafter.objects.provider`)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,16 @@ import time
 from pathlib import Path
 
 from drafter import cli, metrics
+from drafter.cmd import storeflags
 from drafter.errors import DrafterError
+from drafter.index import index_key
+from drafter.objects import ObjectSource, StoreOptions, is_object_url, parse_location
+from drafter.objects.provider import ObjectProvider
 from drafter.package import open_package
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.registry import DEFAULT_CHUNK_SIZE, PackageProvider
-from drafter.transport.server import ChunkServer
+from drafter.transport.server import ChunkProvider, ChunkServer
 
 PROG = "drafter-registry"
 DEFAULT_LADDR = ":1337"
@@ -25,23 +32,59 @@ RESOURCE_LADDRS = {"state": 1600, "memory": 1601, "initramfs": 1602, "kernel": 1
 log = logging.getLogger(__name__)
 
 
+async def _open_object(
+    url: str, token: str | None, pin: bytes | None, store: StoreOptions, chunk_size: int | None
+) -> ObjectProvider:
+    """A package in object storage, its index read and checked; a store outage later
+    stalls the clients' requests rather than failing them."""
+    # With --index-digest the pin is the check; else a token must have signed it.
+    key = index_key(token) if token and pin is None else None
+    source = ObjectSource(url, key=key, pin=pin, options=store)
+    try:
+        await source.connect()
+        if chunk_size is not None and chunk_size != source.chunk_size:
+            raise DrafterError(
+                f"{url} has chunks of {source.chunk_size} bytes (its index): drop "
+                f"--chunk-size {chunk_size} or give that size"
+            )
+    except BaseException:
+        await source.close()
+        raise
+    source.keep_trying = True
+    return ObjectProvider(source)
+
+
 async def _serve(
-    package_path: Path,
+    package_path: str,
     addresses: list[tuple[str, int]],
     token: str | None,
     tls: ssl.SSLContext | None,
-    chunk_size: int,
+    chunk_size: int | None,
     served: metrics.Metrics | None = None,
+    store: StoreOptions | None = None,
+    pin: bytes | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    provider = PackageProvider(open_package(package_path), chunk_size)
-    try:
+    provider: ChunkProvider
+    if is_object_url(package_path):
+        provider = await _open_object(package_path, token, pin, store or StoreOptions(), chunk_size)
+        log.info("serving %s lazily through its index", package_path)
+    else:
+        package = PackageProvider(
+            open_package(Path(package_path)), chunk_size or DEFAULT_CHUNK_SIZE
+        )
+        provider = package
         started = time.monotonic()
-        await asyncio.to_thread(provider.hash_all)
+        try:
+            await asyncio.to_thread(package.hash_all)
+        except BaseException:
+            package.close()
+            raise
         log.info("hashed every chunk of %s in %.2fs", package_path, time.monotonic() - started)
+    try:
         server = ChunkServer(provider)
         if served is not None:
             served.attach_server(server)
@@ -63,7 +106,10 @@ async def _serve(
         finally:
             await server.close()
     finally:
-        provider.close()
+        if isinstance(provider, ObjectProvider):
+            await provider.close()
+        elif isinstance(provider, PackageProvider):
+            provider.close()
 
 
 def _bound(server: ChunkServer, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -75,7 +121,8 @@ def _bound(server: ChunkServer, addresses: list[tuple[str, int]]) -> list[tuple[
 def main(argv: list[str] | None = None) -> int:
     """Entry point of drafter-registry."""
     p = cli.parser(PROG, "Serve a package's resources over the network (read-only).")
-    p.add_argument("--package-path", default="out/app.drft", help="package to serve")
+    p.add_argument("--package-path", default="out/app.drft",
+                   help="the package: a file, s3://BUCKET/KEY or http(s)://HOST/PATH")  # fmt: skip
     p.add_argument(
         "--laddr",
         default=None,
@@ -95,8 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", help="PEM certificate: serve over TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes per chunk on the wire"
-    )
+        "--chunk-size", type=int, default=None,
+        help=f"bytes per chunk on the wire (default {DEFAULT_CHUNK_SIZE}; an object's index "
+        "sets its own)",
+    )  # fmt: skip
+    p.add_argument("--tls-ca", default="", help="CA certificate of an https:// package's server")
+    p.add_argument("--retry-timeout", type=float, default=30,
+                   help="seconds the store client retries one request at start")  # fmt: skip
+    storeflags.add(p, writes=False)
+    storeflags.add_pin(p)
     for resource, port in RESOURCE_LADDRS.items():
         p.add_argument(
             f"--{resource}-laddr",
@@ -109,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(a.verbose)
 
     def body() -> int:
-        if not 0 < a.chunk_size <= wire.MAX_CHUNK_SIZE or a.chunk_size % 4096:
+        if a.chunk_size is not None and (
+            not 0 < a.chunk_size <= wire.MAX_CHUNK_SIZE or a.chunk_size % 4096
+        ):
             raise DrafterError(
                 f"--chunk-size must be a multiple of 4096 up to {wire.MAX_CHUNK_SIZE}"
             )
@@ -127,7 +183,21 @@ def main(argv: list[str] | None = None) -> int:
                     addresses.append(address)
         tls = security.tls_server_options(a.tls_cert, a.tls_key)
         served = metrics.start(a.metrics)
-        asyncio.run(_serve(Path(a.package_path), addresses, token, tls, a.chunk_size, served))
+        if is_object_url(a.package_path):
+            parse_location(a.package_path, "--package-path")  # one line if unusable
+        elif a.tls_ca or a.index_digest or a.s3_virtual_hosted:
+            raise DrafterError(
+                "--tls-ca, --index-digest and --s3-virtual-hosted are for an s3:// or "
+                "http(s):// --package-path"
+            )
+        if not 0.0 < a.retry_timeout <= 86400:
+            raise DrafterError("--retry-timeout must be above 0 and at most 86400 seconds")
+        store = storeflags.store_options(a, a.retry_timeout)
+        asyncio.run(
+            _serve(
+                a.package_path, addresses, token, tls, a.chunk_size, served, store, a.index_digest
+            )
+        )
         return 0
 
     return cli.run(PROG, body)

@@ -26,6 +26,26 @@ def add(parser: argparse.ArgumentParser, writes: bool) -> None:
         )  # fmt: skip
 
 
+def add_pin(parser: argparse.ArgumentParser) -> None:
+    """``--index-digest``: the BLAKE3 digest an object's index must have."""
+    parser.add_argument(
+        "--index-digest", type=digest, default=None, metavar="HEX",
+        help="an s3:// or http(s):// package's index must have this BLAKE3 digest (what "
+        "drafter-packager prints; not needed when the package was written with the token)",
+    )  # fmt: skip
+
+
+def digest(text: str) -> bytes:
+    """A BLAKE3 digest given as 64 hexadecimal digits (an argparse type)."""
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise argparse.ArgumentTypeError("give 64 hexadecimal digits (a BLAKE3 digest)")
+    return value
+
+
 def store_options(a: argparse.Namespace, retry_timeout: float = 30.0) -> StoreOptions:
     return StoreOptions(
         retry_timeout=retry_timeout,
