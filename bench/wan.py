@@ -80,10 +80,10 @@ class StepFailed(Exception):
 class Proc:
     """A child process; threads collect its stdout and stderr lines with their times."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env
         )
         self.lines: list[tuple[float, str]] = []
         self.cond = threading.Condition()

@@ -79,13 +79,16 @@ def wait_for_redis(address: str, port: int = 6379, timeout: float = 60) -> redis
 
 
 @contextlib.contextmanager
-def runner(package: Path, netns: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+def runner(
+    package: Path, netns: str, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """drafter-runner resuming ``package`` in ``netns``; stopped at the end."""
     proc = subprocess.Popen(
         [command("drafter-runner"), "--netns", netns, "--package-path", str(package), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         yield proc
@@ -102,8 +105,11 @@ def ctrl_c(proc: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def registry(package: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """drafter-registry serving ``package`` on a free loopback port: (process, address)."""
+def registry(
+    package: Path | str, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """drafter-registry serving ``package`` (a file or an object's URL) on a free
+    loopback port: (process, address)."""
     port = free_port()
     proc = subprocess.Popen(
         [command("drafter-registry"), "--package-path", str(package),
@@ -111,6 +117,7 @@ def registry(package: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
