@@ -58,8 +58,8 @@ def nginx_factory() -> Iterator[NginxFactory]:
     path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
     servers: list[Nginx] = []
 
-    def start(root: Path, tls: bool = False) -> Nginx:
-        server = Nginx(root, path / f"nginx-{len(servers)}", tls=tls)
+    def start(root: Path, tls: bool = False, rate: str | None = None) -> Nginx:
+        server = Nginx(root, path / f"nginx-{len(servers)}", tls=tls, rate=rate)
         servers.append(server)
         return server.start()
 

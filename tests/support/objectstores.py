@@ -472,7 +472,7 @@ def make_test_ca(parent: Path) -> TestCA:
 class NginxFactory(Protocol):
     """The ``nginx_factory`` fixture: starts an :class:`Nginx` serving ``root``."""
 
-    def __call__(self, root: Path, tls: bool = False) -> Nginx: ...
+    def __call__(self, root: Path, tls: bool = False, rate: str | None = None) -> Nginx: ...
 
 
 class Nginx:
@@ -481,7 +481,10 @@ class Nginx:
     a certificate of :func:`make_test_ca` (trust ``ca_pem``). Its files lie under
     ``parent``. :meth:`restart` starts it again on the same port (an outage)."""
 
-    def __init__(self, root: Path, parent: Path, tls: bool = False) -> None:
+    def __init__(
+        self, root: Path, parent: Path, tls: bool = False, rate: str | None = None
+    ) -> None:
+        self.rate = rate  # nginx's limit_rate per connection ("2m"), for a slow server
         self.root = Path(root).resolve()
         self.parent = Path(parent).resolve()
         self.parent.mkdir(parents=True, exist_ok=True)
@@ -540,6 +543,7 @@ http {{
 {tls}    root {self.root};
     etag on;
     max_ranges 16;
+{f"    limit_rate {self.rate};" if self.rate else ""}
     location / {{
       limit_except GET {{ deny all; }}
     }}
