@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "out"
@@ -51,7 +52,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
         assert needle in errors[0], errors[0]
 
 
-def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout: float = 30) -> int:
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGINT, timeout: float = 30) -> int:
     """Stop a process we started, by its PID: ``sig`` first, SIGKILL if it lingers."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -64,7 +65,7 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout:
     return proc.returncode
 
 
-def wait_killed(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+def wait_killed(proc: subprocess.Popen[Any], timeout: float = 30) -> int:
     """Wait for a process we killed. One stuck on its own FUSE mount (D state) would
     hang the suite: its mounts are aborted through fusectl, and the test fails."""
     try:

@@ -48,6 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from support.common import stop_process
+
 LOOPBACK = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
 SEAWEED_DEADLINE = 40.0  # a raft heartbeat sometimes holds writes back 8-9 s
@@ -98,18 +100,6 @@ def _guarded(argv: list[str]) -> list[str]:
     """``argv`` under ``setpriv --pdeathsig KILL`` (exec'd: the PID stays the server's)."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
-
-
-def _kill(proc: subprocess.Popen[bytes], first: int, grace: float) -> None:
-    """Stop ``proc`` (ours, by its PID): ``first``, then SIGKILL after ``grace`` s."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(first)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def weed_binary() -> Path:
@@ -384,7 +374,7 @@ class SeaweedS3:
     def stop(self) -> None:
         """SIGKILL by PID (SIGTERM takes SeaweedFS ~15 s), wait, remove its /tmp sockets."""
         if self.proc is not None:
-            _kill(self.proc, signal.SIGKILL, 30)
+            stop_process(self.proc, signal.SIGKILL, 30)
         self._remove_stale_sockets()
 
     def sockets(self) -> list[Path]:
@@ -580,7 +570,7 @@ http {{
     def stop(self) -> None:
         """SIGQUIT (graceful), SIGKILL after 5 s; by PID."""
         if self.proc is not None:
-            _kill(self.proc, signal.SIGQUIT, 5)
+            stop_process(self.proc, signal.SIGQUIT, 5)
 
     def restart(self) -> Self:
         """Start again on the same port (after :meth:`stop`, or stopping it first)."""

@@ -6,7 +6,9 @@ never as bytes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from drafter.objects import ObjectChanged, ObjectSource
 from drafter.objects.provider import ObjectProvider
 from drafter.transport.client import RemoteSource
 from drafter.transport.server import ChunkServer
+from support.common import command
 from support.hostile_http import Fault, HostileServer
 
 LOOPBACK = "127.0.0.1"
@@ -132,3 +135,28 @@ def test_a_read_without_read_ahead_asks_for_that_chunk_alone(served) -> None:
             await provider.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--package-path", "s3://"], "names no object"),
+        (["--package-path", "s3://b/k\x01"], "not a usable URL"),
+        (["--package-path", "s3://b/k"], "not an S3 bucket name"),
+        (["--package-path", "x.drft", "--tls-ca", "/etc/hosts"], "are for an s3://"),
+        (["--package-path", "s3://bucket/k", "--chunk-size", "5"], "--chunk-size"),
+        (["--package-path", "s3://bucket/k", "--retry-timeout", "0"], "--retry-timeout"),
+        (["--package-path", "s3://bucket/k", "--index-digest", "zz"], "64 hexadecimal"),
+    ],
+)
+def test_bad_object_flags_of_the_registry_are_one_line(args: list[str], says: str) -> None:
+    result = subprocess.run(
+        [command("drafter-registry"), "--laddr", "127.0.0.1:0", *args],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert says in lines[-1], result.stderr
+    assert len([line for line in lines if "error" in line]) == 1, result.stderr
