@@ -104,6 +104,9 @@ class Device:
         # chunk size that is not a whole number of pages is tracked whole.
         self.page = PAGE if chunk_size % PAGE == 0 else chunk_size
         self.dirty_pages: dict[int, int] = {}  # chunk -> bit mask of its pages
+        # Chunks changed since the last checkpoint took them (None: no checkpoints);
+        # kept apart from ``dirty``, which a migration takes.
+        self.unsaved: set[int] | None = None
         self._lock = threading.Lock()
         self._base_fd = os.open(base.path, os.O_RDONLY | os.O_CLOEXEC) if base else -1
         self.overlay = overlay
@@ -349,6 +352,8 @@ class Device:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
                     self.local[index] = 1
                 self.dirty.add(index)
+                if self.unsaved is not None:
+                    self.unsaved.add(index)
                 self.hashes[index] = None
             if data:
                 page, chunk = self.page, self.chunk_size
@@ -386,6 +391,25 @@ class Device:
             dirty, self.dirty = self.dirty, set()
             self.dirty_pages = {}
         return dirty
+
+    def track_unsaved(self) -> None:
+        """Checkpoints from now on: every chunk counts as changed until one takes it."""
+        with self._lock:
+            self.unsaved = set(range(self.chunks))
+
+    def take_unsaved(self) -> set[int]:
+        """The chunks changed since the last call (a checkpoint reads them), and reset."""
+        with self._lock:
+            if self.unsaved is None:
+                raise DrafterError(f"device {self.name} does not track checkpoints")
+            taken, self.unsaved = self.unsaved, set()
+        return taken
+
+    def give_back_unsaved(self, chunks: set[int]) -> None:
+        """A checkpoint that took these failed: they count as changed again."""
+        with self._lock:
+            if self.unsaved is not None:
+                self.unsaved |= chunks
 
     def take_dirty_runs(self) -> dict[int, list[tuple[int, int]]]:
         """The chunks written since the last sync point, each with the runs of bytes
@@ -429,6 +453,8 @@ class Device:
             for offset, data in runs:
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
             self.hashes[index] = None
+            if self.unsaved is not None:
+                self.unsaved.add(index)
 
     def copy_to(self, dst_fd: int, dst_offset: int, sink: Sink | None = None) -> None:
         """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping

@@ -67,9 +67,11 @@ class MemoryRecords:
         self._reach()
         self._write(name, data)
 
-    async def get(self, name: str) -> bytes | None:
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
         self._reach()
         found = self.store.objects.get(name)
+        if found and limit is not None and len(found[0]) > limit:
+            raise StoreError(f"{name} is too large", lasting=True)
         return found[0] if found else None
 
     async def delete(self, name: str) -> None:

@@ -16,7 +16,7 @@ from drafter.chunks import ZERO_HASH, Priority
 from drafter.errors import DrafterError
 from drafter.index import index_key
 from drafter.objects import ObjectChanged, ObjectSource, StoreError, StoreOptions
-from drafter.objects.source import _Slots
+from drafter.objects.source import RequestSlots
 from drafter.package import PackageConfig, open_package, write_package
 from drafter.transport.inflight import VerificationError
 from support.hostile_http import Fault, HostileServer
@@ -246,7 +246,7 @@ def test_an_older_package_names_the_command_that_adds_an_index(server, tmp_path)
 
 def test_slots_go_in_priority_order() -> None:
     async def go() -> list[int]:
-        slots = _Slots(1)
+        slots = RequestSlots(1)
         order: list[int] = []
         await slots.take(Priority.BACKGROUND)  # the one slot is busy
 

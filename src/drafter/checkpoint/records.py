@@ -65,8 +65,9 @@ class Records(Protocol):
         """Write ``name`` whatever is there (content-addressed objects)."""
         ...
 
-    async def get(self, name: str) -> bytes | None:
-        """An object's bytes, or None if it does not exist."""
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+        """An object's bytes, or None if it does not exist; StoreError (lasting) if it
+        is larger than ``limit``."""
         ...
 
     async def delete(self, name: str) -> None:
@@ -149,17 +150,22 @@ class ObjectRecords:
     async def put(self, name: str, data: bytes) -> None:
         await self._put(name, data, "overwrite")
 
-    async def get(self, name: str) -> bytes | None:
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
         import obstore
         from obstore import exceptions as e
 
         try:
             result = await obstore.get_async(self._store, self._key(name))
-            return bytes(await result.bytes_async())
+            if limit is not None and int(result.meta["size"]) > limit:
+                raise StoreError(f"{self.where}{name} is larger than it can be", lasting=True)
+            data = bytes(await result.bytes_async())
         except (e.NotFoundError, FileNotFoundError):
             return None
         except Exception as error:
             raise self._error(error, name) from None
+        if limit is not None and len(data) > limit:
+            raise StoreError(f"{self.where}{name} is larger than it can be", lasting=True)
+        return data
 
     async def delete(self, name: str) -> None:
         import obstore

@@ -97,7 +97,7 @@ class ObjectSource:
         self._etag: str | None = None
         self._size = 0
         self._offsets: dict[str, int] = {}
-        self._slots = _Slots(inflight)
+        self._slots = RequestSlots(inflight)
         self._closed = False
         self.chunk_size = 0
         self.manifest: dict[str, int] = {}
@@ -355,7 +355,7 @@ def _first_member(head: memoryview, origin: str) -> tuple[str, int, int]:
     return info.name, info.offset_data, info.size
 
 
-class _Slots:
+class RequestSlots:
     """At most ``limit`` requests at once; waiters go in priority order, then FIFO."""
 
     def __init__(self, limit: int) -> None:
@@ -364,8 +364,8 @@ class _Slots:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
-    def slot(self, priority: int) -> _Slot:
-        return _Slot(self, priority)
+    def slot(self, priority: int) -> RequestSlot:
+        return RequestSlot(self, priority)
 
     async def take(self, priority: int) -> None:
         if self.busy < self.limit and not self._waiting:
@@ -394,8 +394,8 @@ class _Slots:
 _RANK: dict[int, int] = {Priority.DEMAND: 0, Priority.PREFETCH: 1, Priority.BACKGROUND: 2}
 
 
-class _Slot:
-    def __init__(self, slots: _Slots, priority: int) -> None:
+class RequestSlot:
+    def __init__(self, slots: RequestSlots, priority: int) -> None:
         self._slots, self._priority = slots, priority
 
     async def __aenter__(self) -> None:

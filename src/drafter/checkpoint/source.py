@@ -1,0 +1,156 @@
+"""A committed checkpoint generation as a :class:`~drafter.chunks.ChunkSource`: the
+VM resumes from it lazily, exactly as from a package in the store.
+
+The generation's manifest (:mod:`drafter.checkpoint.manifest`) lists every chunk's
+hash; a chunk is the object ``chunks/<hash>``, fetched with one GET, checked for its
+length and against its hash before it is handed on; all-zero chunks are never
+fetched. At most :data:`INFLIGHT` requests are in flight, waiters in priority order
+(demand, prefetch, background). As with a package (:class:`ObjectSource`), once the
+VM runs (``keep_trying``) a store that stays away stalls a fetch, which tries again
+with backoff, rather than failing the running VM's reads; a missing chunk or bytes
+that fail verification fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from drafter.checkpoint.manifest import Manifest, chunk_name
+from drafter.checkpoint.records import Records
+from drafter.chunks import FETCHED, ZERO_HASH, Deliver, Priority, chunk_length
+from drafter.errors import DrafterError
+from drafter.hashes import digest
+from drafter.objects.source import OUTAGE_BACKOFF, RequestSlots, StoreError
+from drafter.transport.inflight import ClientStats, VerificationError
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+INFLIGHT = 64  # chunk GETs in flight (each one chunk: many, to fill the link)
+
+
+class CheckpointSource:
+    """One generation of ``records`` (its ``manifest``, already read and checked)."""
+
+    def __init__(self, records: Records, manifest: Manifest, inflight: int = INFLIGHT) -> None:
+        self.records = records
+        self.generation = manifest
+        self.raddr = f"{records.where} (generation {manifest.generation})"
+        self._slots = RequestSlots(inflight)
+        self._closed = False
+        self.chunk_size = manifest.chunk_size
+        self.manifest: dict[str, int] = dict(manifest.sizes)
+        self.hashes: dict[str, list[bytes]] = manifest.hashes
+        self.hot: dict[str, list[int]] = manifest.hot
+        self.config = manifest.config
+        self.stats = ClientStats()
+        self.metrics: Metrics | None = None
+        self.requests = 0
+        self.keep_trying = False
+        self.outages = 0
+        self.cache = None
+
+    @property
+    def reconnects(self) -> int:
+        return 0
+
+    async def connect(self) -> None:
+        """The manifest was read and checked before: nothing more to learn."""
+        if set(self.manifest) != set(FETCHED):
+            raise DrafterError(f"{self.raddr} does not list every resource")
+
+    async def fetch_run(
+        self,
+        resource: str,
+        start: int,
+        count: int,
+        priority: Priority | int,
+        expected: Sequence[bytes | None],
+        deliver: Deliver,
+    ) -> None:
+        """Chunks ``start`` .. ``start + count - 1`` of ``resource``, verified and
+        handed to ``deliver`` in order (fetched concurrently)."""
+        if self._closed:
+            raise DrafterError(f"{self.raddr} is closed")
+        hashes = self.hashes.get(resource)
+        if hashes is None:
+            raise DrafterError(f"{self.raddr} has no resource named {resource!r}")
+        if count < 1 or start < 0 or start + count > len(hashes) or len(expected) != count:
+            raise DrafterError(f"chunks {start}+{count} are not in {resource} of {self.raddr}")
+        for i, want in enumerate(expected):
+            if want is not None and want != hashes[start + i]:
+                raise VerificationError(
+                    f"chunk {start + i} of {resource}: {self.raddr} lists another hash"
+                )
+        size = self.manifest[resource]
+        fetches = {
+            index: asyncio.ensure_future(self._fetch(resource, index, int(priority)))
+            for index in range(start, start + count)
+            if hashes[index] != ZERO_HASH
+        }
+        try:
+            for index in range(start, start + count):
+                fetch = fetches.get(index)
+                if fetch is None:
+                    self.stats.zero_chunks += 1
+                    deliver(index, bytes(chunk_length(size, self.chunk_size, index)), ZERO_HASH)
+                else:
+                    deliver(index, await fetch, hashes[index])
+        finally:
+            for fetch in fetches.values():
+                if not fetch.done():
+                    fetch.cancel()
+            for fetch in fetches.values():
+                if fetch.done() and not fetch.cancelled():
+                    fetch.exception()  # retrieved: the first one raised above
+
+    async def _fetch(self, resource: str, index: int, priority: int) -> bytes:
+        want = self.hashes[resource][index]
+        n = chunk_length(self.manifest[resource], self.chunk_size, index)
+        sent = time.monotonic()
+        async with self._slots.slot(priority):
+            data = await self._get(chunk_name(want), n)
+        if data is None:
+            raise StoreError(
+                f"{self.raddr}: chunk {index} of {resource} is missing from the store",
+                lasting=True,
+            )
+        if len(data) != n or digest(data) != want:
+            self.stats.verify_failures += 1
+            raise VerificationError(
+                f"chunk {index} of {resource} from {self.raddr} failed verification "
+                "(its bytes do not match the manifest): refused it"
+            )
+        self.stats.chunks += 1
+        self.stats.bytes += n
+        self.stats.wire_bytes += n
+        if self.metrics is not None:
+            self.metrics.chunk_pulled(resource, priority, n, n, time.monotonic() - sent)
+        return data
+
+    async def _get(self, name: str, limit: int) -> bytes | None:
+        """One object; a store that stays away is waited for once the VM runs."""
+        wait = OUTAGE_BACKOFF[0]
+        while True:
+            if self._closed:
+                raise DrafterError(f"{self.raddr} is closed")
+            self.requests += 1
+            try:
+                return await self.records.get(name, limit)
+            except StoreError as e:
+                if e.lasting or not self.keep_trying:
+                    raise
+                if wait == OUTAGE_BACKOFF[0]:
+                    self.outages += 1
+                    log.warning("%s; the VM runs on the chunks it has, retrying", e)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, OUTAGE_BACKOFF[1])
+
+    async def close(self) -> None:
+        self._closed = True

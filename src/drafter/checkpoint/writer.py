@@ -1,0 +1,485 @@
+"""Continuous checkpoints of a running VM into object storage (docs/checkpoints.md).
+
+One :meth:`Checkpointer.checkpoint` makes one generation, in this order:
+
+1. **Pre-copy into the store**, while the VM runs: sync the memory file, take the
+   chunks changed since the last checkpoint (:meth:`Device.take_unsaved`), read and
+   hash them, upload those the store does not hold yet (``chunks/<hash>``, content
+   addressed: the same bytes are one object however often they recur). Up to
+   ``rounds`` rounds, fewer once a round finds little.
+2. **The pause**: pause the VM, save its device state, sync memory, take the last
+   changed chunks and copy them out, resume. This is all the VM stops for.
+3. **Commit**, while the VM runs again: upload those chunks and the state's, write
+   the generation's manifest, then the head record naming it, with a conditional
+   write on the version of the head this holder wrote last (``If-Match``). Only the
+   head makes a generation visible: a failure or a kill anywhere before it leaves the
+   previous generation the latest, and every chunk a head names was uploaded before it.
+4. **Expiry**: manifests beyond the newest ``keep`` go, then every chunk no kept
+   manifest names (never one the head's generation needs).
+
+The lease (:mod:`drafter.checkpoint.lease`) is checked before the commit, and a head
+written meanwhile by a holder of a newer epoch fails the condition: this copy is
+fenced (:class:`~drafter.checkpoint.lease.LeaseFenced`) and writes nothing more.
+
+A checkpoint that fails gives its chunks back (:meth:`Device.give_back_unsaved`):
+the next one takes them again, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from drafter.checkpoint.lease import Lease, LeaseFenced
+from drafter.checkpoint.manifest import (
+    CHUNKS,
+    GENERATIONS,
+    HEAD,
+    MAX_MANIFEST,
+    Head,
+    Manifest,
+    chunk_name,
+    digest_of,
+    generation_name,
+    generation_of,
+)
+from drafter.checkpoint.records import RecordConflict, Records
+from drafter.chunks import DEVICES, TRACKED, ZERO_HASH, chunk_length
+from drafter.device import Device
+from drafter.errors import DrafterError
+from drafter.hashes import chunk_hash
+from drafter.snapshot import failpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 30.0
+DEFAULT_KEEP = 3
+UPLOADS = 32  # chunk uploads in flight
+READ_BATCH = 64  # chunks read and hashed per trip to a worker thread
+SMALL_ROUND = 8 << 20  # a pre-copy round that found at most this many bytes is the last
+
+
+class CheckpointVM(Protocol):
+    """What a checkpoint needs of the running VM (on the main loop)."""
+
+    devices: dict[str, Device]
+    config: bytes
+
+    async def sync_memory(self) -> None:
+        """Push the pages the guest dirtied in QEMU's mapping down to the device."""
+        ...
+
+    async def pause_and_save(self, state: Path) -> None:
+        """Pause the VM and save its device state to ``state``."""
+        ...
+
+    async def resume(self) -> None:
+        """Let the paused VM run on."""
+        ...
+
+    def hot(self) -> dict[str, list[int]]:
+        """The hot set as known now (tracked device -> chunks)."""
+        ...
+
+    def busy(self) -> str | None:
+        """Why a checkpoint must wait now (a migration under way), or None."""
+        ...
+
+
+@dataclass
+class CheckpointStats:
+    """One committed generation, for the status line, the metrics and the bench."""
+
+    generation: int = 0
+    committed_at: float = 0.0  # wall clock
+    pause_s: float = 0.0
+    total_s: float = 0.0
+    uploaded_bytes: int = 0
+    uploaded_chunks: int = 0
+    changed_bytes: int = 0  # bytes of the chunks read because they changed
+    rounds: int = 0
+
+
+@dataclass
+class _Attempt:
+    """What one checkpoint took from the devices (given back if it fails)."""
+
+    taken: dict[str, set[int]] = field(default_factory=dict)
+
+    def add(self, name: str, chunks: set[int]) -> None:
+        self.taken.setdefault(name, set()).update(chunks)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The head as a new holder found and fenced it: the latest committed generation
+    (None: there is none yet), its manifest's name, the head's version now."""
+
+    manifest: Manifest | None = None
+    name: str = ""
+    version: str | None = None
+    committed: float = 0.0  # wall clock of its commit
+
+
+async def open_head(records: Records, lease: Lease) -> Opened:
+    """After ``lease`` was taken: the latest committed generation, and the head
+    rewritten with this holder's epoch, so that any later commit of an older holder
+    fails its condition (it is fenced)."""
+    where = records.where
+    current = await records.read(HEAD)
+    if current is None:
+        return Opened()
+    head = Head.parse(current.data, where)
+    if head.epoch > lease.epoch:
+        raise LeaseFenced(f"{where}{HEAD} was written at epoch {head.epoch}: not ours")
+    manifest = await read_manifest(records, head.manifest, head.generation)
+    fenced = Head(head.generation, head.manifest, lease.epoch, head.committed, lease.holder)
+    try:
+        version = await records.replace(HEAD, fenced.to_bytes(), current.version)
+    except RecordConflict:
+        raise LeaseFenced(f"{where}{HEAD} changed while the lease was taken over") from None
+    return Opened(manifest, head.manifest, version, head.committed)
+
+
+async def read_manifest(records: Records, name: str, generation: int) -> Manifest:
+    """The manifest ``name`` of ``generation``, checked; DrafterError if missing or bad."""
+    data = await records.get(name, MAX_MANIFEST)
+    if data is None:
+        raise DrafterError(f"{records.where}{name} is missing")
+    manifest = Manifest.parse(data, f"{records.where}{name}")
+    if manifest.generation != generation:
+        raise DrafterError(f"{records.where}{name} names generation {manifest.generation}")
+    return manifest
+
+
+class Checkpointer:
+    """Generations of one VM under ``records`` (``s3://BUCKET/PREFIX/``), while
+    ``lease`` is held."""
+
+    def __init__(
+        self,
+        records: Records,
+        lease: Lease,
+        vm: CheckpointVM,
+        work: Path,
+        interval: float = DEFAULT_INTERVAL,
+        keep: int = DEFAULT_KEEP,
+        rounds: int = 3,
+        opened: Opened | None = None,
+    ) -> None:
+        if keep < 1:
+            raise DrafterError("--checkpoint-keep must be at least 1")
+        self.records = records
+        self.lease = lease
+        self.vm = vm
+        self.state_path = work / "checkpoint-state"
+        self.interval = interval
+        self.keep = keep
+        self.rounds = rounds
+        self.generation = 0  # the latest committed one (0: none yet)
+        self.last: CheckpointStats | None = None  # the latest committed by this copy
+        self.committed = 0  # generations this copy committed
+        self.failed = 0  # checkpoints that failed (the previous generation stayed)
+        self._head_version: str | None = None
+        self._hashes: dict[str, list[bytes | None]] = {}  # chunk -> its hash in the store
+        self._known: set[bytes] = set()  # chunks the store holds
+        self._manifests: dict[str, set[bytes]] = {}  # kept manifest -> chunks it names
+        self._asked = asyncio.Event()
+        self._lock = asyncio.Lock()
+        if opened is not None and opened.manifest is not None:
+            manifest = opened.manifest
+            self.generation = manifest.generation
+            self._head_version = opened.version
+            self._known = manifest.digests()
+            self._manifests[opened.name] = self._known.copy()
+            for name in DEVICES:
+                self._hashes[name] = list(manifest.hashes[name])
+
+    def track(self) -> None:
+        """Start tracking changes: every chunk counts as changed until the first
+        checkpoint took it (it reads what the store does not hold yet)."""
+        for name in DEVICES:
+            device = self.vm.devices[name]
+            device.track_unsaved()
+            mine = self._hashes.get(name)
+            if mine is None or len(mine) != device.chunks:
+                self._hashes[name] = [None] * device.chunks
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def request(self) -> None:
+        """Ask for a checkpoint at once (a signal, before maintenance)."""
+        self._asked.set()
+
+    async def run(self, ready: Awaitable[object]) -> None:
+        """Checkpoint at once once ``ready`` (every chunk is local), then every
+        ``interval`` seconds and whenever asked, until fenced (LeaseFenced)."""
+        await ready
+        while True:
+            reason = self.vm.busy()
+            if reason is not None:
+                log.debug("checkpoint deferred: %s", reason)
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                await self.checkpoint()
+            except LeaseFenced:
+                raise
+            except (DrafterError, OSError) as e:
+                self.failed += 1
+                log.warning("checkpoint failed (generation %d stays the latest): %s",
+                            self.generation, e)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._asked.wait(), self.interval)
+            self._asked.clear()
+
+    async def checkpoint(self, final: bool = False) -> CheckpointStats:
+        """Make and commit one generation; its figures. ``final``: the VM stays paused
+        after it (it stops here: the generation holds its last write)."""
+        async with self._lock:
+            attempt = _Attempt()
+            try:
+                return await self._checkpoint(attempt, final)
+            except BaseException:
+                for name, chunks in attempt.taken.items():
+                    self.vm.devices[name].give_back_unsaved(chunks)
+                raise
+
+    async def _checkpoint(self, attempt: _Attempt, final: bool) -> CheckpointStats:
+        self.lease.check()
+        start = time.monotonic()
+        stats = CheckpointStats(generation=self.generation + 1)
+        for _ in range(self.rounds):  # pre-copy into the store, the VM running
+            await self.vm.sync_memory()
+            found = await self._round(attempt, stats, None)
+            stats.rounds += 1
+            if found <= SMALL_ROUND:
+                break
+        failpoint("checkpoint-before-pause")
+        paused = time.monotonic()
+        created = time.time()
+        last: dict[tuple[str, int], bytes] = {}
+        await self.vm.pause_and_save(self.state_path)
+        try:
+            await self.vm.sync_memory()
+            for name in TRACKED:
+                chunks = self.vm.devices[name].take_unsaved()
+                attempt.add(name, chunks)
+                last.update(await asyncio.to_thread(_copy_out, self.vm.devices[name], chunks))
+        finally:
+            if not final:
+                await self.vm.resume()
+            stats.pause_s = time.monotonic() - paused
+        await self._round(attempt, stats, last)
+        state = await asyncio.to_thread(self.state_path.read_bytes)
+        chunk_size = self.vm.devices["memory"].chunk_size
+        state_hashes = await self._upload_bytes(state, chunk_size, stats)
+        failpoint("checkpoint-before-manifest")
+        hashes: dict[str, list[bytes]] = {"state": state_hashes}
+        sizes = {"state": len(state)}
+        for name in DEVICES:
+            known = self._hashes[name]
+            if any(h is None for h in known):
+                raise DrafterError(f"checkpoint: chunks of {name} were never read")
+            hashes[name] = [h for h in known if h is not None]
+            sizes[name] = self.vm.devices[name].size
+        manifest = Manifest(
+            stats.generation, self.lease.epoch, created, chunk_size,
+            self.vm.config, sizes, hashes, self.vm.hot(),
+        )  # fmt: skip
+        name = generation_name(stats.generation, self.lease.epoch)
+        await self.records.put(name, manifest.to_bytes())
+        failpoint("checkpoint-before-head")
+        await self._commit(manifest, name)
+        attempt.taken.clear()  # committed: nothing to give back any more
+        stats.committed_at = time.time()
+        stats.total_s = time.monotonic() - start
+        self.generation = stats.generation
+        self.last = stats
+        self.committed += 1
+        log.info(
+            "checkpoint %d committed: %.1f MiB uploaded, paused %.0f ms, %.1f s in all",
+            stats.generation, stats.uploaded_bytes / (1 << 20), stats.pause_s * 1000,
+            stats.total_s,
+        )  # fmt: skip
+        self._manifests[name] = manifest.digests()
+        try:
+            await self._expire()
+        except DrafterError as e:  # the commit stands; expiry is tried again next time
+            log.warning("could not expire old checkpoints: %s", e)
+        return stats
+
+    async def _commit(self, manifest: Manifest, name: str) -> None:
+        """The head names the new generation: the one conditional write that commits."""
+        self.lease.check()
+        head = Head(manifest.generation, name, self.lease.epoch, time.time(), self.lease.holder)
+        where = self.records.where
+        try:
+            if self._head_version is None:
+                self._head_version = await self.records.create(HEAD, head.to_bytes())
+            else:
+                self._head_version = await self.records.replace(
+                    HEAD, head.to_bytes(), self._head_version
+                )
+        except RecordConflict:
+            raise LeaseFenced(
+                f"{where}{HEAD} was written by another holder: this copy was replaced "
+                "and writes nothing more"
+            ) from None
+
+    async def _round(
+        self,
+        attempt: _Attempt,
+        stats: CheckpointStats,
+        final: dict[tuple[str, int], bytes] | None,
+    ) -> int:
+        """One pre-copy round (``final`` None: take the changed chunks now and read
+        them) or the pause's chunks (``final``: already copied out); their new hashes
+        recorded, the new ones uploaded. Returns the bytes of changed chunks read."""
+        read = 0
+        uploads: list[tuple[bytes, bytes]] = []
+        if final is None:
+            for name in DEVICES:
+                device = self.vm.devices[name]
+                chunks = device.take_unsaved()
+                attempt.add(name, chunks)
+                todo = []
+                for index in sorted(chunks):
+                    known = device.hashes[index]
+                    if known is not None and (known == ZERO_HASH or known in self._known):
+                        self._hashes[name][index] = known
+                    else:
+                        todo.append(index)
+                for at in range(0, len(todo), READ_BATCH):
+                    batch = todo[at : at + READ_BATCH]
+                    got = await asyncio.to_thread(_read_hashed, device, batch)
+                    for index, (data, digest) in got.items():
+                        read += len(data)
+                        self._hashes[name][index] = digest
+                        if digest != ZERO_HASH and digest not in self._known:
+                            uploads.append((digest, data))
+                    if len(uploads) >= UPLOADS * 2:
+                        await self._upload(uploads, stats)
+                        uploads = []
+        else:
+            hashed = await asyncio.to_thread(
+                lambda: {key: (data, chunk_hash(data)) for key, data in final.items()}
+            )
+            for (name, index), (data, digest) in hashed.items():
+                read += len(data)
+                self._hashes[name][index] = digest
+                if digest != ZERO_HASH and digest not in self._known:
+                    uploads.append((digest, data))
+        await self._upload(uploads, stats)
+        stats.changed_bytes += read
+        return read
+
+    async def _upload_bytes(
+        self, data: bytes, chunk_size: int, stats: CheckpointStats
+    ) -> list[bytes]:
+        """``data`` (the VMM state) as chunks in the store; their hashes."""
+        view = memoryview(data)
+        hashes = []
+        uploads = []
+        for start in range(0, len(data), chunk_size):
+            piece = bytes(view[start : start + chunk_size])
+            digest = chunk_hash(piece)
+            hashes.append(digest)
+            if digest != ZERO_HASH and digest not in self._known:
+                uploads.append((digest, piece))
+        await self._upload(uploads, stats)
+        return hashes
+
+    async def _upload(self, uploads: list[tuple[bytes, bytes]], stats: CheckpointStats) -> None:
+        """Put every (hash, bytes) not yet in the store, :data:`UPLOADS` at a time."""
+        slots = asyncio.Semaphore(UPLOADS)
+        seen: set[bytes] = set()
+
+        async def one(digest: bytes, data: bytes) -> None:
+            async with slots:
+                await self.records.put(chunk_name(digest), data)
+            self._known.add(digest)
+            stats.uploaded_bytes += len(data)
+            stats.uploaded_chunks += 1
+
+        todo = []
+        for digest, data in uploads:
+            if digest not in seen and digest not in self._known:
+                seen.add(digest)
+                todo.append(one(digest, data))
+        results = await asyncio.gather(*todo, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _expire(self) -> None:
+        """Keep the newest ``keep`` generations; remove every other manifest (older
+        ones, and attempts that never committed), then every chunk no kept manifest
+        names (nor one this copy's VM holds now). A generation's committed manifest
+        is the one of the highest epoch: a holder of a newer epoch only ever writes
+        generations above the head it took over."""
+        names = await self.records.list(GENERATIONS)
+        newest: dict[int, tuple[int, str]] = {}
+        for name in names:
+            parsed = generation_of(name)
+            if parsed is None or parsed[0] > self.generation:
+                continue
+            generation, epoch = parsed
+            if generation not in newest or newest[generation][0] < epoch:
+                newest[generation] = (epoch, name)
+        kept = {newest[g][1]: g for g in sorted(newest)[-self.keep :]}
+        dropped = [n for n in names if n not in kept and _older(n, self.generation)]
+        if not dropped:
+            return
+        needed: set[bytes] = set()
+        for name, generation in kept.items():
+            if name not in self._manifests:
+                manifest = await read_manifest(self.records, name, generation)
+                self._manifests[name] = manifest.digests()
+            needed |= self._manifests[name]
+        for hashes in self._hashes.values():
+            needed.update(h for h in hashes if h is not None)
+        for name in dropped:
+            await self.records.delete(name)
+            self._manifests.pop(name, None)
+        removed = 0
+        for name in await self.records.list(CHUNKS):
+            digest = digest_of(name)
+            if digest is not None and digest not in needed:
+                await self.records.delete(name)
+                self._known.discard(digest)
+                removed += 1
+        self._known &= needed
+        log.debug("expired %d manifest(s) and %d chunk(s)", len(dropped), removed)
+
+
+def _older(name: str, generation: int) -> bool:
+    """Whether the manifest ``name`` is of a generation up to ``generation``."""
+    parsed = generation_of(name)
+    return parsed is not None and parsed[0] <= generation
+
+
+def _read_hashed(device: Device, indices: list[int]) -> dict[int, tuple[bytes, bytes]]:
+    """Chunks ``indices`` of ``device`` (local) with their hashes (a worker thread)."""
+    out = {}
+    for index in indices:
+        data, _ = device.read_chunk(index)
+        out[index] = (data, chunk_hash(data))
+    return out
+
+
+def _copy_out(device: Device, indices: set[int]) -> dict[tuple[str, int], bytes]:
+    """Chunks ``indices`` of ``device``, copied out while the VM is paused."""
+    out = {}
+    for index in sorted(indices):
+        data, _ = device.read_chunk(index)
+        if len(data) != chunk_length(device.size, device.chunk_size, index):
+            raise DrafterError(f"device {device.name}: chunk {index} read short")
+        out[(device.name, index)] = data
+    return out

@@ -1,0 +1,443 @@
+"""Checkpoints (src/drafter/checkpoint/writer.py, source.py, manifest.py) on real
+devices over temporary files and a VM stand-in that pauses, saves a state and
+resumes; the store in memory (tests/support/records.py) and, last, a real SeaweedFS.
+
+What must hold whatever fails: a head only ever names a manifest whose every chunk
+is in the store, and a failed checkpoint loses nothing (the next one takes its chunks
+again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from drafter.checkpoint import Lease, LeaseFenced, ObjectRecords
+from drafter.checkpoint.manifest import (
+    HEAD,
+    Head,
+    Manifest,
+    chunk_name,
+    digest_of,
+    generation_name,
+    generation_of,
+)
+from drafter.checkpoint.records import Records
+from drafter.checkpoint.source import CheckpointSource
+from drafter.checkpoint.writer import Checkpointer, open_head, read_manifest
+from drafter.chunks import DEVICES, ZERO_HASH, Priority
+from drafter.device import Device
+from drafter.errors import DrafterError
+from drafter.hashes import chunk_hash
+from drafter.objects.source import StoreError
+from drafter.transport.inflight import VerificationError
+from support.records import MemoryRecords, MemoryStore
+
+CHUNK = 64 << 10
+SIZES = {"kernel": 3 * CHUNK, "initramfs": 2 * CHUNK, "memory": 64 * CHUNK, "disk": 16 * CHUNK}
+
+
+class FakeVM:
+    """Real devices; a pause that saves ``state_bytes``; hooks for writes meanwhile."""
+
+    def __init__(self, work: Path) -> None:
+        self.devices = {
+            name: Device(name, size, None, work / f"{name}.overlay", writable=True)
+            for name, size in SIZES.items()
+        }
+        self.config = b'{"memory_mib": 4}'
+        self.state_bytes = b"state" * 1000
+        self.paused = False
+        self.pauses = 0
+        self.on_sync = None  # called at every memory sync (a write while it runs)
+        self.in_pause_write: tuple[str, int, bytes] | None = None
+
+    async def sync_memory(self) -> None:
+        if self.on_sync is not None and not self.paused:
+            self.on_sync()
+
+    async def pause_and_save(self, state: Path) -> None:
+        assert not self.paused
+        self.paused = True
+        self.pauses += 1
+        if self.in_pause_write is not None:  # written just before the pause took
+            name, offset, data = self.in_pause_write
+            self.devices[name].write(offset, data)
+            self.in_pause_write = None
+        state.write_bytes(self.state_bytes)
+
+    async def resume(self) -> None:
+        assert self.paused
+        self.paused = False
+
+    def hot(self) -> dict[str, list[int]]:
+        return {"memory": [0, 1], "disk": []}
+
+    def busy(self) -> str | None:
+        return None
+
+    def content(self, name: str) -> bytes:
+        d = self.devices[name]
+        return d.read(0, d.size)
+
+
+def fill(vm: FakeVM, seed: int = 1) -> None:
+    rng = __import__("random").Random(seed)
+    for name, device in vm.devices.items():
+        for index in range(device.chunks):
+            if rng.random() < 0.5:  # half the chunks stay all zeros
+                device.write(index * CHUNK, rng.randbytes(CHUNK))
+
+
+def check_store(records: MemoryRecords) -> Manifest | None:
+    """The invariant: the head names a manifest whose every chunk is there."""
+    objects = records.store.objects
+    if HEAD not in objects:
+        return None
+    head = Head.parse(objects[HEAD][0], "")
+    manifest = Manifest.parse(objects[head.manifest][0], head.manifest)
+    for digest in manifest.digests():
+        assert chunk_name(digest) in objects, f"the head names a missing chunk {digest.hex()}"
+    return manifest
+
+
+def chunks_in(records: MemoryRecords) -> int:
+    return sum(1 for name in records.store.objects if digest_of(name) is not None)
+
+
+async def writer(
+    records: Records, vm: FakeVM, work: Path, holder: str = "a", keep: int = 3
+) -> Checkpointer:
+    lease = Lease(records, holder)
+    await lease.acquire(may_wait=False)
+    opened = await open_head(records, lease)
+    checkpointer = Checkpointer(records, lease, vm, work, interval=3600, keep=keep, opened=opened)
+    checkpointer.track()
+    return checkpointer
+
+
+async def restored(records: Records, manifest: Manifest, work: Path) -> dict[str, bytes]:
+    """Every resource as a peer recovering from the generation would see it."""
+    source = CheckpointSource(records, manifest)
+    await source.connect()
+    out = {}
+    for name in ("state", *DEVICES):
+        device = Device(name, source.manifest[name], None, work / f"r-{name}", source=source)
+        device.expect(source.hashes[name])
+        await device.ensure(0, device.size, Priority.DEMAND)
+        out[name] = device.read(0, device.size)
+        device.close()
+    return out
+
+
+def test_the_first_checkpoint_holds_everything_and_an_idle_one_uploads_nothing(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        first = await checkpointer.checkpoint()
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == first.generation == 1
+        non_zero = sum(
+            1 for name in DEVICES for i in range(vm.devices[name].chunks)
+            if chunk_hash(vm.devices[name].read(i * CHUNK, CHUNK)) != ZERO_HASH
+        )  # fmt: skip
+        assert first.uploaded_chunks == non_zero + 1  # and the state's one chunk
+        assert vm.pauses == 1 and not vm.paused
+        idle = await checkpointer.checkpoint()
+        assert idle.generation == 2 and idle.uploaded_bytes == 0
+        vm.devices["memory"].write(5 * CHUNK + 100, b"changed")
+        one = await checkpointer.checkpoint()
+        assert one.uploaded_chunks == 1 and one.uploaded_bytes == CHUNK
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == 3
+        got = await restored(records, manifest, tmp_path)
+        for name in DEVICES:
+            assert got[name] == vm.content(name), name
+        assert got["state"] == vm.state_bytes
+        assert manifest.config == vm.config and manifest.hot["memory"] == [0, 1]
+
+    asyncio.run(go())
+
+
+def test_writes_during_precopy_and_at_the_pause_are_in_the_generation(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        counter = iter(range(1000))
+
+        def busy_guest() -> None:  # the guest writes while each round runs
+            n = next(counter)
+            vm.devices["memory"].write((n % 64) * CHUNK, os.urandom(CHUNK))
+            vm.devices["disk"].write((n % 16) * CHUNK + 7, b"disk write %d" % n)
+
+        vm.on_sync = busy_guest
+        vm.in_pause_write = ("memory", 63 * CHUNK, b"the last write before the pause")
+        stats = await checkpointer.checkpoint()
+        assert stats.rounds >= 1
+        manifest = check_store(records)
+        assert manifest is not None
+        got = await restored(records, manifest, tmp_path)
+        for name in DEVICES:  # exactly the devices as they were at the pause
+            assert got[name] == vm.content(name), name
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("fault", ["chunks", "manifest", "head"])
+def test_a_fault_during_a_checkpoint_leaves_the_previous_generation_and_loses_nothing(
+    tmp_path: Path, fault: str
+) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        vm.devices["memory"].write(9 * CHUNK, b"a write the failed checkpoint carried")
+        vm.devices["disk"].write(3 * CHUNK, os.urandom(CHUNK))
+        puts = 0
+        real_put = records.put
+
+        async def failing_put(name: str, data: bytes) -> None:
+            nonlocal puts
+            kind = "manifest" if generation_of(name) else "chunks"
+            if kind == fault:
+                raise StoreError(f"{name}: 503 Service Unavailable")
+            puts += 1
+            await real_put(name, data)
+
+        records.put = failing_put  # type: ignore[method-assign]
+        if fault == "head":
+            real_replace = records.replace
+
+            async def cut(name: str, data: bytes, version: str) -> str:
+                raise StoreError("the connection was cut")
+
+            records.replace = cut  # type: ignore[method-assign]
+        with pytest.raises(StoreError):
+            await checkpointer.checkpoint()
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == 1  # still the latest
+        assert not vm.paused  # the VM runs on
+        records.put = real_put  # type: ignore[method-assign]
+        if fault == "head":
+            records.replace = real_replace  # type: ignore[method-assign]
+        await checkpointer.checkpoint()
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == 2
+        got = await restored(records, manifest, tmp_path)
+        for name in DEVICES:
+            assert got[name] == vm.content(name), name
+
+    asyncio.run(go())
+
+
+def test_a_recoverer_fences_the_head_and_the_old_holder_commits_nothing(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        old_records = store.view("old")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        old = await writer(old_records, vm, tmp_path, "old")
+        await old.checkpoint()
+        # The old holder's lease lapses (it was cut off); a recoverer takes it over.
+        record = json.loads(store.objects["lease"][0])
+        record["released"] = True  # as good as lapsed, without waiting a lease time
+        store.objects["lease"] = (json.dumps(record).encode(), '"lapsed"')
+        new_records = store.view("new")
+        lease = Lease(new_records, "new")
+        assert await lease.acquire(may_wait=False) == 2
+        opened = await open_head(new_records, lease)
+        assert opened.manifest is not None and opened.manifest.generation == 1
+        assert Head.parse(store.objects[HEAD][0], "").epoch == 2
+        # The old holder, unaware (its lease still looks valid to it), tries a commit.
+        vm.devices["memory"].write(0, b"a write the old copy took after it was replaced")
+        with pytest.raises(LeaseFenced):
+            await old.checkpoint()
+        assert check_store(new_records).generation == 1  # type: ignore[union-attr]
+        head = Head.parse(store.objects[HEAD][0], "")
+        assert head.holder == "new" and head.manifest == generation_name(1, 1)
+
+    asyncio.run(go())
+
+
+def test_old_generations_expire_and_their_chunks_go_but_never_the_heads(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path, keep=2)
+        await checkpointer.checkpoint()
+        before = chunks_in(records)
+        for n in range(4):
+            vm.devices["memory"].write(n * CHUNK, os.urandom(CHUNK))  # replaced bytes
+            await checkpointer.checkpoint()
+        manifests = [n for n in store.objects if generation_of(n)]
+        assert sorted(generation_of(n)[0] for n in manifests) == [4, 5]  # type: ignore[index]
+        manifest = check_store(records)
+        assert manifest is not None
+        # Each of the 4 rewrites replaced one chunk: the first 2 replaced ones are gone.
+        assert chunks_in(records) == before + 2
+        got = await restored(records, manifest, tmp_path)
+        assert got["memory"] == vm.content("memory")
+
+    asyncio.run(go())
+
+
+def test_a_recovered_source_refuses_a_changed_or_missing_chunk(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        manifest = check_store(records)
+        assert manifest is not None
+        digest = next(h for h in manifest.hashes["memory"] if h != ZERO_HASH)
+        data, version = store.objects[chunk_name(digest)]
+        store.objects[chunk_name(digest)] = (b"X" + data[1:], version)
+        with pytest.raises(VerificationError):
+            await restored(records, manifest, tmp_path / "a")
+        store.objects[chunk_name(digest)] = (data + b"more", version)
+        with pytest.raises(StoreError):  # longer than a chunk can be: refused unread
+            await restored(records, manifest, tmp_path / "b")
+        del store.objects[chunk_name(digest)]
+        with pytest.raises(StoreError, match="missing"):
+            await restored(records, manifest, tmp_path / "c")
+
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    asyncio.run(go())
+
+
+def _manifest_doc() -> dict[str, object]:
+    manifest = Manifest(
+        3, 1, 1.0, CHUNK, b"{}", {"state": 10, "kernel": CHUNK, "initramfs": 0,
+                                  "memory": 2 * CHUNK, "disk": CHUNK},
+        {"state": [b"s" * 32], "kernel": [b"k" * 32], "initramfs": [],
+         "memory": [b"m" * 32, ZERO_HASH], "disk": [b"d" * 32]},
+        {"memory": [1]},
+    )  # fmt: skip
+    return json.loads(manifest.to_bytes())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": 2},
+        {"generation": 0},
+        {"generation": True},
+        {"epoch": -1},
+        {"chunk_size": 1000},
+        {"chunk_size": 1 << 40},
+        {"config": "not base64!"},
+        {"resources": {}},
+        {"resources": None},
+        {"hot": {"memory": [2]}},
+        {"hot": {"memory": [-1]}},
+        {"hot": {"kernel": [0]}},
+        {"created": "yesterday"},
+    ],
+)
+def test_a_hostile_manifest_is_refused_with_one_line(change: dict[str, object]) -> None:
+    doc = _manifest_doc()
+    assert Manifest.parse(json.dumps(doc).encode(), "m").generation == 3
+    doc.update(change)
+    with pytest.raises(DrafterError, match="is not a checkpoint manifest"):
+        Manifest.parse(json.dumps(doc).encode(), "m")
+
+
+def test_a_manifest_whose_hashes_do_not_match_its_sizes_is_refused() -> None:
+    doc = _manifest_doc()
+    doc["resources"]["memory"]["size"] = 3 * CHUNK  # type: ignore[index]
+    with pytest.raises(DrafterError):
+        Manifest.parse(json.dumps(doc).encode(), "m")
+    for data in (b"[" * 100000, b"\xff", b"{}", b"null", b"x" * (65 << 20)):
+        with pytest.raises(DrafterError):
+            Manifest.parse(data, "m")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"manifest": "generations/x"},
+        {"manifest": "generations/000000000004-000000000001"},  # another generation's
+        {"manifest": "generations/000000000003-000000000009"},  # a newer epoch's
+        {"manifest": "../../lease"},
+        {"generation": 0},
+        {"epoch": 0},
+        {"holder": ""},
+        {"committed": None},
+    ],
+)
+def test_a_hostile_head_is_refused(change: dict[str, object]) -> None:
+    doc = json.loads(Head(3, generation_name(3, 1), 2, 1.0, "a").to_bytes())
+    assert Head.parse(json.dumps(doc).encode(), "").generation == 3
+    doc.update(change)
+    with pytest.raises(DrafterError, match="is not a checkpoint head"):
+        Head.parse(json.dumps(doc).encode(), "")
+
+
+def test_names_are_parsed_strictly() -> None:
+    assert generation_of(generation_name(7, 2)) == (7, 2)
+    for bad in ("generations/7-2", "generations/000000000007", "chunks/00",
+                "generations/00000000000٧-000000000002"):  # fmt: skip
+        assert generation_of(bad) is None
+    digest = bytes(range(32))
+    assert digest_of(chunk_name(digest)) == digest
+    assert digest_of("chunks/" + digest.hex().upper()) is None
+    assert digest_of("chunks/zz") is None
+
+
+def test_checkpoints_on_seaweedfs(tmp_path: Path, seaweed) -> None:
+    """The same writer and source on a real S3 store: conditional heads, listings,
+    deletes, and a second holder refused while the first holds the lease."""
+
+    async def go() -> None:
+        env = seaweed.env()
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            records = ObjectRecords(f"s3://drafter/unit-checkpoints-{os.getpid()}")
+            vm = FakeVM(tmp_path)
+            fill(vm)
+            checkpointer = await writer(records, vm, tmp_path, keep=1)
+            await checkpointer.checkpoint()
+            vm.devices["disk"].write(0, os.urandom(CHUNK))
+            stats = await checkpointer.checkpoint()
+            assert stats.generation == 2 and stats.uploaded_chunks == 1
+            current = await records.read(HEAD)
+            assert current is not None
+            head = Head.parse(current.data, records.where)
+            manifest = await read_manifest(records, head.manifest, head.generation)
+            names = await records.list("")
+            assert [n for n in names if generation_of(n)] == [head.manifest]
+            for digest in manifest.digests():
+                assert chunk_name(digest) in names
+            got = await restored(records, manifest, tmp_path)
+            assert got["disk"] == vm.content("disk")
+            with pytest.raises(DrafterError, match="held by a"):
+                await Lease(records, "b").acquire(may_wait=False)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    asyncio.run(go())
