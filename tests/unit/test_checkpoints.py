@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,8 @@ class FakeVM:
 
 
 def fill(vm: FakeVM, seed: int = 1) -> None:
-    rng = __import__("random").Random(seed)
-    for name, device in vm.devices.items():
+    rng = random.Random(seed)
+    for device in vm.devices.values():
         for index in range(device.chunks):
             if rng.random() < 0.5:  # half the chunks stay all zeros
                 device.write(index * CHUNK, rng.randbytes(CHUNK))
