@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -125,6 +125,26 @@ class Metrics:
         self.precopy_rounds = Counter(
             "drafter_migration_precopy_rounds_total",
             "Pre-copy rounds of the migrations to this process", registry=r)  # fmt: skip
+        self.checkpoints = Counter(
+            "drafter_checkpoints_total",
+            "Checkpoints this process tried, by outcome (committed, failed)",
+            ["outcome"], registry=r)  # fmt: skip
+        self.checkpoint_pause_seconds = Histogram(
+            "drafter_checkpoint_pause_seconds",
+            "Seconds the VM was paused for a checkpoint",
+            buckets=DOWNTIME_BUCKETS, registry=r)  # fmt: skip
+        self.checkpoint_uploaded = Counter(
+            "drafter_checkpoint_uploaded_bytes_total",
+            "Chunk bytes checkpoints uploaded to the store", registry=r)  # fmt: skip
+        self.checkpoint_generation = Gauge(
+            "drafter_checkpoint_generation",
+            "The latest generation this process committed", registry=r)  # fmt: skip
+        self._committed_at: float | None = None
+        self.checkpoint_age = Gauge(
+            "drafter_checkpoint_age_seconds",
+            "Seconds since the VM state of the latest committed checkpoint (what a host "
+            "loss would cost now)", registry=r)  # fmt: skip
+        self.checkpoint_age.set_function(self._checkpoint_age)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, fds
         self._stats = _StatsCollector()
         r.register(self._stats)
@@ -218,6 +238,24 @@ class Metrics:
 
     def migration_ended(self, role: str, outcome: str) -> None:
         self.migrations.labels(role, outcome).inc()
+
+    def checkpoint_committed(
+        self, generation: int, paused_at: float, pause_s: float, uploaded: int
+    ) -> None:
+        """A checkpoint committed: the VM as at ``paused_at`` (wall clock) is safe."""
+        self.checkpoints.labels("committed").inc()
+        self.checkpoint_pause_seconds.observe(pause_s)
+        self.checkpoint_uploaded.inc(uploaded)
+        self.checkpoint_generation.set(generation)
+        self._committed_at = paused_at
+
+    def checkpoint_failed(self) -> None:
+        self.checkpoints.labels("failed").inc()
+
+    def _checkpoint_age(self) -> float:
+        if self._committed_at is None:
+            return float("nan")
+        return max(0.0, time.time() - self._committed_at)
 
     # -- exposition ------------------------------------------------------------------
 

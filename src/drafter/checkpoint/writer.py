@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from drafter.checkpoint.lease import Lease, LeaseFenced
 from drafter.checkpoint.manifest import (
@@ -55,6 +55,9 @@ from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.hashes import chunk_hash
 from drafter.snapshot import failpoint
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class CheckpointStats:
     """One committed generation, for the status line, the metrics and the bench."""
 
     generation: int = 0
+    paused_at: float = 0.0  # wall clock: the VM as it was then is the generation
     committed_at: float = 0.0  # wall clock
     pause_s: float = 0.0
     total_s: float = 0.0
@@ -190,6 +194,7 @@ class Checkpointer:
         self._hashes: dict[str, list[bytes | None]] = {}  # chunk -> its hash in the store
         self._known: set[bytes] = set()  # chunks the store holds
         self._manifests: dict[str, set[bytes]] = {}  # kept manifest -> chunks it names
+        self.metrics: Metrics | None = None
         self._asked = asyncio.Event()
         self._lock = asyncio.Lock()
         if opened is not None and opened.manifest is not None:
@@ -233,6 +238,8 @@ class Checkpointer:
                 raise
             except (DrafterError, OSError) as e:
                 self.failed += 1
+                if self.metrics is not None:
+                    self.metrics.checkpoint_failed()
                 log.warning("checkpoint failed (generation %d stays the latest): %s",
                             self.generation, e)  # fmt: skip
             with contextlib.suppress(TimeoutError):
@@ -299,14 +306,19 @@ class Checkpointer:
         await self._commit(manifest, name)
         attempt.taken.clear()  # committed: nothing to give back any more
         stats.committed_at = time.time()
+        stats.paused_at = created
         stats.total_s = time.monotonic() - start
         self.generation = stats.generation
         self.last = stats
         self.committed += 1
+        if self.metrics is not None:
+            self.metrics.checkpoint_committed(
+                stats.generation, created, stats.pause_s, stats.uploaded_bytes
+            )
         log.info(
-            "checkpoint %d committed: %.1f MiB uploaded, paused %.0f ms, %.1f s in all",
-            stats.generation, stats.uploaded_bytes / (1 << 20), stats.pause_s * 1000,
-            stats.total_s,
+            "checkpoint %d committed (the VM as at %.3f): %.1f MiB uploaded, paused %.0f ms, "
+            "%.1f s in all", stats.generation, created, stats.uploaded_bytes / (1 << 20),
+            stats.pause_s * 1000, stats.total_s,
         )  # fmt: skip
         self._manifests[name] = manifest.digests()
         try:

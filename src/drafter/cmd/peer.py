@@ -101,6 +101,16 @@ async def run(a: argparse.Namespace) -> int:
     for where in (raddr, *raddrs.values()):
         if is_object_url(where):
             parse_location(where, "--raddr")  # one line now if it is not a usable URL
+    checkpoint = a.checkpoint or None
+    if checkpoint is not None:
+        where = parse_location(checkpoint, "--checkpoint")
+        if where.scheme != "s3":
+            raise DrafterError("--checkpoint needs an S3 prefix (s3://BUCKET/PREFIX)")
+        if a.package_output_path:
+            raise DrafterError(
+                "--checkpoint and --package-output-path: choose one (a VM's checkpoints "
+                "are resumed with --raddr s3://BUCKET/PREFIX)"
+            )
     output = None
     if a.package_output_path:
         output = storeflags.output(a, a.package_output_path)
@@ -133,6 +143,10 @@ async def run(a: argparse.Namespace) -> int:
         state_dir=a.state_dir,
         stable_address=a.stable_address or None,
         chunk_cache=Path(a.chunk_cache) if a.chunk_cache else None,
+        checkpoint=checkpoint,
+        checkpoint_interval=a.checkpoint_interval,
+        checkpoint_keep=a.checkpoint_keep,
+        lease_time=a.lease_time,
     )
     peer = Peer(options)
     _, bar = progress_reporter(peer)
@@ -150,9 +164,12 @@ async def run(a: argparse.Namespace) -> int:
         task.add_done_callback(taking_back.discard)
 
     loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    loop.add_signal_handler(signal.SIGUSR2, peer.checkpoint_now)  # a checkpoint at once
     try:
         with bar:
             took = await peer.start()
+            if peer.recovered:
+                print(peer.recovered, flush=True)
             print(f"resumed the VM from {raddr} in {took * 1000:.0f} ms", flush=True)
             if peer.server is not None:
                 print(f"serving the VM on {', '.join(peer.server.addresses)}", flush=True)
@@ -166,10 +183,11 @@ async def run(a: argparse.Namespace) -> int:
             stopped = asyncio.ensure_future(stop.wait())
             away = asyncio.ensure_future(peer.migrated_away.wait())
             back = asyncio.ensure_future(peer.taken_back.wait())
+            fenced = asyncio.ensure_future(peer.fenced.wait())
             raw = console.raw_terminal(sys.stdin.fileno()) if a.enable_input else None
             with raw or contextlib.nullcontext():
-                waiting = {pulled, stopped, away, back}
-                while not (stopped.done() or away.done() or back.done()):
+                waiting = {pulled, stopped, away, back, fenced}
+                while not (stopped.done() or away.done() or back.done() or fenced.done()):
                     done, waiting = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
                     if pulled in done:
                         pulled.result()  # raises if the pull failed
@@ -178,8 +196,10 @@ async def run(a: argparse.Namespace) -> int:
                                  (p.finished or p.started) - p.started)  # fmt: skip
                         print(peer.summary.line(), flush=True)
             attach.cancel()
-            for task in (pulled, stopped, away, back):
+            for task in (pulled, stopped, away, back, fenced):
                 task.cancel()
+        if fenced.done():
+            raise DrafterError(peer.fenced_reason)
         if away.done():
             print("the VM migrated away; stopping here", flush=True)
             return 0
@@ -190,6 +210,9 @@ async def run(a: argparse.Namespace) -> int:
             )
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: None)  # finish stopping first
+        said = await peer.stop_checkpoints(final=True)
+        if said:
+            print(said, flush=True)
         if output is not None:
             try:
                 await peer.write_package(output.local)
@@ -267,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-cache", default="", metavar="DIR",
                    help="a directory this host's peers share: chunks of an s3:// or "
                    "http(s):// package that one fetched are not fetched again")  # fmt: skip
+    p.add_argument("--checkpoint", default="", metavar="s3://BUCKET/PREFIX",
+                   help="checkpoint the running VM there continuously, holding its lease "
+                   "(resume it on any host with --raddr s3://BUCKET/PREFIX; SIGUSR2 "
+                   "asks for a checkpoint at once)")  # fmt: skip
+    p.add_argument("--checkpoint-interval", type=float, default=30, metavar="SECONDS",
+                   help="seconds between checkpoints")  # fmt: skip
+    p.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
+                   help="generations kept (older ones expire, never the latest)")  # fmt: skip
+    p.add_argument("--lease-time", type=float, default=15, metavar="SECONDS",
+                   help="the VM's lease: without a renewal for 80 %% of it the VM pauses; "
+                   "a recovering peer waits all of it")  # fmt: skip
     p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")
@@ -287,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--precopy-threshold must be between 0 and 1048576 MiB")
     if not 1 <= args.pull_workers <= 4096:
         p.error("--pull-workers must be between 1 and 4096")
+    if not 1.0 <= args.checkpoint_interval <= 86400:
+        p.error("--checkpoint-interval must be between 1 and 86400 seconds")
+    if not 1 <= args.checkpoint_keep <= 10000:
+        p.error("--checkpoint-keep must be between 1 and 10000")
+    if not 2.0 <= args.lease_time <= 3600:
+        p.error("--lease-time must be between 2 and 3600 seconds")
 
     def body() -> int:
         cli.require_root(PROG)

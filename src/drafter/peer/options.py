@@ -68,3 +68,9 @@ class PeerOptions:
     # The host's chunk cache for object-store packages (--chunk-cache): chunks another
     # VM of the package already fetched are taken from it, and every fetched one kept.
     chunk_cache: Path | None = None
+    # Continuous checkpoints to s3://BUCKET/PREFIX (docs/checkpoints.md); a raddr that
+    # names such a prefix resumes its latest generation and checkpoints there on.
+    checkpoint: str | None = None
+    checkpoint_interval: float = 30.0
+    checkpoint_keep: int = 3
+    lease_time: float = 15.0  # the VM's lease: renewed every quarter of it

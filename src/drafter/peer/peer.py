@@ -29,12 +29,15 @@ from drafter.device import Device
 from drafter.devicefs import DeviceHost, unmount_stale_under
 from drafter.errors import DrafterError
 from drafter.index import index_key
+from drafter.migration.source import Phase as SourcePhase
 from drafter.network.follow import Follower
+from drafter.objects import is_object_url
+from drafter.peer.checkpoints import PeerCheckpoints, holds_checkpoints, store_options
 from drafter.peer.incoming import IncomingMigration
 from drafter.peer.options import PeerOptions
 from drafter.peer.pull import PullPool
 from drafter.peer.serving import Serving
-from drafter.peer.sources import Sources, take_local_chunks
+from drafter.peer.sources import CheckpointSource, Sources, take_local_chunks
 from drafter.peer.summary import MigrationSummary, PullProgress
 from drafter.session import HotSet, VMSession
 from drafter.transport.server import ChunkServer
@@ -98,6 +101,12 @@ class Peer:
         self._prefetches: list[asyncio.Future[None]] = []
         # Clients follow the VM: the gate of the namespace's address, the stable address.
         self.follow = Follower(options.netns, options.state_dir, options.stable_address)
+        # Its checkpoints and lease (--checkpoint, or a raddr that names checkpoints).
+        self.checkpoints: PeerCheckpoints | None = None
+        self.recovered = ""  # what a recovery resumed (the generation, its age)
+        # Set when another peer took the VM's lease over: this copy must stop for good.
+        self.fenced = asyncio.Event()
+        self.fenced_reason = ""
 
     @property
     def phase(self) -> PeerPhase:
@@ -152,6 +161,10 @@ class Peer:
                 with contextlib.suppress(Exception):
                     await self.incoming.abort()
             await self.close()
+            if self.checkpoints is not None and self.checkpoints.checkpointer is None:
+                # It never ran here: another host may take the lease at once.
+                with contextlib.suppress(Exception):
+                    await self.checkpoints.lease.release()
             raise
         self.resume_seconds = time.monotonic() - start
         self.summary.total_s = self.resume_seconds
@@ -165,7 +178,8 @@ class Peer:
         work = Path(tempfile.mkdtemp(prefix=f"peer.{os.getpid()}.", dir=root))
         self.vm = vm = VMSession(work)
         host = vm.host
-        sources = self.sources = Sources.open(o)
+        generation = await self._take_lease()
+        sources = self.sources = Sources.open(o, generation)
         if o.metrics is not None:
             for source in sources.all:
                 o.metrics.attach_remote(source)
@@ -216,6 +230,12 @@ class Peer:
             raise DrafterError(f"the VM did not resume within {o.resume_timeout:.0f}s") from None
         self._to(PeerPhase.RUNNING)
         sources.keep_trying()
+        if self.checkpoints is not None:
+            assert vm.machine is not None
+            self.checkpoints.start(
+                self.devices, sources.config, vm.machine, self.follow, work, self._hot_now,
+                self._migrating, self.wait_pulled(), self._fenced, o.metrics,
+            )  # fmt: skip
         if self.incoming is not None:
             self.incoming.summarise(timings)
             self._done = asyncio.ensure_future(self._tell_done(self.incoming))
@@ -224,6 +244,60 @@ class Peer:
                 o.metrics.migrated_in(s.downtime_s, s.precopy_s, s.switch_s, s.rounds, self._done)
         if o.laddr:
             await self._serve(sources.config)
+
+    async def _take_lease(self) -> CheckpointSource | None:
+        """With checkpoints: take the VM's lease before anything else. A raddr that
+        names a prefix of checkpoints (s3://BUCKET/PREFIX) is a recovery: wait for the
+        last holder's lease to lapse, then resume the latest committed generation
+        (returned) and checkpoint there on."""
+        o = self.options
+        store = store_options(o.retry_timeout, o.tls_ca, o.s3_virtual_hosted)
+        url = o.checkpoint
+        recovering = False
+        if is_object_url(o.raddr) and o.raddr.lower().startswith("s3://"):
+            recovering = await holds_checkpoints(o.raddr, store)
+        if recovering:
+            if url not in (None, o.raddr):
+                raise DrafterError(
+                    "a VM resumed from its checkpoints checkpoints where it came from: "
+                    f"leave --checkpoint out (or give {o.raddr})"
+                )
+            url = o.raddr
+        if url is None:
+            return None
+        self.checkpoints = checkpoints = await PeerCheckpoints.take(
+            url, store, recovering, o.lease_time, o.checkpoint_interval, o.checkpoint_keep
+        )
+        if not recovering:
+            return None
+        self.recovered = checkpoints.describe()
+        log.info("%s", self.recovered)
+        return checkpoints.source()
+
+    def _migrating(self) -> str | None:
+        """Why a checkpoint must wait: a migration away is under way."""
+        if self.serving is not None and self.serving.source.phase is not SourcePhase.IDLE:
+            return f"a migration is {self.serving.source.phase.value}"
+        return None
+
+    def _fenced(self, why: str) -> None:
+        """Another peer took the VM over (or checkpoints cannot go on): stop for good."""
+        if not self.fenced.is_set():
+            self.fenced_reason = why
+            log.error("%s", why)
+            self.fenced.set()
+
+    def checkpoint_now(self) -> None:
+        """Ask for a checkpoint at once (SIGUSR2; for example before maintenance)."""
+        if self.checkpoints is not None:
+            self.checkpoints.request()
+
+    async def stop_checkpoints(self, final: bool = True) -> str | None:
+        """Before a clean stop: a final checkpoint (the VM stays paused) and the lease
+        released, so another host may resume the VM at once; what was done."""
+        if self.checkpoints is None:
+            return None
+        return await self.checkpoints.stop(final)
 
     def _hot_now(self) -> dict[str, list[int]]:
         return self.hot.now() if self.hot is not None else {}
@@ -364,6 +438,8 @@ class Peer:
 
     async def close(self) -> None:
         """Stop the VM, unmount, drop the cache; safe to call more than once."""
+        if self.checkpoints is not None:
+            await self.checkpoints.stop(final=False)
         if self.hot is not None:
             self.hot.cancel()
         if self.serving is not None:

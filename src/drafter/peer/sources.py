@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from drafter.checkpoint.source import CheckpointSource
 from drafter.chunkcache import ChunkCache
 from drafter.chunks import DEVICES, FETCHED, TRACKED, ZERO_HASH
 from drafter.device import Device
@@ -25,7 +26,8 @@ from drafter.package import MAX_STATE_SIZE, PackageConfig, open_package
 from drafter.peer.options import PeerOptions
 from drafter.transport.client import RemoteSource
 
-Source = RemoteSource | ObjectSource  # a registry or peer over the wire, or an object
+# A registry or peer over the wire, a package object, or a checkpoint generation.
+Source = RemoteSource | ObjectSource | CheckpointSource
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,15 @@ class Sources:
     cache: ChunkCache | None = None  # the host's chunk cache, for object sources
 
     @classmethod
-    def open(cls, options: PeerOptions) -> Sources:
+    def open(cls, options: PeerOptions, generation: CheckpointSource | None = None) -> Sources:
+        """The sources ``options`` name; ``generation``: every resource from that
+        checkpoint generation instead (a VM recovered from its checkpoints)."""
+        if generation is not None:
+            if options.raddrs:
+                raise DrafterError("a VM resumed from its checkpoints takes every resource "
+                                   "from them: leave the --RESOURCE-raddr flags out")  # fmt: skip
+            addrs = dict.fromkeys(FETCHED, options.raddr)
+            return cls(addrs, {options.raddr: generation})
         addrs = {name: options.raddrs.get(name) or options.raddr for name in FETCHED}
         connections: dict[str, Source] = {}
         cache = None
@@ -97,7 +107,7 @@ class Sources:
         """The VM runs: from now on a store outage stalls its fetches (the VM runs on
         the chunks it has) rather than failing them."""
         for source in self.all:
-            if isinstance(source, ObjectSource):
+            if isinstance(source, ObjectSource | CheckpointSource):
                 source.keep_trying = True
 
     async def connect(self) -> None:

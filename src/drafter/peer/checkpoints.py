@@ -1,0 +1,298 @@
+"""A peer's checkpoints (docs/checkpoints.md): the lease it holds on its VM, the
+checkpointer that commits generations, and the pauses both need of the VM (main loop).
+
+:meth:`PeerCheckpoints.take` runs before the VM starts: it takes the lease (waiting
+out a lapsed holder's when it recovers the VM from the prefix) and fences the head.
+:meth:`PeerCheckpoints.start` runs once the VM runs: the lease is renewed from then
+on, and a checkpoint is made as soon as every chunk is local, then every interval.
+
+The VM runs only while nobody holds it paused (:class:`RunGate`): a checkpoint's
+pause, or the lease that could not be renewed in time. A lapsed lease also closes the
+namespace's address: no client is answered by a copy that a recoverer may replace.
+A fenced lease (someone else holds it) stops this copy for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from drafter.checkpoint.lease import Lease, LeaseFenced, LeasePhase
+from drafter.checkpoint.manifest import HEAD
+from drafter.checkpoint.records import ObjectRecords
+from drafter.checkpoint.source import CheckpointSource
+from drafter.checkpoint.writer import Checkpointer, Opened, open_head
+from drafter.device import Device
+from drafter.errors import DrafterError
+from drafter.network.follow import Follower
+from drafter.objects.location import StoreOptions, parse_location
+from drafter.snapshot import fsync_file
+from drafter.vmm.qemu import QemuMachine
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def store_options(retry_timeout: float, tls_ca: str | None, virtual_hosted: bool) -> StoreOptions:
+    return StoreOptions(retry_timeout=retry_timeout, tls_ca=tls_ca, virtual_hosted=virtual_hosted)
+
+
+async def holds_checkpoints(url: str, options: StoreOptions) -> bool:
+    """Whether ``s3://BUCKET/PREFIX`` holds a VM's checkpoints (a head), not a package."""
+    location = parse_location(url, "--raddr")
+    if location.scheme != "s3":
+        return False
+    return await ObjectRecords(location, options).read(HEAD) is not None
+
+
+class RunGate:
+    """Who holds the VM paused now; it runs only when nobody does. ``lease``: its
+    namespace's address is closed too, until the lease is renewed."""
+
+    def __init__(self, machine: QemuMachine, follow: Follower) -> None:
+        self.machine = machine
+        self.follow = follow
+        self.holds: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def hold(self, why: str) -> None:
+        async with self._lock:
+            if why in self.holds:
+                return
+            if not self.holds:
+                await self.machine.pause()
+            self.holds.add(why)
+            if why == "lease":
+                await asyncio.to_thread(self.follow.left)
+
+    async def release(self, why: str) -> None:
+        async with self._lock:
+            if why not in self.holds:
+                return
+            self.holds.discard(why)
+            if why == "lease":
+                await asyncio.to_thread(self.follow.running)
+            if not self.holds:
+                await self.machine.resume()
+
+
+class _SessionVM:
+    """What the checkpointer needs of the peer's VM (drafter.checkpoint.writer)."""
+
+    def __init__(
+        self,
+        devices: dict[str, Device],
+        config: bytes,
+        machine: QemuMachine,
+        gate: RunGate,
+        hot: Callable[[], dict[str, list[int]]],
+        busy: Callable[[], str | None],
+    ) -> None:
+        self.devices = devices
+        self.config = config
+        self.machine = machine
+        self.gate = gate
+        self._hot = hot
+        self._busy = busy
+
+    async def sync_memory(self) -> None:
+        await asyncio.to_thread(fsync_file, Path(self.machine.config.memory))
+
+    async def pause_and_save(self, state: Path) -> None:
+        await self.gate.hold("checkpoint")
+        try:
+            await self.machine.save_state(state)
+        except BaseException:
+            await self.gate.release("checkpoint")
+            raise
+
+    async def resume(self) -> None:
+        await self.gate.release("checkpoint")
+
+    def hot(self) -> dict[str, list[int]]:
+        return self._hot()
+
+    def busy(self) -> str | None:
+        if self.gate.holds:
+            return "the VM is paused"
+        return self._busy()
+
+
+class PeerCheckpoints:
+    """The lease and the checkpoints of one peer's VM under ``url``."""
+
+    def __init__(
+        self,
+        url: str,
+        records: ObjectRecords,
+        lease: Lease,
+        opened: Opened,
+        interval: float,
+        keep: int,
+    ) -> None:
+        self.url = url
+        self.records = records
+        self.lease = lease
+        self.opened = opened
+        self.interval = interval
+        self.keep = keep
+        self.checkpointer: Checkpointer | None = None
+        self.gate: RunGate | None = None
+        self.fenced: str | None = None  # why this copy must stop, once it must
+        self._on_fenced: Callable[[str], None] | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+
+    @classmethod
+    async def take(
+        cls,
+        url: str,
+        options: StoreOptions,
+        recovering: bool,
+        lease_time: float,
+        interval: float,
+        keep: int,
+    ) -> PeerCheckpoints:
+        """Take the VM's lease under ``url`` (waiting out a lapsed holder's when
+        ``recovering``) and fence the head; before the VM starts."""
+        records = ObjectRecords(url, options)
+        if not recovering and await records.read(HEAD) is not None:
+            raise DrafterError(
+                f"{records.where} holds the checkpoints of a VM already: resume it with "
+                f"--raddr {url}, or checkpoint to another prefix"
+            )
+        lease = Lease(records, duration=lease_time)
+        await lease.acquire(may_wait=recovering)
+        opened = await open_head(records, lease)
+        if recovering and opened.manifest is None:
+            raise DrafterError(f"{records.where}{HEAD} vanished while the lease was taken")
+        return cls(url, records, lease, opened, interval, keep)
+
+    def source(self) -> CheckpointSource:
+        """The latest committed generation, to resume the VM from (recovery)."""
+        assert self.opened.manifest is not None
+        return CheckpointSource(self.records, self.opened.manifest)
+
+    def describe(self) -> str:
+        """What a recovery resumes: the generation and how old it is."""
+        manifest = self.opened.manifest
+        if manifest is None:
+            return f"no checkpoint yet under {self.records.where}"
+        age = max(0.0, time.time() - self.opened.committed)
+        return (
+            f"resuming checkpoint generation {manifest.generation} of {self.records.where}, "
+            f"committed {age:.1f} s ago (its VM paused at {manifest.created:.3f})"
+        )
+
+    def start(
+        self,
+        devices: dict[str, Device],
+        config: bytes,
+        machine: QemuMachine,
+        follow: Follower,
+        work: Path,
+        hot: Callable[[], dict[str, list[int]]],
+        busy: Callable[[], str | None],
+        pulled: Awaitable[object],
+        on_fenced: Callable[[str], None],
+        metrics: Metrics | None = None,
+    ) -> None:
+        """The VM runs: renew the lease from now on, and checkpoint it once ``pulled``."""
+        self.gate = RunGate(machine, follow)
+        self._on_fenced = on_fenced
+        vm = _SessionVM(devices, config, machine, self.gate, hot, busy)
+        self.checkpointer = Checkpointer(
+            self.records, self.lease, vm, work, self.interval, self.keep, opened=self.opened
+        )
+        self.checkpointer.metrics = metrics
+        self.checkpointer.track()
+        keep = asyncio.ensure_future(self.lease.keep(self._changed))
+        run = asyncio.ensure_future(self.checkpointer.run(pulled))
+        for task in (keep, run):
+            task.add_done_callback(self._ended)
+            self._tasks.append(task)
+
+    def _changed(self, phase: LeasePhase) -> None:
+        assert self.gate is not None
+        if phase is LeasePhase.EXPIRED:
+            log.error("the lease could not be renewed in time: pausing the VM and closing "
+                      "its address until the store answers again")  # fmt: skip
+            self._spawn(self.gate.hold("lease"))
+        elif phase is LeasePhase.HOLDING:
+            self._spawn(self.gate.release("lease"))
+        elif phase is LeasePhase.FENCED:
+            self._fence(
+                f"{self.records.where}lease: another peer took the VM over (this copy's "
+                f"epoch {self.lease.epoch} is no longer the lease's); stopped this copy"
+            )
+
+    def _ended(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, LeaseFenced):
+            self._fence(f"{error}; stopped this copy")
+        elif error is not None:
+            self._fence(f"checkpoints failed: {error}")
+
+    def _fence(self, why: str) -> None:
+        if self.fenced is not None:
+            return
+        self.fenced = why
+        if self.gate is not None:  # answer no client from now on
+            self._spawn(self.gate.hold("lease"))
+        if self._on_fenced is not None:
+            self._on_fenced(why)
+
+    def _spawn(self, step: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(step)
+        task.add_done_callback(_logged)
+        self._tasks.append(task)
+
+    def request(self) -> None:
+        """A checkpoint at once (SIGUSR2, the API)."""
+        if self.checkpointer is not None:
+            self.checkpointer.request()
+
+    def status(self) -> str:
+        """The last committed checkpoint: its age and its pause."""
+        last = self.checkpointer.last if self.checkpointer is not None else None
+        if last is None:
+            return f"no checkpoint committed by this peer yet (under {self.records.where})"
+        return (
+            f"checkpoint {last.generation} committed {time.time() - last.committed_at:.1f} s "
+            f"ago, paused the VM {last.pause_s * 1000:.0f} ms, uploaded "
+            f"{last.uploaded_bytes / (1 << 20):.1f} MiB"
+        )
+
+    async def stop(self, final: bool) -> str | None:
+        """Stop renewing and checkpointing. ``final`` (a clean stop): one last
+        checkpoint with the VM paused for good, then the lease is released, so another
+        host may resume the VM at once. What that did, for the user, or None."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        if not final or self.fenced is not None or self.checkpointer is None:
+            return None
+        if not self.lease.valid():
+            return "the lease is not held: no final checkpoint"
+        stats = await self.checkpointer.checkpoint(final=True)
+        await self.lease.release()
+        return (
+            f"final checkpoint {stats.generation} committed to {self.records.where} "
+            "and the lease released: resume it anywhere with --raddr " + self.url
+        )
+
+
+def _logged(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s", task.exception())
