@@ -149,12 +149,17 @@ async def resume(
     log.debug("resumed: %s", t)
 
 
+_passes: dict[str, int] = {}  # failpoint -> times this process passed it
+
+
 def failpoint(name: str) -> None:
     """Fail here if $DRAFTER_FAILPOINTS names ``name`` (comma-separated): how the tests
     make a step fail that cannot be made to fail from outside. ``name:kill`` instead
-    kills this process on the spot (SIGKILL), as a crash there would."""
+    kills this process on the spot (SIGKILL), as a crash there would; ``name:kill@N``
+    only the N-th time this process passes there."""
     named = os.environ.get("DRAFTER_FAILPOINTS", "").split(",")
-    if f"{name}:kill" in named:
+    _passes[name] = passes = _passes.get(name, 0) + 1
+    if f"{name}:kill" in named or f"{name}:kill@{passes}" in named:
         log.warning("failpoint %s: killing this process", name)
         os.kill(os.getpid(), signal.SIGKILL)
     if name in named:

@@ -14,11 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from drafter.checkpoint.manifest import HEAD, Head, Manifest, chunk_name
 from drafter.checkpoint.records import ObjectRecords
 from support.common import stop_process
+from support.net import CuttableProxy
 from support.vms import peer, registry, wait_for_redis, wait_resumed
 
 BUCKET = "drafter"
@@ -95,10 +97,13 @@ def check_store(records: ObjectRecords) -> Manifest:
     return asyncio.run(go())
 
 
+@pytest.mark.parametrize("kill", ["from outside", "between the chunks and the head"])
 def test_a_vm_outlives_its_host_through_checkpoints_in_s3(
-    seeded_package, seaweed, network, workdir: Path, monkeypatch
+    seeded_package, seaweed, network, workdir: Path, monkeypatch, kill: str
 ) -> None:
     env = with_store(seaweed)
+    if kill != "from outside":  # the peer kills itself in its third checkpoint's commit
+        env["DRAFTER_FAILPOINTS"] = "checkpoint-before-head:kill@3"
     prefix = f"s3://{BUCKET}/hostloss-{os.getpid()}-{time.monotonic_ns()}"
     flags = ("--checkpoint-interval", "2", "--lease-time", "6")
     with (
@@ -112,15 +117,23 @@ def test_a_vm_outlives_its_host_through_checkpoints_in_s3(
         wait_for_redis(network.info(1).external_address)
         writer.start()
         log.wait_commits(2, timeout=240)  # the first one holds everything
-        time.sleep(1.5)  # writes after the last commit: those may be lost
-        first.send_signal(signal.SIGKILL)  # the peer; its QEMU dies with it
+        if kill == "from outside":
+            time.sleep(1.5)  # writes after the last commit: those may be lost
+            first.send_signal(signal.SIGKILL)  # the peer; its QEMU dies with it
+        first.wait(60)
         killed = time.time()
-        first.wait(30)
+        assert first.returncode == -signal.SIGKILL
         writer.stop.set()
         writer.join(10)
         log.join(10)
     commits = log.commits()
     generation, paused_at = commits[-1]
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    records = ObjectRecords(prefix)
+    assert check_store(records).generation == generation  # and every chunk it names is there
+    if kill != "from outside":
+        assert generation == 2  # the third was uploaded, never committed
     acked = writer.acked
     assert acked and acked[-1][1] > paused_at, "no write after the last checkpoint"
     with peer(prefix, network.name(2), workdir, "--lease-time", "6", env=env) as second:
@@ -147,9 +160,7 @@ def test_a_vm_outlives_its_host_through_checkpoints_in_s3(
         out, err = second.communicate(timeout=240)
         assert second.returncode == 0, err
         assert "final checkpoint" in out, out
-    for key, value in seaweed.env().items():
-        monkeypatch.setenv(key, value)
-    manifest = check_store(ObjectRecords(prefix))
+    manifest = check_store(records)
     assert manifest.generation > found
     # Released: a third peer takes it at once, with the last write.
     with peer(prefix, network.name(3), workdir, "--lease-time", "6", env=env) as third:
@@ -159,3 +170,111 @@ def test_a_vm_outlives_its_host_through_checkpoints_in_s3(
         assert time.monotonic() - start < 6, "it waited for a lease that was released"
         assert wait_for_redis(network.info(3).external_address).get("after") == b"recovery"
         stop_process(third)
+
+
+class Prober(threading.Thread):
+    """Every round, asks each namespace's Redis whether it answers (a GET with a short
+    timeout): which copies answered, per round, with the round's time."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.addresses = addresses
+        self.rounds: list[tuple[float, set[str]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        clients = {
+            a: redis.Redis(host=a, socket_timeout=0.3, socket_connect_timeout=0.3)
+            for a in self.addresses
+        }
+        while not self.stop.is_set():
+            at = time.time()
+            answered = set()
+            for address, client in clients.items():
+                try:
+                    client.get("probe")
+                    answered.add(address)
+                except redis.RedisError:
+                    pass
+            self.rounds.append((at, answered))
+            time.sleep(0.05)
+
+    def last_answer(self, address: str) -> float:
+        return max((at for at, answered in self.rounds if address in answered), default=0.0)
+
+    def first_answer(self, address: str) -> float:
+        return min((at for at, answered in self.rounds if address in answered), default=0.0)
+
+
+def test_a_peer_cut_off_from_the_store_stops_answering_before_a_recoverer_starts(
+    seeded_package, seaweed, network, workdir: Path, monkeypatch
+) -> None:
+    """The old peer loses the store (a proxy cuts it) while its VM and clients are
+    fine: within the lease time its VM stops answering; the recoverer resumes only
+    after that; never do two copies answer in one round; when the cut heals, the old
+    peer stops with one line and commits nothing more."""
+    lease_time = 6.0
+    env = with_store(seaweed)
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1].strip("/"))
+    proxy = CuttableProxy(port)
+    cut_env = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+    prefix = f"s3://{BUCKET}/partition-{os.getpid()}-{time.monotonic_ns()}"
+    flags = ("--checkpoint-interval", "2", "--lease-time", str(lease_time),
+             "--retry-timeout", "3")  # fmt: skip
+    old_address, new_address = network.info(1).external_address, network.info(2).external_address
+    prober = Prober([old_address, new_address])
+    try:
+        with (
+            registry(seeded_package) as (_, raddr),
+            peer(raddr, network.name(1), workdir, "--checkpoint", prefix, *flags,
+                 env=cut_env) as old,
+        ):  # fmt: skip
+            wait_resumed(old)
+            log = Lines(old.stderr)
+            log.start()
+            wait_for_redis(old_address).set("written", "before the cut")
+            log.wait_commits(2, timeout=240)
+            prober.start()
+            time.sleep(1)
+            proxy.refuse_until = float("inf")  # the partition: nothing reaches the store
+            proxy.cut()
+            cut = time.time()
+            with peer(prefix, network.name(2), workdir, "--lease-time", str(lease_time),
+                      env=env) as new:  # fmt: skip
+                assert "resuming checkpoint" in new.stdout.readline()
+                wait_resumed(new)
+                assert wait_for_redis(new_address).get("written") == b"before the cut"
+                time.sleep(1)
+                proxy.refuse_until = 0.0  # healed: the old peer finds it was replaced
+                old.wait(120)
+                log.join(10)
+                assert old.returncode == 1, "".join(log.lines[-20:])
+                errors = [line for line in log.lines if " ERROR " in line]
+                last = log.lines[-1]
+                assert "another peer took the VM over" in last, "".join(log.lines[-20:])
+                assert "Traceback" not in "".join(log.lines)
+                assert errors, "the old peer said nothing"
+                prober.stop.set()
+                prober.join(10)
+                # Within the lease time of the cut the old copy stopped answering...
+                stopped = prober.last_answer(old_address)
+                assert cut - 1 < stopped < cut + lease_time, stopped - cut
+                # ...and the new one answered only after that, never both at once.
+                assert prober.first_answer(new_address) > stopped
+                assert not [at for at, answered in prober.rounds if len(answered) > 1]
+                # The old copy committed nothing after the cut; the head is the new one's.
+                assert all(at < cut for _, at in log.commits())
+                records = ObjectRecords(prefix)
+                check_store(records)
+                current = asyncio.run(records.read(HEAD))
+                assert current is not None
+                assert Head.parse(current.data, records.where).epoch >= 2
+                print(f"partition: the old copy stopped answering {stopped - cut:.1f} s "
+                      f"after the cut; the new one answered "
+                      f"{prober.first_answer(new_address) - cut:.1f} s after it")  # fmt: skip
+                stop_process(new)
+    finally:
+        prober.stop.set()
+        proxy.close()

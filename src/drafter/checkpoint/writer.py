@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from drafter.checkpoint.lease import Lease, LeaseFenced
+from drafter.checkpoint.lease import Lease, LeaseFenced, LeasePhase
 from drafter.checkpoint.manifest import (
     CHUNKS,
     GENERATIONS,
@@ -258,8 +258,16 @@ class Checkpointer:
                     self.vm.devices[name].give_back_unsaved(chunks)
                 raise
 
+    def _check_lease(self) -> None:
+        """Fenced: LeaseFenced (stop for good). Not valid now (the store is away, the
+        lease lapsed): this checkpoint fails, a later one may succeed."""
+        if self.lease.phase is LeasePhase.FENCED:
+            self.lease.check()
+        if not self.lease.valid():
+            raise DrafterError(f"the lease is {self.lease.phase.value} now: no checkpoint")
+
     async def _checkpoint(self, attempt: _Attempt, final: bool) -> CheckpointStats:
-        self.lease.check()
+        self._check_lease()
         start = time.monotonic()
         stats = CheckpointStats(generation=self.generation + 1)
         for _ in range(self.rounds):  # pre-copy into the store, the VM running
@@ -329,7 +337,7 @@ class Checkpointer:
 
     async def _commit(self, manifest: Manifest, name: str) -> None:
         """The head names the new generation: the one conditional write that commits."""
-        self.lease.check()
+        self._check_lease()
         head = Head(manifest.generation, name, self.lease.epoch, time.time(), self.lease.holder)
         where = self.records.where
         try:
