@@ -104,9 +104,10 @@ class Device:
         # chunk size that is not a whole number of pages is tracked whole.
         self.page = PAGE if chunk_size % PAGE == 0 else chunk_size
         self.dirty_pages: dict[int, int] = {}  # chunk -> bit mask of its pages
-        # Chunks changed since the last checkpoint took them (None: no checkpoints);
-        # kept apart from ``dirty``, which a migration takes.
-        self.unsaved: set[int] | None = None
+        # Chunks changed since the last checkpoint took them, each with the mask of its
+        # pages written (None: no checkpoints); apart from ``dirty``, which a migration
+        # takes.
+        self.unsaved: dict[int, int] | None = None
         self._lock = threading.Lock()
         self._base_fd = os.open(base.path, os.O_RDONLY | os.O_CLOEXEC) if base else -1
         self.overlay = overlay
@@ -352,8 +353,6 @@ class Device:
                         os.pwrite(self._overlay_fd, self._read_base(start, length), start)
                     self.local[index] = 1
                 self.dirty.add(index)
-                if self.unsaved is not None:
-                    self.unsaved.add(index)
                 self.hashes[index] = None
             if data:
                 page, chunk = self.page, self.chunk_size
@@ -362,6 +361,8 @@ class Device:
                     hi = min(offset + len(data), (index + 1) * chunk) - index * chunk
                     mask = ((1 << ((hi - 1) // page + 1)) - 1) ^ ((1 << (lo // page)) - 1)
                     self.dirty_pages[index] = self.dirty_pages.get(index, 0) | mask
+                    if self.unsaved is not None:
+                        self.unsaved[index] = self.unsaved.get(index, 0) | mask
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
 
@@ -392,24 +393,31 @@ class Device:
             self.dirty_pages = {}
         return dirty
 
-    def track_unsaved(self) -> None:
-        """Checkpoints from now on: every chunk counts as changed until one takes it."""
-        with self._lock:
-            self.unsaved = set(range(self.chunks))
+    def page_mask(self, index: int) -> int:
+        """The mask of every page of chunk ``index``."""
+        return (1 << -(-self.chunk_length(index) // self.page)) - 1
 
-    def take_unsaved(self) -> set[int]:
-        """The chunks changed since the last call (a checkpoint reads them), and reset."""
+    def track_unsaved(self) -> None:
+        """Checkpoints from now on: every chunk counts as changed (whole) until one
+        takes it."""
+        with self._lock:
+            self.unsaved = {index: self.page_mask(index) for index in range(self.chunks)}
+
+    def take_unsaved(self) -> dict[int, int]:
+        """The chunks changed since the last call (a checkpoint reads them), each with
+        the mask of its pages written; and reset."""
         with self._lock:
             if self.unsaved is None:
                 raise DrafterError(f"device {self.name} does not track checkpoints")
-            taken, self.unsaved = self.unsaved, set()
+            taken, self.unsaved = self.unsaved, {}
         return taken
 
-    def give_back_unsaved(self, chunks: set[int]) -> None:
+    def give_back_unsaved(self, chunks: dict[int, int]) -> None:
         """A checkpoint that took these failed: they count as changed again."""
         with self._lock:
             if self.unsaved is not None:
-                self.unsaved |= chunks
+                for index, mask in chunks.items():
+                    self.unsaved[index] = self.unsaved.get(index, 0) | mask
 
     def take_dirty_runs(self) -> dict[int, list[tuple[int, int]]]:
         """The chunks written since the last sync point, each with the runs of bytes
@@ -454,7 +462,12 @@ class Device:
                 os.pwrite(self._overlay_fd, data, index * self.chunk_size + offset)
             self.hashes[index] = None
             if self.unsaved is not None:
-                self.unsaved.add(index)
+                mask = self.unsaved.get(index, 0)
+                for offset, data in runs:
+                    if data:
+                        first, last = offset // self.page, (offset + len(data) - 1) // self.page
+                        mask |= ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+                self.unsaved[index] = mask
 
     def copy_to(self, dst_fd: int, dst_offset: int, sink: Sink | None = None) -> None:
         """Write the device's current bytes to ``dst_fd`` at ``dst_offset``, keeping

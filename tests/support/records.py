@@ -74,6 +74,16 @@ class MemoryRecords:
             raise StoreError(f"{name} is too large", lasting=True)
         return found[0] if found else None
 
+    async def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        self._reach()
+        found = self.store.objects.get(name)
+        if found is None:
+            return None
+        data = found[0][offset : offset + length]
+        if len(data) != length:
+            raise StoreError(f"{name}: a short range answer", lasting=True)
+        return data
+
     async def delete(self, name: str) -> None:
         self._reach()
         self.store.objects.pop(name, None)

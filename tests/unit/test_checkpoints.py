@@ -102,6 +102,8 @@ def check_store(records: MemoryRecords) -> Manifest | None:
     manifest = Manifest.parse(objects[head.manifest][0], head.manifest)
     for digest in manifest.digests():
         assert chunk_name(digest) in objects, f"the head names a missing chunk {digest.hex()}"
+    for pack in manifest.packs():
+        assert pack in objects, f"the head names a missing pack {pack}"
     return manifest
 
 
@@ -153,10 +155,11 @@ def test_the_first_checkpoint_holds_everything_and_an_idle_one_uploads_nothing(
         assert first.uploaded_chunks == non_zero + 1  # and the state's one chunk
         assert vm.pauses == 1 and not vm.paused
         idle = await checkpointer.checkpoint()
-        assert idle.generation == 2 and idle.uploaded_bytes == 0
+        assert idle.generation == 2 and idle.uploaded_bytes == idle.manifest_bytes
         vm.devices["memory"].write(5 * CHUNK + 100, b"changed")
         one = await checkpointer.checkpoint()
-        assert one.uploaded_chunks == 1 and one.uploaded_bytes == CHUNK
+        # One page changed: a patch of one page in the generation's pack, no chunk.
+        assert one.uploaded_chunks == 0 and one.uploaded_bytes - one.manifest_bytes == 4096
         manifest = check_store(records)
         assert manifest is not None and manifest.generation == 3
         got = await restored(records, manifest, tmp_path)
@@ -165,6 +168,54 @@ def test_the_first_checkpoint_holds_everything_and_an_idle_one_uploads_nothing(
         assert got["state"] == vm.state_bytes
         assert manifest.config == vm.config and manifest.hot["memory"] == [0, 1]
 
+    asyncio.run(go())
+
+
+def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_again(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        memory = vm.devices["memory"]
+        chunks = [memory.read(i * CHUNK, CHUNK) for i in range(memory.chunks)]
+        zero = next(i for i, data in enumerate(chunks) if data == bytes(CHUNK))
+        full = next(i for i, data in enumerate(chunks) if data != bytes(CHUNK))
+        sizes = []
+        for page in range(5):  # the same chunk, one more page each time, and a zero one
+            memory.write(full * CHUNK + page * 4096, os.urandom(100))
+            memory.write(zero * CHUNK + 8, b"on a zero chunk %d" % page)  # its one page
+            stats = await checkpointer.checkpoint()
+            sizes.append((stats.uploaded_chunks, stats.uploaded_bytes - stats.manifest_bytes))
+            manifest = check_store(records)
+            assert manifest is not None
+            got = await restored(records, manifest, tmp_path / str(page))
+            assert got["memory"] == vm.content("memory")
+        # Patches of the pages written since the chunk was last stored whole: 1, 2, 3,
+        # 4 pages (and the zero chunk's one); at 5 of 16 pages the chunk goes whole
+        # again, while the zero chunk stays a one-page patch on zeros.
+        assert sizes[:4] == [(0, (n + 1) * 4096) for n in (1, 2, 3, 4)], sizes
+        assert sizes[4] == (1, CHUNK + 4096), sizes
+        patched = manifest.patches["memory"]
+        assert full not in patched and patched[zero].base == ZERO_HASH
+        # A recovered writer carries the patches on.
+        lease = Lease(store.view("b"), "b")
+        record = json.loads(store.objects["lease"][0])
+        record["released"] = True
+        store.objects["lease"] = (json.dumps(record).encode(), '"lapsed"')
+        await lease.acquire(may_wait=False)
+        opened = await open_head(store.view("b"), lease)
+        again = Checkpointer(store.view("b"), lease, vm, tmp_path, opened=opened)
+        again.track()
+        stats = await again.checkpoint()
+        assert stats.uploaded_chunks == 0, "nothing changed since the generation it took"
+
+    for page in range(5):
+        (tmp_path / str(page)).mkdir()
     asyncio.run(go())
 
 
@@ -359,6 +410,35 @@ def test_a_hostile_manifest_is_refused_with_one_line(change: dict[str, object]) 
     doc = _manifest_doc()
     assert Manifest.parse(json.dumps(doc).encode(), "m").generation == 3
     doc.update(change)
+    with pytest.raises(DrafterError, match="is not a checkpoint manifest"):
+        Manifest.parse(json.dumps(doc).encode(), "m")
+
+
+PACK = "packs/000000000003-000000000001"
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        [1, "ab" * 32, PACK, 0, 4096, "1"],  # the disk has one chunk: no chunk 1
+        [0, "ab" * 31, PACK, 0, 4096, "1"],
+        [0, "AB" * 32, PACK, 0, 4096, "1"],
+        [0, "ab" * 32, "../chunks/x", 0, 4096, "1"],
+        [0, "ab" * 32, PACK, 0, 4095, "1"],  # not the length of its pages
+        [0, "ab" * 32, PACK, 0, 0, "0"],
+        [0, "ab" * 32, PACK, -1, 4096, "1"],
+        [0, "ab" * 32, PACK, 0, 4096, "1" * 100],  # pages past the chunk
+        [0, "ab" * 32, PACK, 0, 4096],
+        "not a list",
+    ],
+)
+def test_a_hostile_patch_entry_is_refused(patch: object) -> None:
+    doc = _manifest_doc()
+    resources = doc["resources"]
+    resources["disk"]["patches"] = [[0, "ab" * 32, PACK, 8, 8192, "3"]]  # type: ignore[index]
+    manifest = Manifest.parse(json.dumps(doc).encode(), "m")
+    assert manifest.patches["disk"][0].length == 8192 and manifest.packs() == {PACK}
+    resources["disk"]["patches"] = [patch]  # type: ignore[index]
     with pytest.raises(DrafterError, match="is not a checkpoint manifest"):
         Manifest.parse(json.dumps(doc).encode(), "m")
 

@@ -20,11 +20,19 @@ import redis
 from drafter.checkpoint.manifest import HEAD, Head, Manifest, chunk_name
 from drafter.checkpoint.records import ObjectRecords
 from support.common import stop_process
-from support.net import CuttableProxy
-from support.vms import peer, registry, wait_for_redis, wait_resumed
+from support.net import CuttableProxy, free_port
+from support.vms import (
+    check_no_loss,
+    peer,
+    registry,
+    wait_for_redis,
+    wait_resumed,
+    writing,
+)
 
 BUCKET = "drafter"
 COMMITTED = re.compile(r"checkpoint (\d+) committed \(the VM as at ([\d.]+)\)")
+FIGURES = re.compile(r"committed .*: ([\d.]+) MiB uploaded, paused (\d+) ms")
 
 
 def with_store(seaweed) -> dict[str, str]:
@@ -47,6 +55,10 @@ class Lines(threading.Thread):
 
     def commits(self) -> list[tuple[int, float]]:
         return [(int(m[1]), float(m[2])) for m in map(COMMITTED.search, self.lines) if m]
+
+    def figures(self) -> list[tuple[float, float]]:
+        """(MiB uploaded, ms paused) of each commit."""
+        return [(float(m[1]), float(m[2])) for m in map(FIGURES.search, self.lines) if m]
 
     def wait_commits(self, count: int, timeout: float) -> list[tuple[int, float]]:
         deadline = time.monotonic() + timeout
@@ -92,6 +104,8 @@ def check_store(records: ObjectRecords) -> Manifest:
         names = set(await records.list("chunks/"))
         missing = [d.hex() for d in manifest.digests() if chunk_name(d) not in names]
         assert not missing, f"the head names {len(missing)} missing chunk(s)"
+        packs = set(await records.list("packs/"))
+        assert manifest.packs() <= packs, "the head names a missing pack"
         return manifest
 
     return asyncio.run(go())
@@ -278,3 +292,66 @@ def test_a_peer_cut_off_from_the_store_stops_answering_before_a_recoverer_starts
     finally:
         prober.stop.set()
         proxy.close()
+
+
+def test_checkpoints_under_load_and_a_live_migration_keep_every_write(
+    seeded_package, seaweed, network, workdir: Path
+) -> None:
+    """20 checkpoints while a client writes, one live migration among them (the lease
+    moves with the VM): no acknowledged write lost, the pauses short, an idle VM's
+    checkpoint small; the final one at Ctrl-C holds the last write."""
+    env = with_store(seaweed)
+    prefix = f"s3://{BUCKET}/underload-{os.getpid()}-{time.monotonic_ns()}"
+    flags = ("--checkpoint", prefix, "--checkpoint-interval", "1", "--lease-time", "6")
+    port = free_port()
+    addresses = [network.info(n).external_address for n in (1, 2)]
+    with (
+        registry(seeded_package) as (_, raddr),
+        peer(raddr, network.name(1), workdir, *flags, laddr=f"127.0.0.1:{port}",
+             env=env) as source,
+    ):  # fmt: skip
+        wait_resumed(source)
+        before = Lines(source.stderr)
+        before.start()
+        wait_for_redis(addresses[0]).delete("log")
+        with writing(addresses) as writer:
+            before.wait_commits(8, timeout=300)
+            with peer(f"127.0.0.1:{port}", network.name(2), workdir, *flags, env=env) as dest:
+                wait_resumed(dest)
+                source.wait(180)
+                assert source.returncode == 0, "".join(before.lines[-20:])
+                assert dest.stdout is not None
+                migrated = next(line for line in dest.stdout if line.startswith("migrated from"))
+                downtime = float(re.search(r"downtime (\d+) ms", migrated)[1])  # type: ignore[index]
+                after = Lines(dest.stderr)
+                after.start()
+                left = 20 - len(before.commits())
+                after.wait_commits(left, timeout=300)
+                assert any("took the VM's lease over" in line for line in after.lines)
+                assert after.commits()[0][0] == before.commits()[-1][0] + 1
+                writer.stop.set()
+                writer.join(30)
+                check_no_loss(addresses[1], writer)
+                # Idle: what a checkpoint uploads now is what the idle guest changed.
+                time.sleep(1.5)
+                count = len(after.commits())
+                for n in (1, 2):
+                    dest.send_signal(signal.SIGUSR2)
+                    after.wait_commits(count + n, timeout=60)
+                idle_mib = after.figures()[-1][0]
+                pauses = sorted(ms for _, ms in before.figures() + after.figures())
+                p50 = pauses[len(pauses) // 2]
+                print(f"under load: {len(pauses)} checkpoints, pause p50 {p50:.0f} ms, max "
+                      f"{pauses[-1]:.0f} ms; migration downtime {downtime:.0f} ms; idle "
+                      f"checkpoint {idle_mib:.2f} MiB")  # fmt: skip
+                assert p50 <= downtime + 10, (p50, downtime)
+                assert idle_mib < 256 * 0.01, (before.figures(), after.figures())
+                dest.send_signal(signal.SIGINT)
+                dest.wait(240)
+                assert dest.returncode == 0, "".join(after.lines[-20:])
+                assert "final checkpoint" in dest.stdout.read()
+    with peer(prefix, network.name(3), workdir, "--lease-time", "6", env=env) as third:
+        third.stdout.readline()
+        wait_resumed(third)
+        check_no_loss(network.info(3).external_address, writer)  # the final one had them all
+        stop_process(third)

@@ -7,12 +7,20 @@ Under ``s3://BUCKET/PREFIX/``::
     head                       {"generation": N, "manifest": NAME, "epoch": E, ...}
     generations/N-E            the manifest of generation N by the holder of epoch E
     chunks/<BLAKE3 hex>        one chunk's bytes, named by their hash
+    packs/N-E                  the page patches generation N wrote (one object)
 
 A manifest lists, for every resource of the VM (its VMM state included), its size and
 every chunk's hash (all zeros for an all-zero chunk, which has no object); with the
 package config and the hot set it holds all a peer needs to resume the VM, exactly as
 a package's index does. Chunks are shared by every generation (and every VM under the
-prefix) that holds the same bytes: an idle VM's checkpoint writes almost nothing.
+prefix) that holds the same bytes.
+
+A chunk of which only a few pages changed since it was last stored whole is not
+stored whole again: its entry names that whole chunk (its *base*) and a *patch*, the
+bytes of the pages written since, in the generation's pack (one object per generation
+for all its patches). The chunk's hash is still of its whole bytes: a reader applies
+the patch to the base and checks the result. So an idle VM's checkpoint writes little
+more than the pages its guest touched, whatever the chunk size.
 
 Nothing read back is believed: :meth:`Manifest.parse` and :meth:`Head.parse` check
 every field's type and bound, and the hashes' count against the sizes.
@@ -30,6 +38,8 @@ from drafter.errors import DrafterError
 HEAD = "head"
 GENERATIONS = "generations/"
 CHUNKS = "chunks/"
+PACKS = "packs/"
+PAGE = 4096  # the unit of a patch
 FORMAT = 1
 MAX_MANIFEST = 64 << 20  # bytes: 2 million chunks' hashes, far more than any VM here
 MAX_RESOURCE = 1 << 40  # a resource of a TiB is absurd
@@ -48,11 +58,25 @@ def chunk_name(digest: bytes) -> str:
     return CHUNKS + digest.hex()
 
 
+def pack_name(generation: int, epoch: int) -> str:
+    """The pack of the patches ``generation`` wrote (by the holder of ``epoch``)."""
+    return f"{PACKS}{generation:012d}-{epoch:012d}"
+
+
+def pack_of(name: str) -> tuple[int, int] | None:
+    """The (generation, epoch) a pack's name gives, or None if it is not one."""
+    return _numbered(name, PACKS)
+
+
 def generation_of(name: str) -> tuple[int, int] | None:
     """The (generation, epoch) a manifest's name gives, or None if it is not one."""
-    if not name.startswith(GENERATIONS):
+    return _numbered(name, GENERATIONS)
+
+
+def _numbered(name: str, prefix: str) -> tuple[int, int] | None:
+    if not name.startswith(prefix):
         return None
-    generation, _, epoch = name[len(GENERATIONS) :].partition("-")
+    generation, _, epoch = name[len(prefix) :].partition("-")
     for part in (generation, epoch):
         if len(part) != 12 or not part.isdigit() or not part.isascii():
             return None
@@ -114,6 +138,47 @@ class Head:
         return cls(generation, manifest, epoch, float(committed), holder)
 
 
+@dataclass(frozen=True)
+class Patch:
+    """A chunk as a whole chunk (``base``) with the pages in ``mask`` replaced by
+    ``length`` bytes at ``offset`` of the object ``pack``."""
+
+    base: bytes
+    pack: str
+    offset: int
+    length: int
+    mask: int
+
+
+def patch_length(mask: int, chunk_length: int) -> int:
+    """The bytes of the pages in ``mask`` of a chunk of ``chunk_length`` bytes."""
+    total = 0
+    page = 0
+    while mask:
+        if mask & 1:
+            total += max(0, min(PAGE, chunk_length - page * PAGE))
+        mask >>= 1
+        page += 1
+    return total
+
+
+def patch_pages(mask: int, chunk_length: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of pages in ``mask``, in order."""
+    runs: list[tuple[int, int]] = []
+    page = 0
+    while mask:
+        if mask & 1:
+            start = page * PAGE
+            end = min(chunk_length, start + PAGE)
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end - runs[-1][0])
+            else:
+                runs.append((start, end - start))
+        mask >>= 1
+        page += 1
+    return runs
+
+
 @dataclass
 class Manifest:
     """One generation: everything needed to resume the VM as it was at its pause."""
@@ -126,11 +191,26 @@ class Manifest:
     sizes: dict[str, int]  # resource -> bytes (state, kernel, initramfs, memory, disk)
     hashes: dict[str, list[bytes]]  # resource -> every chunk's hash
     hot: dict[str, list[int]] = field(default_factory=dict)  # tracked -> chunks, in order
+    patches: dict[str, dict[int, Patch]] = field(default_factory=dict)  # resource -> index ->
 
     def digests(self) -> set[bytes]:
-        """The hashes of every non-zero chunk it names (the objects it needs)."""
+        """The whole chunks it needs: each non-zero chunk's own, or its patch's base."""
         zero = bytes(HASH_SIZE)
-        return {h for hashes in self.hashes.values() for h in hashes if h != zero}
+        needed = set()
+        for name, hashes in self.hashes.items():
+            patched = self.patches.get(name, {})
+            for index, h in enumerate(hashes):
+                patch = patched.get(index)
+                if patch is not None:
+                    if patch.base != zero:
+                        needed.add(patch.base)
+                elif h != zero:
+                    needed.add(h)
+        return needed
+
+    def packs(self) -> set[str]:
+        """The packs its patches are in."""
+        return {p.pack for patched in self.patches.values() for p in patched.values()}
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -144,6 +224,10 @@ class Manifest:
                 name: {
                     "size": self.sizes[name],
                     "hashes": base64.b64encode(b"".join(self.hashes[name])).decode(),
+                    "patches": [
+                        [i, p.base.hex(), p.pack, p.offset, p.length, f"{p.mask:x}"]
+                        for i, p in sorted(self.patches.get(name, {}).items())
+                    ],
                 }
                 for name in FETCHED
             },
@@ -184,12 +268,14 @@ class Manifest:
             raise bad
         sizes: dict[str, int] = {}
         hashes: dict[str, list[bytes]] = {}
+        patches: dict[str, dict[int, Patch]] = {}
         for name in FETCHED:
             entry = resources[name]
             try:
                 size = entry["size"]
                 packed = base64.b64decode(entry["hashes"], validate=True)
-            except (ValueError, TypeError, KeyError):
+                listed = entry.get("patches", [])
+            except (ValueError, TypeError, KeyError, AttributeError):
                 raise bad from None
             if type(size) is not int or not 0 <= size <= MAX_RESOURCE:
                 raise bad
@@ -197,6 +283,7 @@ class Manifest:
                 raise bad
             sizes[name] = size
             hashes[name] = [packed[i : i + HASH_SIZE] for i in range(0, len(packed), HASH_SIZE)]
+            patches[name] = _parse_patches(listed, size, chunk_size, bad)
         chunks_hot: dict[str, list[int]] = {}
         for name, indices in hot.items():
             count = len(hashes[name])
@@ -205,4 +292,44 @@ class Manifest:
             if any(type(i) is not int or not 0 <= i < count for i in indices):
                 raise bad
             chunks_hot[name] = indices
-        return cls(generation, epoch, float(created), chunk_size, config, sizes, hashes, chunks_hot)
+        return cls(
+            generation, epoch, float(created), chunk_size, config, sizes, hashes, chunks_hot,
+            patches,
+        )  # fmt: skip
+
+
+def _parse_patches(
+    listed: object, size: int, chunk_size: int, bad: DrafterError
+) -> dict[int, Patch]:
+    """A resource's patch entries, each checked against the chunk it patches."""
+    if not isinstance(listed, list):
+        raise bad
+    out: dict[int, Patch] = {}
+    count = chunk_count(size, chunk_size)
+    for item in listed:
+        if not isinstance(item, list) or len(item) != 6:
+            raise bad
+        index, base, pack, offset, length, mask = item
+        if type(index) is not int or not 0 <= index < count or index in out:
+            raise bad
+        if not isinstance(base, str) or len(base) != 2 * HASH_SIZE or not isinstance(mask, str):
+            raise bad
+        try:
+            digest = bytes.fromhex(base)
+            bits = int(mask, 16) if 0 < len(mask) <= chunk_size // PAGE else -1
+        except ValueError:
+            raise bad from None
+        n = min(chunk_size, size - index * chunk_size)
+        if (
+            digest.hex() != base
+            or not isinstance(pack, str)
+            or pack_of(pack) is None
+            or type(offset) is not int
+            or not 0 <= offset < MAX_RESOURCE
+            or type(length) is not int
+            or not 0 < bits < 1 << -(-n // PAGE)
+            or length != patch_length(bits, n)
+        ):
+            raise bad
+        out[index] = Patch(digest, pack, offset, length, bits)
+    return out

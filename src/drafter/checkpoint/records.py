@@ -70,6 +70,11 @@ class Records(Protocol):
         is larger than ``limit``."""
         ...
 
+    async def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        """``length`` bytes of an object from ``offset`` (exactly; StoreError, lasting,
+        if it answers fewer), or None if it does not exist."""
+        ...
+
     async def delete(self, name: str) -> None:
         """Remove ``name`` (nothing if it is not there)."""
         ...
@@ -165,6 +170,24 @@ class ObjectRecords:
             raise self._error(error, name) from None
         if limit is not None and len(data) > limit:
             raise StoreError(f"{self.where}{name} is larger than it can be", lasting=True)
+        return data
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        import obstore
+        from obstore import exceptions as e
+
+        try:
+            data = bytes(
+                await obstore.get_range_async(
+                    self._store, self._key(name), start=offset, length=length
+                )
+            )
+        except (e.NotFoundError, FileNotFoundError):
+            return None
+        except Exception as error:
+            raise self._error(error, name) from None
+        if len(data) != length:
+            raise StoreError(f"{self.where}{name}: a short range answer", lasting=True)
         return data
 
     async def delete(self, name: str) -> None:

@@ -2,9 +2,10 @@
 VM resumes from it lazily, exactly as from a package in the store.
 
 The generation's manifest (:mod:`drafter.checkpoint.manifest`) lists every chunk's
-hash; a chunk is the object ``chunks/<hash>``, fetched with one GET, checked for its
-length and against its hash before it is handed on; all-zero chunks are never
-fetched. At most :data:`INFLIGHT` requests are in flight, waiters in priority order
+hash; a chunk is the object ``chunks/<hash>``, fetched with one GET, or a patch (a
+range of the generation's pack) applied to such a whole chunk (or to zeros); either
+way checked for its length and against its hash before it is handed on; all-zero
+chunks are never fetched. At most :data:`INFLIGHT` requests are in flight, waiters in priority order
 (demand, prefetch, background). As with a package (:class:`ObjectSource`), once the
 VM runs (``keep_trying``) a store that stays away stalls a fetch, which tries again
 with backoff, rather than failing the running VM's reads; a missing chunk or bytes
@@ -19,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from drafter.checkpoint.manifest import Manifest, chunk_name
+from drafter.checkpoint.manifest import Manifest, chunk_name, patch_pages
 from drafter.checkpoint.records import Records
 from drafter.chunks import FETCHED, ZERO_HASH, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
@@ -48,6 +49,7 @@ class CheckpointSource:
         self.manifest: dict[str, int] = dict(manifest.sizes)
         self.hashes: dict[str, list[bytes]] = manifest.hashes
         self.hot: dict[str, list[int]] = manifest.hot
+        self.patches = manifest.patches
         self.config = manifest.config
         self.stats = ClientStats()
         self.metrics: Metrics | None = None
@@ -113,9 +115,31 @@ class CheckpointSource:
     async def _fetch(self, resource: str, index: int, priority: int) -> bytes:
         want = self.hashes[resource][index]
         n = chunk_length(self.manifest[resource], self.chunk_size, index)
+        patch = self.patches.get(resource, {}).get(index)
         sent = time.monotonic()
         async with self._slots.slot(priority):
-            data = await self._get(chunk_name(want), n)
+            if patch is None:
+                data = await self._get(chunk_name(want), n)
+            elif patch.base == ZERO_HASH:
+                data = bytes(n)
+            else:
+                data = await self._get(chunk_name(patch.base), n)
+                if data is not None and (len(data) != n or digest(data) != patch.base):
+                    self.stats.verify_failures += 1
+                    raise VerificationError(
+                        f"the base of chunk {index} of {resource} from {self.raddr} failed "
+                        "verification: refused it"
+                    )
+            if patch is not None and data is not None:
+                pages = await self._get_range(patch.pack, patch.offset, patch.length)
+                if pages is None:
+                    raise StoreError(f"{self.raddr}: {patch.pack} is missing", lasting=True)
+                whole = bytearray(data)
+                at = 0
+                for start, length in patch_pages(patch.mask, n):
+                    whole[start : start + length] = pages[at : at + length]
+                    at += length
+                data = bytes(whole)
         if data is None:
             raise StoreError(
                 f"{self.raddr}: chunk {index} of {resource} is missing from the store",
@@ -149,6 +173,21 @@ class CheckpointSource:
                 if wait == OUTAGE_BACKOFF[0]:
                     self.outages += 1
                     log.warning("%s; the VM runs on the chunks it has, retrying", e)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, OUTAGE_BACKOFF[1])
+
+    async def _get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        """A range of a pack; waited for like :meth:`_get` once the VM runs."""
+        wait = OUTAGE_BACKOFF[0]
+        while True:
+            if self._closed:
+                raise DrafterError(f"{self.raddr} is closed")
+            self.requests += 1
+            try:
+                return await self.records.get_range(name, offset, length)
+            except StoreError as e:
+                if e.lasting or not self.keep_trying:
+                    raise
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, OUTAGE_BACKOFF[1])
 

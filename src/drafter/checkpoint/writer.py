@@ -42,12 +42,18 @@ from drafter.checkpoint.manifest import (
     GENERATIONS,
     HEAD,
     MAX_MANIFEST,
+    PACKS,
     Head,
     Manifest,
+    Patch,
     chunk_name,
     digest_of,
     generation_name,
     generation_of,
+    pack_name,
+    pack_of,
+    patch_length,
+    patch_pages,
 )
 from drafter.checkpoint.records import RecordConflict, Records
 from drafter.chunks import DEVICES, TRACKED, ZERO_HASH, chunk_length
@@ -66,6 +72,16 @@ DEFAULT_KEEP = 3
 UPLOADS = 32  # chunk uploads in flight
 READ_BATCH = 64  # chunks read and hashed per trip to a worker thread
 SMALL_ROUND = 8 << 20  # a pre-copy round that found at most this many bytes is the last
+PATCH_SHARE = 4  # a chunk is patched while its pages written since its base are <= 1/4 of it
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the store holds for one chunk: its hash, and how to make it (stored whole
+    as ``chunks/<hash>``, all zeros, or ``patch`` applied to a whole chunk)."""
+
+    hash: bytes
+    patch: Patch | None = None
 
 
 class CheckpointVM(Protocol):
@@ -104,7 +120,8 @@ class CheckpointStats:
     committed_at: float = 0.0  # wall clock
     pause_s: float = 0.0
     total_s: float = 0.0
-    uploaded_bytes: int = 0
+    uploaded_bytes: int = 0  # chunks, patches and the manifest
+    manifest_bytes: int = 0
     uploaded_chunks: int = 0
     changed_bytes: int = 0  # bytes of the chunks read because they changed
     rounds: int = 0
@@ -112,12 +129,30 @@ class CheckpointStats:
 
 @dataclass
 class _Attempt:
-    """What one checkpoint took from the devices (given back if it fails)."""
+    """What one checkpoint took from the devices (given back if it fails) and the
+    entries it made (kept only once it commits), its pack of patches."""
 
-    taken: dict[str, set[int]] = field(default_factory=dict)
+    pack: str
+    taken: dict[str, dict[int, int]] = field(default_factory=dict)
+    entries: dict[tuple[str, int], Entry] = field(default_factory=dict)
+    # The pages of each patched chunk as last read (the pack is made of the last only).
+    pages: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
-    def add(self, name: str, chunks: set[int]) -> None:
-        self.taken.setdefault(name, set()).update(chunks)
+    def pack_patches(self) -> bytes:
+        """The pack of this generation's patches; their entries get their offsets."""
+        pack = bytearray()
+        for key, data in sorted(self.pages.items()):
+            entry = self.entries[key]
+            assert entry.patch is not None
+            patch = Patch(entry.patch.base, self.pack, len(pack), len(data), entry.patch.mask)
+            self.entries[key] = Entry(entry.hash, patch)
+            pack += data
+        return bytes(pack)
+
+    def add(self, name: str, chunks: dict[int, int]) -> None:
+        mine = self.taken.setdefault(name, {})
+        for index, mask in chunks.items():
+            mine[index] = mine.get(index, 0) | mask
 
 
 @dataclass(frozen=True)
@@ -191,20 +226,25 @@ class Checkpointer:
         self.committed = 0  # generations this copy committed
         self.failed = 0  # checkpoints that failed (the previous generation stayed)
         self._head_version: str | None = None
-        self._hashes: dict[str, list[bytes | None]] = {}  # chunk -> its hash in the store
-        self._known: set[bytes] = set()  # chunks the store holds
-        self._manifests: dict[str, set[bytes]] = {}  # kept manifest -> chunks it names
+        self._entries: dict[str, list[Entry | None]] = {}  # chunk -> what the store has
+        self._known: set[bytes] = set()  # whole chunks the store holds
+        # kept manifest -> the whole chunks and the packs it needs
+        self._manifests: dict[str, tuple[set[bytes], set[str]]] = {}
         self.metrics: Metrics | None = None
         self._asked = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._held = False  # by a migration's switch-over (hold)
         if opened is not None and opened.manifest is not None:
             manifest = opened.manifest
             self.generation = manifest.generation
             self._head_version = opened.version
             self._known = manifest.digests()
-            self._manifests[opened.name] = self._known.copy()
+            self._manifests[opened.name] = (self._known.copy(), manifest.packs())
             for name in DEVICES:
-                self._hashes[name] = list(manifest.hashes[name])
+                patched = manifest.patches.get(name, {})
+                self._entries[name] = [
+                    Entry(h, patched.get(i)) for i, h in enumerate(manifest.hashes[name])
+                ]
 
     def track(self) -> None:
         """Start tracking changes: every chunk counts as changed until the first
@@ -212,11 +252,28 @@ class Checkpointer:
         for name in DEVICES:
             device = self.vm.devices[name]
             device.track_unsaved()
-            mine = self._hashes.get(name)
+            mine = self._entries.get(name)
             if mine is None or len(mine) != device.chunks:
-                self._hashes[name] = [None] * device.chunks
+                self._entries[name] = [None] * device.chunks
 
     # -- checkpoints ------------------------------------------------------------------------
+
+    async def hold(self) -> None:
+        """Wait for a checkpoint under way to end, and start none until :meth:`unhold`
+        (a migration's switch-over: its pause must not meet a checkpoint's)."""
+        if not self._held:
+            await self._lock.acquire()
+            self._held = True
+
+    def unhold(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def adopt(self, lease: Lease, opened: Opened) -> None:
+        """The lease was taken again (a migration given up after the hand-over)."""
+        self.lease = lease
+        self._head_version = opened.version
 
     def request(self) -> None:
         """Ask for a checkpoint at once (a signal, before maintenance)."""
@@ -250,7 +307,7 @@ class Checkpointer:
         """Make and commit one generation; its figures. ``final``: the VM stays paused
         after it (it stops here: the generation holds its last write)."""
         async with self._lock:
-            attempt = _Attempt()
+            attempt = _Attempt(pack_name(self.generation + 1, self.lease.epoch))
             try:
                 return await self._checkpoint(attempt, final)
             except BaseException:
@@ -279,7 +336,7 @@ class Checkpointer:
         failpoint("checkpoint-before-pause")
         paused = time.monotonic()
         created = time.time()
-        last: dict[tuple[str, int], bytes] = {}
+        last: dict[tuple[str, int], tuple[int, bytes]] = {}
         await self.vm.pause_and_save(self.state_path)
         try:
             await self.vm.sync_memory()
@@ -296,23 +353,34 @@ class Checkpointer:
         chunk_size = self.vm.devices["memory"].chunk_size
         state_hashes = await self._upload_bytes(state, chunk_size, stats)
         failpoint("checkpoint-before-manifest")
+        pack = attempt.pack_patches()
+        if pack:
+            await self.records.put(attempt.pack, pack)
+            stats.uploaded_bytes += len(pack)
         hashes: dict[str, list[bytes]] = {"state": state_hashes}
+        patches: dict[str, dict[int, Patch]] = {}
         sizes = {"state": len(state)}
+        entries = self._merged(attempt)
         for name in DEVICES:
-            known = self._hashes[name]
-            if any(h is None for h in known):
+            mine = entries[name]
+            if any(e is None for e in mine):
                 raise DrafterError(f"checkpoint: chunks of {name} were never read")
-            hashes[name] = [h for h in known if h is not None]
+            hashes[name] = [e.hash for e in mine if e is not None]
+            patches[name] = {i: e.patch for i, e in enumerate(mine) if e and e.patch}
             sizes[name] = self.vm.devices[name].size
         manifest = Manifest(
             stats.generation, self.lease.epoch, created, chunk_size,
-            self.vm.config, sizes, hashes, self.vm.hot(),
+            self.vm.config, sizes, hashes, self.vm.hot(), patches,
         )  # fmt: skip
         name = generation_name(stats.generation, self.lease.epoch)
-        await self.records.put(name, manifest.to_bytes())
+        encoded = manifest.to_bytes()
+        await self.records.put(name, encoded)
+        stats.uploaded_bytes += len(encoded)
+        stats.manifest_bytes = len(encoded)
         failpoint("checkpoint-before-head")
         await self._commit(manifest, name)
         attempt.taken.clear()  # committed: nothing to give back any more
+        self._entries = entries
         stats.committed_at = time.time()
         stats.paused_at = created
         stats.total_s = time.monotonic() - start
@@ -328,7 +396,7 @@ class Checkpointer:
             "%.1f s in all", stats.generation, created, stats.uploaded_bytes / (1 << 20),
             stats.pause_s * 1000, stats.total_s,
         )  # fmt: skip
-        self._manifests[name] = manifest.digests()
+        self._manifests[name] = (manifest.digests(), manifest.packs())
         try:
             await self._expire()
         except DrafterError as e:  # the commit stands; expiry is tried again next time
@@ -353,15 +421,26 @@ class Checkpointer:
                 "and writes nothing more"
             ) from None
 
+    def _merged(self, attempt: _Attempt) -> dict[str, list[Entry | None]]:
+        """The entries as they are once ``attempt`` commits."""
+        merged = {name: list(entries) for name, entries in self._entries.items()}
+        for (name, index), entry in attempt.entries.items():
+            merged[name][index] = entry
+        return merged
+
+    def _entry(self, attempt: _Attempt, name: str, index: int) -> Entry | None:
+        entry = attempt.entries.get((name, index))
+        return entry if entry is not None else self._entries[name][index]
+
     async def _round(
         self,
         attempt: _Attempt,
         stats: CheckpointStats,
-        final: dict[tuple[str, int], bytes] | None,
+        final: dict[tuple[str, int], tuple[int, bytes]] | None,
     ) -> int:
         """One pre-copy round (``final`` None: take the changed chunks now and read
-        them) or the pause's chunks (``final``: already copied out); their new hashes
-        recorded, the new ones uploaded. Returns the bytes of changed chunks read."""
+        them) or the pause's chunks (``final``: their masks and bytes, copied out);
+        their entries made, the new whole chunks uploaded. Returns the bytes read."""
         read = 0
         uploads: list[tuple[bytes, bytes]] = []
         if final is None:
@@ -372,8 +451,11 @@ class Checkpointer:
                 todo = []
                 for index in sorted(chunks):
                     known = device.hashes[index]
+                    current = self._entry(attempt, name, index)
+                    if known is not None and current is not None and current.hash == known:
+                        continue  # written back unchanged
                     if known is not None and (known == ZERO_HASH or known in self._known):
-                        self._hashes[name][index] = known
+                        attempt.entries[(name, index)] = Entry(known)
                     else:
                         todo.append(index)
                 for at in range(0, len(todo), READ_BATCH):
@@ -381,24 +463,60 @@ class Checkpointer:
                     got = await asyncio.to_thread(_read_hashed, device, batch)
                     for index, (data, digest) in got.items():
                         read += len(data)
-                        self._hashes[name][index] = digest
-                        if digest != ZERO_HASH and digest not in self._known:
-                            uploads.append((digest, data))
+                        self._place(attempt, name, index, chunks[index], data, digest, uploads)
                     if len(uploads) >= UPLOADS * 2:
                         await self._upload(uploads, stats)
                         uploads = []
         else:
             hashed = await asyncio.to_thread(
-                lambda: {key: (data, chunk_hash(data)) for key, data in final.items()}
+                lambda: {key: (m, data, chunk_hash(data)) for key, (m, data) in final.items()}
             )
-            for (name, index), (data, digest) in hashed.items():
+            for (name, index), (mask, data, digest) in hashed.items():
                 read += len(data)
-                self._hashes[name][index] = digest
-                if digest != ZERO_HASH and digest not in self._known:
-                    uploads.append((digest, data))
+                self._place(attempt, name, index, mask, data, digest, uploads)
         await self._upload(uploads, stats)
         stats.changed_bytes += read
+        log.debug("checkpoint %d: %s changed; %d KiB of patches", stats.generation,
+                  ", ".join(f"{n} {len(c)}" for n, c in attempt.taken.items()),
+                  sum(map(len, attempt.pages.values())) >> 10)  # fmt: skip
         return read
+
+    def _place(
+        self,
+        attempt: _Attempt,
+        name: str,
+        index: int,
+        mask: int,
+        data: bytes,
+        digest: bytes,
+        uploads: list[tuple[bytes, bytes]],
+    ) -> None:
+        """The entry of a chunk read now (``data``, its hash ``digest``; ``mask``: its
+        pages written since the last checkpoint took it): unchanged, a whole chunk the
+        store holds, a patch on the whole chunk it was last stored as (while the pages
+        written since are few), or a new whole chunk to upload."""
+        current = self._entry(attempt, name, index)
+        key = (name, index)
+        if current is not None and current.hash == digest:
+            return
+        attempt.pages.pop(key, None)
+        if digest == ZERO_HASH or digest in self._known:
+            attempt.entries[key] = Entry(digest)
+            return
+        base: bytes | None = None
+        written = mask
+        if current is not None and current.patch is not None:
+            base, written = current.patch.base, current.patch.mask | mask
+        elif current is not None and (current.hash == ZERO_HASH or current.hash in self._known):
+            base = current.hash
+        n = len(data)
+        if base is not None and patch_length(written, n) * PATCH_SHARE <= n:
+            pages = b"".join(data[at : at + length] for at, length in patch_pages(written, n))
+            attempt.pages[key] = pages  # placed in the pack at the end (pack_patches)
+            attempt.entries[key] = Entry(digest, Patch(base, attempt.pack, 0, len(pages), written))
+            return
+        attempt.entries[key] = Entry(digest)
+        uploads.append((digest, data))
 
     async def _upload_bytes(
         self, data: bytes, chunk_size: int, stats: CheckpointStats
@@ -440,10 +558,10 @@ class Checkpointer:
 
     async def _expire(self) -> None:
         """Keep the newest ``keep`` generations; remove every other manifest (older
-        ones, and attempts that never committed), then every chunk no kept manifest
-        names (nor one this copy's VM holds now). A generation's committed manifest
-        is the one of the highest epoch: a holder of a newer epoch only ever writes
-        generations above the head it took over."""
+        ones, and attempts that never committed), then every chunk and pack no kept
+        manifest needs (nor one this copy's VM needs now). A generation's committed
+        manifest is the one of the highest epoch: a holder of a newer epoch only ever
+        writes generations above the head it took over."""
         names = await self.records.list(GENERATIONS)
         newest: dict[int, tuple[int, str]] = {}
         for name in names:
@@ -458,13 +576,22 @@ class Checkpointer:
         if not dropped:
             return
         needed: set[bytes] = set()
+        packs: set[str] = set()
         for name, generation in kept.items():
             if name not in self._manifests:
                 manifest = await read_manifest(self.records, name, generation)
-                self._manifests[name] = manifest.digests()
-            needed |= self._manifests[name]
-        for hashes in self._hashes.values():
-            needed.update(h for h in hashes if h is not None)
+                self._manifests[name] = (manifest.digests(), manifest.packs())
+            needed |= self._manifests[name][0]
+            packs |= self._manifests[name][1]
+        for entries in self._entries.values():
+            for entry in entries:
+                if entry is None:
+                    continue
+                if entry.patch is not None:
+                    needed.add(entry.patch.base)
+                    packs.add(entry.patch.pack)
+                else:
+                    needed.add(entry.hash)
         for name in dropped:
             await self.records.delete(name)
             self._manifests.pop(name, None)
@@ -475,8 +602,13 @@ class Checkpointer:
                 await self.records.delete(name)
                 self._known.discard(digest)
                 removed += 1
+        for name in await self.records.list(PACKS):
+            parsed = pack_of(name)
+            if parsed is not None and parsed[0] <= self.generation and name not in packs:
+                await self.records.delete(name)
+                removed += 1
         self._known &= needed
-        log.debug("expired %d manifest(s) and %d chunk(s)", len(dropped), removed)
+        log.debug("expired %d manifest(s) and %d object(s)", len(dropped), removed)
 
 
 def _older(name: str, generation: int) -> bool:
@@ -494,12 +626,13 @@ def _read_hashed(device: Device, indices: list[int]) -> dict[int, tuple[bytes, b
     return out
 
 
-def _copy_out(device: Device, indices: set[int]) -> dict[tuple[str, int], bytes]:
-    """Chunks ``indices`` of ``device``, copied out while the VM is paused."""
+def _copy_out(device: Device, chunks: dict[int, int]) -> dict[tuple[str, int], tuple[int, bytes]]:
+    """Chunks ``chunks`` of ``device`` (index -> pages written), copied out while the
+    VM is paused."""
     out = {}
-    for index in sorted(indices):
+    for index, mask in sorted(chunks.items()):
         data, _ = device.read_chunk(index)
         if len(data) != chunk_length(device.size, device.chunk_size, index):
             raise DrafterError(f"device {device.name}: chunk {index} read short")
-        out[(device.name, index)] = data
+        out[(device.name, index)] = (mask, data)
     return out

@@ -19,6 +19,7 @@ from drafter.migration.messages import (
     decode_dirty,
     decode_offer,
     decode_suspended,
+    encode_handover,
     encode_id,
 )
 from drafter.migration.pagecache import CacheMirror, PageCache
@@ -102,6 +103,9 @@ class MigrationDestination:
         self.rounds_done = 0
         self.phases: dict[str, float] = {}  # step -> milliseconds, both sides
         self.told_to_run = False  # set by the caller right before the VM runs here
+        # The name this host takes the VM's checkpoint lease under, sent with the
+        # hand-over (the source hands the lease to it): None without checkpoints.
+        self.lease_holder: str | None = None
         self.on_taken_back: Callable[[], None] | None = None
         self._phase = DestinationPhase.CONNECTED
         self._calls: set[asyncio.Task[Any]] = set()
@@ -150,9 +154,14 @@ class MigrationDestination:
         connection is lost for good, or when it was taken back meanwhile."""
         while True:
             try:
+                body = (
+                    encode_handover(self.migration_id, self.lease_holder)
+                    if kind is MsgType.MIGRATE_HANDOVER
+                    else encode_id(self.migration_id)
+                )
                 return await self.remote.call(
                     kind,
-                    encode_id(self.migration_id),
+                    body,
                     timeout=timeout or max(0.1, deadline - time.monotonic()),
                     max_answer=max_answer,
                 )

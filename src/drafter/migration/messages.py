@@ -170,6 +170,27 @@ def encode_id(migration: str) -> bytes:
     return json.dumps({"migration": migration}).encode()
 
 
+def encode_handover(migration: str, lease_holder: str | None) -> bytes:
+    """The hand-over call: the migration, and the name under which the destination
+    takes the VM's checkpoint lease (None: it does not checkpoint the VM)."""
+    doc: dict[str, str] = {"migration": migration}
+    if lease_holder is not None:
+        doc["lease_holder"] = lease_holder
+    return json.dumps(doc).encode()
+
+
+def decode_lease_holder(body: bytes) -> str | None:
+    """The lease holder a hand-over call names, or None (a short printable name only)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    holder = value.get("lease_holder") if isinstance(value, dict) else None
+    if isinstance(holder, str) and 0 < len(holder) <= 256 and holder.isprintable():
+        return holder
+    return None
+
+
 def decode_id(body: bytes) -> str | None:
     """The migration a call names, or None if the body does not name one."""
     try:

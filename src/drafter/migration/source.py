@@ -30,6 +30,7 @@ from drafter.migration.messages import (
     TAKEN_BACK,
     SwitchOver,
     decode_id,
+    decode_lease_holder,
     encode_dirty,
     encode_offer,
     encode_suspended,
@@ -87,11 +88,15 @@ class VMControl:
         suspend: Callable[[], Awaitable[tuple[bytes, float, dict[str, float]]]],
         resume_here: Callable[[], Awaitable[None]],
         finished: Callable[[], None],
+        hand_lease: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.loop = loop
         self.suspend = suspend
         self.resume_here = resume_here
         self.finished = finished
+        # The VM's checkpoint lease goes to the destination's holder before the grant
+        # (None: the VM is not checkpointed); raises if it cannot.
+        self.hand_lease = hand_lease
 
     async def run(self, make: Callable[[], Awaitable[Any]]) -> Any:
         """Run one of the VM's steps on its loop, from the device loop."""
@@ -341,6 +346,14 @@ class MigrationSource:
         again (its answer was lost), the grant is given again."""
         self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
         if self.phase is Phase.SUSPENDED:
+            hand_lease = self.vm.hand_lease
+            if hand_lease is not None:
+                holder = decode_lease_holder(body)
+                try:
+                    await self.vm.run(lambda: hand_lease(holder))
+                except Exception as e:
+                    log.error("cannot hand the VM's lease over: %s", e)
+                    raise ProtocolError(ErrorCode.REFUSED, f"the lease: {e}") from None
             self._to(Phase.HANDED_OVER)
             log.info("handed the VM over: it runs at the destination from now on")
         failpoint("after-handover")

@@ -129,18 +129,12 @@ class PeerCheckpoints:
     """The lease and the checkpoints of one peer's VM under ``url``."""
 
     def __init__(
-        self,
-        url: str,
-        records: ObjectRecords,
-        lease: Lease,
-        opened: Opened,
-        interval: float,
-        keep: int,
+        self, url: str, options: StoreOptions, lease_time: float, interval: float, keep: int
     ) -> None:
         self.url = url
-        self.records = records
-        self.lease = lease
-        self.opened = opened
+        self.records = ObjectRecords(url, options)
+        self.lease = Lease(self.records, duration=lease_time)  # not held yet
+        self.opened = Opened()
         self.interval = interval
         self.keep = keep
         self.checkpointer: Checkpointer | None = None
@@ -148,31 +142,31 @@ class PeerCheckpoints:
         self.fenced: str | None = None  # why this copy must stop, once it must
         self._on_fenced: Callable[[str], None] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
+        self._keeper: asyncio.Future[Any] | None = None  # renews the lease
+        self._handing = asyncio.Lock()
+        self._handed_to: str | None = None  # the destination the lease went to
 
-    @classmethod
-    async def take(
-        cls,
-        url: str,
-        options: StoreOptions,
-        recovering: bool,
-        lease_time: float,
-        interval: float,
-        keep: int,
-    ) -> PeerCheckpoints:
-        """Take the VM's lease under ``url`` (waiting out a lapsed holder's when
-        ``recovering``) and fence the head; before the VM starts."""
-        records = ObjectRecords(url, options)
+    async def take(self, recovering: bool) -> None:
+        """Take the VM's lease (waiting out a lapsed holder's when ``recovering``) and
+        fence the head; before the VM starts. A new VM's prefix must hold no other's."""
+        records = self.records
         if not recovering and await records.read(HEAD) is not None:
             raise DrafterError(
                 f"{records.where} holds the checkpoints of a VM already: resume it with "
-                f"--raddr {url}, or checkpoint to another prefix"
+                f"--raddr {self.url}, or checkpoint to another prefix"
             )
-        lease = Lease(records, duration=lease_time)
-        await lease.acquire(may_wait=recovering)
-        opened = await open_head(records, lease)
-        if recovering and opened.manifest is None:
+        await self.lease.acquire(may_wait=recovering)
+        self.opened = await open_head(records, self.lease)
+        if recovering and self.opened.manifest is None:
             raise DrafterError(f"{records.where}{HEAD} vanished while the lease was taken")
-        return cls(url, records, lease, opened, interval, keep)
+
+    async def take_handed(self) -> None:
+        """A migration to here: the source handed the lease to this holder with the
+        grant; take it (at once) and fence the head, before the VM runs here."""
+        await self.lease.acquire(may_wait=False, handed_to=self.lease.holder)
+        self.opened = await open_head(self.records, self.lease)
+        log.info("took the VM's lease over from the migration's source (epoch %d)",
+                 self.lease.epoch)  # fmt: skip
 
     def source(self) -> CheckpointSource:
         """The latest committed generation, to resume the VM from (recovery)."""
@@ -212,11 +206,66 @@ class PeerCheckpoints:
         )
         self.checkpointer.metrics = metrics
         self.checkpointer.track()
-        keep = asyncio.ensure_future(self.lease.keep(self._changed))
+        self._keep_lease()
         run = asyncio.ensure_future(self.checkpointer.run(pulled))
-        for task in (keep, run):
-            task.add_done_callback(self._ended)
-            self._tasks.append(task)
+        run.add_done_callback(self._ended)
+        self._tasks.append(run)
+
+    def _keep_lease(self) -> None:
+        self._keeper = keep = asyncio.ensure_future(self.lease.keep(self._changed))
+        keep.add_done_callback(self._ended)
+        self._tasks.append(keep)
+
+    # -- a live migration away ------------------------------------------------------------
+
+    async def hold(self) -> None:
+        """A migration switches over: wait for a checkpoint under way, start none."""
+        if self.checkpointer is not None:
+            await self.checkpointer.hold()
+
+    def unhold(self) -> None:
+        """The VM runs here again: checkpoints go on."""
+        if self.checkpointer is not None:
+            self.checkpointer.unhold()
+
+    async def hand_over(self, holder: str | None) -> None:
+        """The hand-over: the lease goes to the destination's ``holder`` (before the
+        grant). Asked again (a lost answer), the same hand-over is done already."""
+        async with self._handing:
+            if self.lease.phase is LeasePhase.RELEASED and self._handed_to == holder:
+                return
+            if holder is None:
+                raise DrafterError(
+                    "this VM is checkpointed under a lease: start the destination with "
+                    f"--checkpoint {self.url}"
+                )
+            if self._keeper is not None:  # no renewal may race the release
+                self._keeper.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._keeper
+            if not self.lease.valid():
+                self._keep_lease()
+                raise DrafterError(f"the lease is {self.lease.phase.value}: not handing it over")
+            await self.lease.hand_over(holder)
+            self._handed_to = holder
+            log.info("handed the VM's lease to %s", holder)
+
+    async def take_back(self) -> None:
+        """The VM resumes here after the lease was handed over (the destination gave
+        the migration up before running it): take the lease back first, by the name it
+        was handed to. DrafterError if the destination took it: then the VM must not
+        run here."""
+        async with self._handing:
+            if self._handed_to is None or self.lease.phase is not LeasePhase.RELEASED:
+                return
+            lease = Lease(self.records, holder=self.lease.holder, duration=self.lease.duration)
+            await lease.acquire(may_wait=False, handed_to=self._handed_to)
+            opened = await open_head(self.records, lease)
+            self.lease, self._handed_to = lease, None
+            if self.checkpointer is not None:
+                self.checkpointer.adopt(lease, opened)
+            self._keep_lease()
+            log.warning("took the VM's lease back (epoch %d): it runs here again", lease.epoch)
 
     def _changed(self, phase: LeasePhase) -> None:
         assert self.gate is not None

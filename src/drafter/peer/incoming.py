@@ -54,6 +54,9 @@ class IncomingMigration:
         self.switched_at = 0.0  # monotonic: when the switch-over was asked
         self.paused_at = 0.0  # wall clock: when the VM paused at the source
         self._grant: asyncio.Future[None] | None = None  # the hand-over (device loop)
+        # Awaited after the grant, before the VM may run here (main loop): the VM's
+        # checkpoint lease taken over. If it raises, the VM never runs here.
+        self.before_run: Callable[[], Awaitable[None]] | None = None
 
     @property
     def cached(self) -> dict[str, dict[int, None]]:
@@ -85,6 +88,8 @@ class IncomingMigration:
 
         async def granted() -> None:
             await self.host.run(wait())
+            if self.before_run is not None:
+                await self.before_run()
             self.destination.told_to_run = True
             for device in self.devices.values():
                 device.first_demand_at = None

@@ -185,6 +185,8 @@ class Peer:
                 o.metrics.attach_remote(source)
         await host.run(sources.connect())
         config = sources.check()
+        if self.checkpoints is not None and generation is None and sources.at_rest:
+            await self.checkpoints.take(recovering=False)  # a new VM: its prefix is empty
         await asyncio.to_thread(self.follow.prepare, not sources.at_rest)
         for name in DEVICES:  # each in the session as soon as it exists: closed with it
             vm.devices[name] = sources.device(name, work / f"{name}.cache")
@@ -212,6 +214,9 @@ class Peer:
             incoming = self.incoming = IncomingMigration(
                 o, sources.control, self.devices, host, pool, self.summary, self._taken_back
             )
+            if self.checkpoints is not None:  # the source hands the lease over with the VM
+                incoming.destination.lease_holder = self.checkpoints.lease.holder
+                incoming.before_run = self.checkpoints.take_handed
             # QEMU starts now and waits for the state: its start is not downtime.
             await machine.prepare_incoming()
             await host.run(incoming.switch_over(vm.state))
@@ -265,11 +270,12 @@ class Peer:
             url = o.raddr
         if url is None:
             return None
-        self.checkpoints = checkpoints = await PeerCheckpoints.take(
-            url, store, recovering, o.lease_time, o.checkpoint_interval, o.checkpoint_keep
+        self.checkpoints = checkpoints = PeerCheckpoints(
+            url, store, o.lease_time, o.checkpoint_interval, o.checkpoint_keep
         )
         if not recovering:
-            return None
+            return None  # taken once the sources say whether the VM migrates here
+        await checkpoints.take(recovering=True)
         self.recovered = checkpoints.describe()
         log.info("%s", self.recovered)
         return checkpoints.source()
@@ -306,8 +312,9 @@ class Peer:
         """Serve this VM on ``laddr`` so another peer can migrate it away."""
         assert self.vm is not None
         self.serving = Serving(
-            self.options, self.vm, config, self.follow, self._hot_now, self._migrated_away
-        )
+            self.options, self.vm, config, self.follow, self._hot_now, self._migrated_away,
+            self.checkpoints,
+        )  # fmt: skip
         await self.serving.start(may_wait=self.incoming is not None)
         self._to(PeerPhase.SERVING)
 

@@ -18,6 +18,7 @@ from drafter.agent_client import AgentClient
 from drafter.errors import DrafterError
 from drafter.migration import MigrationSource, VMControl
 from drafter.network.follow import Follower
+from drafter.peer.checkpoints import PeerCheckpoints
 from drafter.peer.options import PeerOptions
 from drafter.session import VMSession
 from drafter.transport import protocol as wire
@@ -32,9 +33,12 @@ class SessionControl:
     step fails the VM runs here again; resume here. This namespace's address closes
     (its gate) at the pause and opens again if the VM runs here again."""
 
-    def __init__(self, session: VMSession, follow: Follower) -> None:
+    def __init__(
+        self, session: VMSession, follow: Follower, checkpoints: PeerCheckpoints | None = None
+    ) -> None:
         self.session = session
         self.follow = follow
+        self.checkpoints = checkpoints  # held off while switching over
         self._gate_closing: asyncio.Future[None] | None = None
 
     def _close_gate(self) -> None:
@@ -59,6 +63,8 @@ class SessionControl:
         machine = session.machine
         assert machine is not None
         timings = snapshot.Timings()
+        if self.checkpoints is not None:  # a checkpoint under way ends first; no new one
+            await self.checkpoints.hold()
         try:
             await session.suspend(timings, presync=True, paused=self._close_gate)
             phases = {
@@ -70,6 +76,8 @@ class SessionControl:
             return session.state.read_bytes(), timings.paused_at, phases
         except BaseException as e:
             # Whatever step failed, the VM runs here again, AfterResume included.
+            if self.checkpoints is not None:
+                self.checkpoints.unhold()
             try:
                 if timings.paused_at:
                     await machine.resume()
@@ -86,8 +94,12 @@ class SessionControl:
     async def resume_here(self) -> None:
         machine = self.session.machine
         assert machine is not None
+        if self.checkpoints is not None:  # the lease back first, if it was handed over
+            await self.checkpoints.take_back()
         await machine.resume()
         await self._reopen_gate()
+        if self.checkpoints is not None:
+            self.checkpoints.unhold()
         async with AgentClient(machine.agent_socket) as agent:
             await agent.after_resume()
 
@@ -106,13 +118,15 @@ class Serving:
         follow: Follower,
         hot: Callable[[], dict[str, list[int]]],
         migrated_away: Callable[[], None],
+        checkpoints: PeerCheckpoints | None = None,
     ) -> None:
         self.options = options
         self.session = session
-        self.vm = SessionControl(session, follow)
+        self.vm = SessionControl(session, follow, checkpoints)
         control = VMControl(
-            asyncio.get_running_loop(), self.vm.suspend, self.vm.resume_here, migrated_away
-        )
+            asyncio.get_running_loop(), self.vm.suspend, self.vm.resume_here, migrated_away,
+            checkpoints.hand_over if checkpoints is not None else None,
+        )  # fmt: skip
         self.source = MigrationSource(
             session.devices,
             config,
