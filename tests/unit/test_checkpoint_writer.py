@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from drafter.checkpoint import Lease, LeaseFenced, ObjectRecords
+from drafter.checkpoint import writer as writer_module
 from drafter.checkpoint.manifest import (
     HEAD,
     Head,
@@ -219,7 +220,12 @@ def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_aga
     asyncio.run(go())
 
 
-def test_writes_during_precopy_and_at_the_pause_are_in_the_generation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("small_round", [8 << 20, 0])  # 0: every round, and a last look
+def test_writes_during_precopy_and_at_the_pause_are_in_the_generation(
+    tmp_path: Path, monkeypatch, small_round: int
+) -> None:
+    monkeypatch.setattr(writer_module, "SMALL_ROUND", small_round)
+
     async def go() -> None:
         store = MemoryStore()
         records = store.view("a")

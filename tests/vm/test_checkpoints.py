@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,12 +20,14 @@ import redis
 
 from drafter.checkpoint.manifest import HEAD, Head, Manifest, chunk_name
 from drafter.checkpoint.records import ObjectRecords
-from support.common import stop_process
+from support.common import command, stop_process
 from support.net import CuttableProxy, free_port
 from support.vms import (
     check_no_loss,
+    copy_package,
     peer,
     registry,
+    runner,
     wait_for_redis,
     wait_resumed,
     writing,
@@ -355,3 +358,42 @@ def test_checkpoints_under_load_and_a_live_migration_keep_every_write(
         wait_resumed(third)
         check_no_loss(network.info(3).external_address, writer)  # the final one had them all
         stop_process(third)
+
+
+def test_the_runner_checkpoints_and_its_final_checkpoint_is_its_snapshot(
+    seeded_package, seaweed, network, workdir: Path
+) -> None:
+    env = with_store(seaweed)
+    prefix = f"s3://{BUCKET}/runner-{os.getpid()}-{time.monotonic_ns()}"
+    package = copy_package(seeded_package, workdir)
+    flags = ("--checkpoint", prefix, "--checkpoint-interval", "2", "--lease-time", "6")
+    with runner(package, network.name(3), *flags, env=env) as proc:
+        log = Lines(proc.stderr)
+        log.start()
+        client = wait_for_redis(network.info(3).external_address)
+        log.wait_commits(1, timeout=240)
+        client.set("runner", "checkpointed")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(240)
+        assert proc.returncode == 0, "".join(log.lines[-20:])
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        assert "final checkpoint" in out and "snapshot written back" in out, out
+    # The prefix holds that VM now: a new run into it is refused with one line.
+    again = subprocess.run(
+        [command("drafter-runner"), "--netns", network.name(3), "--package-path", str(package),
+         *flags],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "holds the checkpoints of a VM" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    # The final checkpoint and the written-back package hold the same last write.
+    with peer(prefix, network.name(2), workdir, "--lease-time", "6", env=env) as p:
+        assert p.stdout is not None
+        assert "resuming checkpoint" in p.stdout.readline()
+        wait_resumed(p)
+        assert wait_for_redis(network.info(2).external_address).get("runner") == b"checkpointed"
+        stop_process(p)
+    with runner(package, network.name(3), env=env) as proc:
+        assert wait_for_redis(network.info(3).external_address).get("runner") == b"checkpointed"

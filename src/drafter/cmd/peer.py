@@ -102,15 +102,11 @@ async def run(a: argparse.Namespace) -> int:
         if is_object_url(where):
             parse_location(where, "--raddr")  # one line now if it is not a usable URL
     checkpoint = a.checkpoint or None
-    if checkpoint is not None:
-        where = parse_location(checkpoint, "--checkpoint")
-        if where.scheme != "s3":
-            raise DrafterError("--checkpoint needs an S3 prefix (s3://BUCKET/PREFIX)")
-        if a.package_output_path:
-            raise DrafterError(
-                "--checkpoint and --package-output-path: choose one (a VM's checkpoints "
-                "are resumed with --raddr s3://BUCKET/PREFIX)"
-            )
+    if checkpoint is not None and a.package_output_path:
+        raise DrafterError(
+            "--checkpoint and --package-output-path: choose one (a VM's checkpoints "
+            "are resumed with --raddr s3://BUCKET/PREFIX)"
+        )
     output = None
     if a.package_output_path:
         output = storeflags.output(a, a.package_output_path)
@@ -290,17 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-cache", default="", metavar="DIR",
                    help="a directory this host's peers share: chunks of an s3:// or "
                    "http(s):// package that one fetched are not fetched again")  # fmt: skip
-    p.add_argument("--checkpoint", default="", metavar="s3://BUCKET/PREFIX",
-                   help="checkpoint the running VM there continuously, holding its lease "
-                   "(resume it on any host with --raddr s3://BUCKET/PREFIX; SIGUSR2 "
-                   "asks for a checkpoint at once)")  # fmt: skip
-    p.add_argument("--checkpoint-interval", type=float, default=30, metavar="SECONDS",
-                   help="seconds between checkpoints")  # fmt: skip
-    p.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
-                   help="generations kept (older ones expire, never the latest)")  # fmt: skip
-    p.add_argument("--lease-time", type=float, default=15, metavar="SECONDS",
-                   help="the VM's lease: without a renewal for 80 %% of it the VM pauses; "
-                   "a recovering peer waits all of it")  # fmt: skip
+    storeflags.add_checkpoint(p, "resume it on any host with --raddr s3://BUCKET/PREFIX")
     p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")
@@ -321,12 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--precopy-threshold must be between 0 and 1048576 MiB")
     if not 1 <= args.pull_workers <= 4096:
         p.error("--pull-workers must be between 1 and 4096")
-    if not 1.0 <= args.checkpoint_interval <= 86400:
-        p.error("--checkpoint-interval must be between 1 and 86400 seconds")
-    if not 1 <= args.checkpoint_keep <= 10000:
-        p.error("--checkpoint-keep must be between 1 and 10000")
-    if not 2.0 <= args.lease_time <= 3600:
-        p.error("--lease-time must be between 2 and 3600 seconds")
+    storeflags.check_checkpoint(p, args)
 
     def body() -> int:
         cli.require_root(PROG)

@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from drafter import cli, console
+from drafter.checkpoint.running import VMCheckpoints
 from drafter.cmd import storeflags
+from drafter.errors import DrafterError
 from drafter.network.follow import Follower
 from drafter.network.follow import add_flags as add_follow_flags
 from drafter.vm import LocalVM
@@ -27,6 +30,13 @@ async def run(a: argparse.Namespace) -> int:
     await asyncio.to_thread(follower.prepare)
     output = storeflags.output(a, a.package_output_path or a.package_path)
     await output.check()
+    checkpoints = None
+    if a.checkpoint:  # the lease first: nothing runs unless this VM may
+        checkpoints = VMCheckpoints(
+            a.checkpoint, storeflags.checkpoint_store(a), a.lease_time,
+            a.checkpoint_interval, a.checkpoint_keep,
+        )  # fmt: skip
+        await checkpoints.take(recovering=False)
     vm = LocalVM(
         Path(a.package_path),
         a.netns or None,
@@ -35,19 +45,43 @@ async def run(a: argparse.Namespace) -> int:
         key=storeflags.key(a),
         output=output.local,
     )
+    fenced = asyncio.Event()
     try:
         async with vm:
             await asyncio.to_thread(follower.running)
-            code = await _until_ctrl_c(a, vm, stop)
+            if checkpoints is not None:
+                _checkpoint(vm, checkpoints, follower, lambda _: fenced.set())
+                loop.add_signal_handler(signal.SIGUSR2, checkpoints.request)
+            code = await _until_ctrl_c(a, vm, stop, checkpoints, fenced)
         if a.persist:
             await output.publish()
         return code
     finally:
+        if checkpoints is not None:
+            await checkpoints.stop(final=False)
         output.discard()
         await asyncio.to_thread(follower.release)
 
 
-async def _until_ctrl_c(a: argparse.Namespace, vm: LocalVM, stop: asyncio.Event) -> int:
+def _checkpoint(
+    vm: LocalVM, checkpoints: VMCheckpoints, follower: Follower, fenced: Callable[[str], None]
+) -> None:
+    """The VM runs: renew its lease and checkpoint it from now on (all is local)."""
+    session = vm.session
+    assert session is not None and session.machine is not None and session.config is not None
+    checkpoints.start(
+        session.devices, session.config.to_json(), session.machine, follower, session.work,
+        lambda: {}, lambda: None, asyncio.sleep(0), fenced,
+    )  # fmt: skip
+
+
+async def _until_ctrl_c(
+    a: argparse.Namespace,
+    vm: LocalVM,
+    stop: asyncio.Event,
+    checkpoints: VMCheckpoints | None,
+    fenced: asyncio.Event,
+) -> int:
     loop = asyncio.get_running_loop()
     print(f"resumed {a.package_path}; Ctrl-C to snapshot and stop", flush=True)
     assert vm.machine is not None
@@ -58,12 +92,24 @@ async def _until_ctrl_c(a: argparse.Namespace, vm: LocalVM, stop: asyncio.Event)
         with (
             console.raw_terminal(sys.stdin.fileno()) if a.enable_input else contextlib.nullcontext()
         ):
-            await stop.wait()
+            stopped = asyncio.ensure_future(stop.wait())
+            taken = asyncio.ensure_future(fenced.wait())
+            await asyncio.wait([stopped, taken], return_when="FIRST_COMPLETED")
+            stopped.cancel()
+            taken.cancel()
     finally:
         attach.cancel()
+    if fenced.is_set() and checkpoints is not None:
+        raise DrafterError(checkpoints.fenced or "the VM's lease was taken over")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: None)  # finish the flush first
+    if checkpoints is not None:
+        await checkpoints.stop(final=False)  # no checkpoint meets the suspend
     took = await vm.suspend_and_flush()
+    if checkpoints is not None and vm.session is not None:
+        said = await checkpoints.stop_after_suspend(vm.session.state)
+        if said:
+            print(said, flush=True)
     what = "discarded (--persist=false)"
     if vm.persist:
         what = f"written to {a.package_output_path}" if a.package_output_path else "written back"
@@ -84,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the snapshot here on Ctrl-C instead (a file or "
                    "s3://BUCKET/KEY; default: back to --package-path)")  # fmt: skip
     storeflags.add(p, writes=True)
+    storeflags.add_checkpoint(p, "the snapshot is written back as usual on Ctrl-C, and "
+                              "the final checkpoint is the same VM")  # fmt: skip
     p.add_argument("--token-file", default="",
                    help="seal the written package's index with this token (else "
                    "$DRAFTER_TOKEN)")  # fmt: skip
@@ -92,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-output", action="store_true", help="console output to stdout")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
+    storeflags.check_checkpoint(p, args)
 
     def body() -> int:
         cli.require_root(PROG)

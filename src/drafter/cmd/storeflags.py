@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from drafter.errors import DrafterError
 from drafter.index import index_key
-from drafter.objects.location import StoreOptions
+from drafter.objects.location import StoreOptions, parse_location
 from drafter.objects.upload import PackageOutput
 from drafter.transport import security
 
@@ -24,6 +25,47 @@ def add(parser: argparse.ArgumentParser, writes: bool) -> None:
             "--if-absent", action="store_true",
             help="refuse to replace an existing package (s3://: a conditional upload)",
         )  # fmt: skip
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, resume_hint: str) -> None:
+    """``--checkpoint`` and its settings (docs/checkpoints.md)."""
+    parser.add_argument("--checkpoint", default="", metavar="s3://BUCKET/PREFIX",
+                        help="checkpoint the running VM there continuously, holding its "
+                        f"lease ({resume_hint}; SIGUSR2 asks for a checkpoint at "
+                        "once)")  # fmt: skip
+    parser.add_argument("--checkpoint-interval", type=float, default=30, metavar="SECONDS",
+                        help="seconds between checkpoints")  # fmt: skip
+    parser.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
+                        help="generations kept (older ones expire, never the latest)")  # fmt: skip
+    parser.add_argument("--lease-time", type=float, default=15, metavar="SECONDS",
+                        help="the VM's lease: without a renewal for 80 %% of it the VM "
+                        "pauses; a recovering peer waits all of it")  # fmt: skip
+
+
+def check_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checkpoint flags' bounds and URL: argparse's one-line error if not."""
+    if not 1.0 <= args.checkpoint_interval <= 86400:
+        parser.error("--checkpoint-interval must be between 1 and 86400 seconds")
+    if not 1 <= args.checkpoint_keep <= 10000:
+        parser.error("--checkpoint-keep must be between 1 and 10000")
+    if not 2.0 <= args.lease_time <= 3600:
+        parser.error("--lease-time must be between 2 and 3600 seconds")
+    if args.checkpoint:
+        try:
+            where = parse_location(args.checkpoint, "--checkpoint")
+        except DrafterError as e:
+            parser.error(str(e))
+        if where.scheme != "s3":
+            parser.error("--checkpoint needs an S3 prefix (s3://BUCKET/PREFIX)")
+
+
+def checkpoint_store(args: argparse.Namespace) -> StoreOptions:
+    """How the checkpoints' store is reached (the same flags as a package's)."""
+    return StoreOptions(
+        retry_timeout=getattr(args, "retry_timeout", 30.0),
+        tls_ca=getattr(args, "tls_ca", "") or None,
+        virtual_hosted=args.s3_virtual_hosted,
+    )
 
 
 def add_pin(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drafter import loops, snapshot
+from drafter.checkpoint.running import VMCheckpoints, holds_checkpoints, store_options
 from drafter.chunks import DEVICES, Priority
 from drafter.device import Device
 from drafter.devicefs import DeviceHost, unmount_stale_under
@@ -32,7 +33,6 @@ from drafter.index import index_key
 from drafter.migration.source import Phase as SourcePhase
 from drafter.network.follow import Follower
 from drafter.objects import is_object_url
-from drafter.peer.checkpoints import PeerCheckpoints, holds_checkpoints, store_options
 from drafter.peer.incoming import IncomingMigration
 from drafter.peer.options import PeerOptions
 from drafter.peer.pull import PullPool
@@ -102,7 +102,7 @@ class Peer:
         # Clients follow the VM: the gate of the namespace's address, the stable address.
         self.follow = Follower(options.netns, options.state_dir, options.stable_address)
         # Its checkpoints and lease (--checkpoint, or a raddr that names checkpoints).
-        self.checkpoints: PeerCheckpoints | None = None
+        self.checkpoints: VMCheckpoints | None = None
         self.recovered = ""  # what a recovery resumed (the generation, its age)
         # Set when another peer took the VM's lease over: this copy must stop for good.
         self.fenced = asyncio.Event()
@@ -270,7 +270,7 @@ class Peer:
             url = o.raddr
         if url is None:
             return None
-        self.checkpoints = checkpoints = PeerCheckpoints(
+        self.checkpoints = checkpoints = VMCheckpoints(
             url, store, o.lease_time, o.checkpoint_interval, o.checkpoint_keep
         )
         if not recovering:

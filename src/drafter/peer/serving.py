@@ -15,10 +15,10 @@ from typing import Any
 
 from drafter import snapshot
 from drafter.agent_client import AgentClient
+from drafter.checkpoint.running import VMCheckpoints
 from drafter.errors import DrafterError
 from drafter.migration import MigrationSource, VMControl
 from drafter.network.follow import Follower
-from drafter.peer.checkpoints import PeerCheckpoints
 from drafter.peer.options import PeerOptions
 from drafter.session import VMSession
 from drafter.transport import protocol as wire
@@ -34,7 +34,7 @@ class SessionControl:
     (its gate) at the pause and opens again if the VM runs here again."""
 
     def __init__(
-        self, session: VMSession, follow: Follower, checkpoints: PeerCheckpoints | None = None
+        self, session: VMSession, follow: Follower, checkpoints: VMCheckpoints | None = None
     ) -> None:
         self.session = session
         self.follow = follow
@@ -118,7 +118,7 @@ class Serving:
         follow: Follower,
         hot: Callable[[], dict[str, list[int]]],
         migrated_away: Callable[[], None],
-        checkpoints: PeerCheckpoints | None = None,
+        checkpoints: VMCheckpoints | None = None,
     ) -> None:
         self.options = options
         self.session = session

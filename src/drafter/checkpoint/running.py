@@ -1,9 +1,10 @@
-"""A peer's checkpoints (docs/checkpoints.md): the lease it holds on its VM, the
-checkpointer that commits generations, and the pauses both need of the VM (main loop).
+"""A running VM's checkpoints (docs/checkpoints.md), as a peer or the runner holds
+them: the lease on the VM, the checkpointer that commits generations, and the pauses
+both need of the VM (main loop).
 
-:meth:`PeerCheckpoints.take` runs before the VM starts: it takes the lease (waiting
+:meth:`VMCheckpoints.take` runs before the VM starts: it takes the lease (waiting
 out a lapsed holder's when it recovers the VM from the prefix) and fences the head.
-:meth:`PeerCheckpoints.start` runs once the VM runs: the lease is renewed from then
+:meth:`VMCheckpoints.start` runs once the VM runs: the lease is renewed from then
 on, and a checkpoint is made as soon as every chunk is local, then every interval.
 
 The VM runs only while nobody holds it paused (:class:`RunGate`): a checkpoint's
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -101,11 +103,16 @@ class _SessionVM:
         self.gate = gate
         self._hot = hot
         self._busy = busy
+        self.stopped: Path | None = None  # QEMU stopped; its last state saved here
 
     async def sync_memory(self) -> None:
-        await asyncio.to_thread(fsync_file, Path(self.machine.config.memory))
+        if self.stopped is None:
+            await asyncio.to_thread(fsync_file, Path(self.machine.config.memory))
 
     async def pause_and_save(self, state: Path) -> None:
+        if self.stopped is not None:  # the VM stopped after its last suspend: that state
+            await asyncio.to_thread(shutil.copyfile, self.stopped, state)
+            return
         await self.gate.hold("checkpoint")
         try:
             await self.machine.save_state(state)
@@ -114,7 +121,8 @@ class _SessionVM:
             raise
 
     async def resume(self) -> None:
-        await self.gate.release("checkpoint")
+        if self.stopped is None:
+            await self.gate.release("checkpoint")
 
     def hot(self) -> dict[str, list[int]]:
         return self._hot()
@@ -125,7 +133,7 @@ class _SessionVM:
         return self._busy()
 
 
-class PeerCheckpoints:
+class VMCheckpoints:
     """The lease and the checkpoints of one peer's VM under ``url``."""
 
     def __init__(
@@ -144,6 +152,7 @@ class PeerCheckpoints:
         self._tasks: list[asyncio.Future[Any]] = []
         self._keeper: asyncio.Future[Any] | None = None  # renews the lease
         self._handing = asyncio.Lock()
+        self._vm: _SessionVM | None = None
         self._handed_to: str | None = None  # the destination the lease went to
 
     async def take(self, recovering: bool) -> None:
@@ -200,7 +209,7 @@ class PeerCheckpoints:
         """The VM runs: renew the lease from now on, and checkpoint it once ``pulled``."""
         self.gate = RunGate(machine, follow)
         self._on_fenced = on_fenced
-        vm = _SessionVM(devices, config, machine, self.gate, hot, busy)
+        vm = self._vm = _SessionVM(devices, config, machine, self.gate, hot, busy)
         self.checkpointer = Checkpointer(
             self.records, self.lease, vm, work, self.interval, self.keep, opened=self.opened
         )
@@ -319,6 +328,14 @@ class PeerCheckpoints:
             f"ago, paused the VM {last.pause_s * 1000:.0f} ms, uploaded "
             f"{last.uploaded_bytes / (1 << 20):.1f} MiB"
         )
+
+    async def stop_after_suspend(self, state: Path) -> str | None:
+        """The VM was suspended and its QEMU stopped (the runner's write-back), its
+        last state in ``state`` and its devices still here: the final checkpoint is
+        that VM, exactly; then the lease is released."""
+        if self._vm is not None:
+            self._vm.stopped = state
+        return await self.stop(final=True)
 
     async def stop(self, final: bool) -> str | None:
         """Stop renewing and checkpointing. ``final`` (a clean stop): one last
