@@ -32,14 +32,17 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import http.server
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sysconfig
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -588,3 +591,66 @@ http {{
         trace: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class FaultyProxy:
+    """An HTTP proxy on loopback in front of a store that answers some requests with
+    ``503 Service Unavailable`` itself (they never reach the store): every PUT whose
+    path contains ``fail_puts``, and any request with probability ``flaky``. Requests
+    are forwarded with their headers unchanged (an S3 signature covers the Host the
+    client named: this proxy's)."""
+
+    def __init__(self, target_port: int) -> None:
+        proxy = self
+        self.fail_puts: str | None = None
+        self.flaky = 0.0
+        self.refused = 0
+        self._random = random.Random(7)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                failing = proxy.fail_puts is not None and self.command == "PUT" and (
+                    proxy.fail_puts in self.path)  # fmt: skip
+                if failing or proxy._random.random() < proxy.flaky:
+                    proxy.refused += 1
+                    answer = b"<Error><Code>ServiceUnavailable</Code></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
+                conn = http.client.HTTPConnection(LOOPBACK, target_port, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    response = conn.getresponse()
+                    data = response.read()
+                finally:
+                    conn.close()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any  # noqa: N815
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -20,6 +20,7 @@ from drafter.checkpoint import Lease, LeaseFenced, ObjectRecords
 from drafter.checkpoint import writer as writer_module
 from drafter.checkpoint.manifest import (
     HEAD,
+    MAX_LINKS,
     Head,
     Manifest,
     chunk_name,
@@ -34,8 +35,10 @@ from drafter.chunks import DEVICES, ZERO_HASH, Priority
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.hashes import chunk_hash
+from drafter.objects.location import StoreOptions
 from drafter.objects.source import StoreError
 from drafter.transport.inflight import VerificationError
+from support.objectstores import FaultyProxy
 from support.records import MemoryRecords, MemoryStore
 
 CHUNK = 64 << 10
@@ -196,13 +199,22 @@ def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_aga
             assert manifest is not None
             got = await restored(records, manifest, tmp_path / str(page))
             assert got["memory"] == vm.content("memory")
-        # Patches of the pages written since the chunk was last stored whole: 1, 2, 3,
-        # 4 pages (and the zero chunk's one); at 5 of 16 pages the chunk goes whole
-        # again, while the zero chunk stays a one-page patch on zeros.
-        assert sizes[:4] == [(0, (n + 1) * 4096) for n in (1, 2, 3, 4)], sizes
+        # Each generation adds a link of the pages written since the last one: one page
+        # of each chunk; at 5 of 16 pages patched the chunk goes whole again, while
+        # the zero chunk stays a patch on zeros.
+        assert sizes[:4] == [(0, 2 * 4096)] * 4, sizes
         assert sizes[4] == (1, CHUNK + 4096), sizes
         patched = manifest.patches["memory"]
         assert full not in patched and patched[zero].base == ZERO_HASH
+        assert len(patched[zero].links) == 5  # a link per generation
+        for n in range(6):  # past MAX_LINKS the chain folds into one link
+            memory.write(zero * CHUNK + 4096 + n, b"again %d" % n)
+            await checkpointer.checkpoint()
+        manifest = check_store(records)
+        assert manifest is not None
+        assert len(manifest.patches["memory"][zero].links) < MAX_LINKS
+        got = await restored(records, manifest, tmp_path / "folded")
+        assert got["memory"] == vm.content("memory")
         # A recovered writer carries the patches on.
         lease = Lease(store.view("b"), "b")
         record = json.loads(store.objects["lease"][0])
@@ -215,8 +227,8 @@ def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_aga
         stats = await again.checkpoint()
         assert stats.uploaded_chunks == 0, "nothing changed since the generation it took"
 
-    for page in range(5):
-        (tmp_path / str(page)).mkdir()
+    for sub in [*map(str, range(5)), "folded"]:
+        (tmp_path / sub).mkdir()
     asyncio.run(go())
 
 
@@ -421,29 +433,35 @@ def test_a_hostile_manifest_is_refused_with_one_line(change: dict[str, object]) 
 
 
 PACK = "packs/000000000003-000000000001"
+LINK = [PACK, 0, 4096, "1"]
 
 
 @pytest.mark.parametrize(
     "patch",
     [
-        [1, "ab" * 32, PACK, 0, 4096, "1"],  # the disk has one chunk: no chunk 1
-        [0, "ab" * 31, PACK, 0, 4096, "1"],
-        [0, "AB" * 32, PACK, 0, 4096, "1"],
-        [0, "ab" * 32, "../chunks/x", 0, 4096, "1"],
-        [0, "ab" * 32, PACK, 0, 4095, "1"],  # not the length of its pages
-        [0, "ab" * 32, PACK, 0, 0, "0"],
-        [0, "ab" * 32, PACK, -1, 4096, "1"],
-        [0, "ab" * 32, PACK, 0, 4096, "1" * 100],  # pages past the chunk
-        [0, "ab" * 32, PACK, 0, 4096],
+        [1, "ab" * 32, [LINK]],  # the disk has one chunk: no chunk 1
+        [0, "ab" * 31, [LINK]],
+        [0, "AB" * 32, [LINK]],
+        [0, "ab" * 32, []],  # no link
+        [0, "ab" * 32, [LINK] * 9],  # a chain longer than any writer makes
+        [0, "ab" * 32, [["../chunks/x", 0, 4096, "1"]]],
+        [0, "ab" * 32, [[PACK, 0, 4095, "1"]]],  # not the length of its pages
+        [0, "ab" * 32, [[PACK, 0, 0, "0"]]],
+        [0, "ab" * 32, [[PACK, -1, 4096, "1"]]],
+        [0, "ab" * 32, [[PACK, 0, 4096, "1" * 100]]],  # pages past the chunk
+        [0, "ab" * 32, [[PACK, 0, 4096]]],
+        [0, "ab" * 32, LINK],
         "not a list",
     ],
 )
 def test_a_hostile_patch_entry_is_refused(patch: object) -> None:
     doc = _manifest_doc()
     resources = doc["resources"]
-    resources["disk"]["patches"] = [[0, "ab" * 32, PACK, 8, 8192, "3"]]  # type: ignore[index]
+    good = [0, "ab" * 32, [[PACK, 8, 8192, "3"], [PACK, 0, 4096, "4"]]]
+    resources["disk"]["patches"] = [good]  # type: ignore[index]
     manifest = Manifest.parse(json.dumps(doc).encode(), "m")
-    assert manifest.patches["disk"][0].length == 8192 and manifest.packs() == {PACK}
+    patch0 = manifest.patches["disk"][0]
+    assert patch0.links[0].length == 8192 and patch0.mask == 7 and manifest.packs() == {PACK}
     resources["disk"]["patches"] = [patch]  # type: ignore[index]
     with pytest.raises(DrafterError, match="is not a checkpoint manifest"):
         Manifest.parse(json.dumps(doc).encode(), "m")
@@ -528,3 +546,63 @@ def test_checkpoints_on_seaweedfs(tmp_path: Path, seaweed) -> None:
                     os.environ[k] = v
 
     asyncio.run(go())
+
+
+def test_503s_from_the_store_fail_a_checkpoint_cleanly_and_retries_carry_one_through(
+    tmp_path: Path, seaweed, monkeypatch
+) -> None:
+    """A real SeaweedFS behind a proxy that answers 503 itself: while every upload of
+    chunks, of the pack, of the manifest or of the head is refused, the checkpoint
+    fails and the store's head still names a whole generation; with a third of all
+    requests refused, the store client's retries carry the checkpoint through."""
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    proxy = FaultyProxy(seaweed.port)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        url = f"s3://drafter/unit-503-{os.getpid()}"
+        faulty = ObjectRecords(url, StoreOptions(retry_timeout=1.0, request_timeout=5.0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint)
+        direct = ObjectRecords(url)
+
+        async def go() -> None:
+            vm = FakeVM(tmp_path)
+            fill(vm)
+            checkpointer = await writer(faulty, vm, tmp_path)
+            await checkpointer.checkpoint()
+            memory = vm.devices["memory"]
+            for n, part in enumerate(["chunks/", "packs/", "generations/", "/head"]):
+                memory.write(n * CHUNK, os.urandom(CHUNK))  # a whole new chunk
+                memory.write(20 * CHUNK + n * 4096, b"a patch %d" % n)  # and a page
+                proxy.fail_puts = part
+                with pytest.raises(StoreError):
+                    await checkpointer.checkpoint()
+                assert not vm.paused
+                current = await direct.read(HEAD)
+                assert current is not None
+                head = Head.parse(current.data, "")
+                assert head.generation == 1, part
+                manifest = await read_manifest(direct, head.manifest, head.generation)
+                names = set(await direct.list(""))
+                assert {chunk_name(d) for d in manifest.digests()} <= names
+                assert manifest.packs() <= names
+            proxy.fail_puts = None
+            for n in range(10):  # enough requests that some meet a 503
+                memory.write((30 + n) * CHUNK, os.urandom(CHUNK))
+            proxy.flaky = 0.3
+            refused = proxy.refused
+            stats = await checkpointer.checkpoint()
+            assert proxy.refused > refused  # retried through 503s
+            proxy.flaky = 0.0
+            current = await direct.read(HEAD)
+            assert current is not None
+            head = Head.parse(current.data, "")
+            assert head.generation == stats.generation == 2
+            manifest = await read_manifest(direct, head.manifest, head.generation)
+            got = await restored(direct, manifest, tmp_path)
+            for name in DEVICES:  # every write the failed ones carried is there
+                assert got[name] == vm.content(name), name
+
+        asyncio.run(go())
+    finally:
+        proxy.close()

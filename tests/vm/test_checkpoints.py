@@ -352,7 +352,9 @@ def test_checkpoints_under_load_and_a_live_migration_keep_every_write(
                 dest.send_signal(signal.SIGINT)
                 dest.wait(240)
                 assert dest.returncode == 0, "".join(after.lines[-20:])
-                assert "final checkpoint" in dest.stdout.read()
+                rest = dest.stdout.read()
+                assert "final checkpoint" in rest
+                assert re.search(r"checkpoints: generation \d+, the VM as [\d.]+ s ago", rest)
     with peer(prefix, network.name(3), workdir, "--lease-time", "6", env=env) as third:
         third.stdout.readline()
         wait_resumed(third)

@@ -16,11 +16,13 @@ a package's index does. Chunks are shared by every generation (and every VM unde
 prefix) that holds the same bytes.
 
 A chunk of which only a few pages changed since it was last stored whole is not
-stored whole again: its entry names that whole chunk (its *base*) and a *patch*, the
-bytes of the pages written since, in the generation's pack (one object per generation
-for all its patches). The chunk's hash is still of its whole bytes: a reader applies
-the patch to the base and checks the result. So an idle VM's checkpoint writes little
-more than the pages its guest touched, whatever the chunk size.
+stored whole again: its entry names that whole chunk (its *base*, or zeros) and a
+*patch*: a short chain of *links*, each the bytes of the pages written in one
+generation, in that generation's pack (one object per generation for all its links).
+A generation adds one link per changed chunk; a chain that grows past
+:data:`MAX_LINKS` is folded into one link. The chunk's hash is still of its whole
+bytes: a reader applies the links to the base in order and checks the result. So a
+checkpoint writes little more than the pages its guest wrote, whatever the chunk size.
 
 Nothing read back is believed: :meth:`Manifest.parse` and :meth:`Head.parse` check
 every field's type and bound, and the hashes' count against the sizes.
@@ -40,6 +42,7 @@ GENERATIONS = "generations/"
 CHUNKS = "chunks/"
 PACKS = "packs/"
 PAGE = 4096  # the unit of a patch
+MAX_LINKS = 8  # links in a chunk's patch before they are folded into one
 FORMAT = 1
 MAX_MANIFEST = 64 << 20  # bytes: 2 million chunks' hashes, far more than any VM here
 MAX_RESOURCE = 1 << 40  # a resource of a TiB is absurd
@@ -139,15 +142,30 @@ class Head:
 
 
 @dataclass(frozen=True)
-class Patch:
-    """A chunk as a whole chunk (``base``) with the pages in ``mask`` replaced by
-    ``length`` bytes at ``offset`` of the object ``pack``."""
+class Link:
+    """The pages in ``mask`` of a chunk, ``length`` bytes at ``offset`` of ``pack``."""
 
-    base: bytes
     pack: str
     offset: int
     length: int
     mask: int
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A chunk as a whole chunk (``base``; all zeros for ZERO_HASH) with ``links``
+    applied in order."""
+
+    base: bytes
+    links: tuple[Link, ...]
+
+    @property
+    def mask(self) -> int:
+        """Every page the links replace."""
+        mask = 0
+        for link in self.links:
+            mask |= link.mask
+        return mask
 
 
 def patch_length(mask: int, chunk_length: int) -> int:
@@ -210,7 +228,12 @@ class Manifest:
 
     def packs(self) -> set[str]:
         """The packs its patches are in."""
-        return {p.pack for patched in self.patches.values() for p in patched.values()}
+        return {
+            link.pack
+            for patched in self.patches.values()
+            for patch in patched.values()
+            for link in patch.links
+        }
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -225,9 +248,13 @@ class Manifest:
                     "size": self.sizes[name],
                     "hashes": base64.b64encode(b"".join(self.hashes[name])).decode(),
                     "patches": [
-                        [i, p.base.hex(), p.pack, p.offset, p.length, f"{p.mask:x}"]
+                        [
+                            i,
+                            p.base.hex(),
+                            [[k.pack, k.offset, k.length, f"{k.mask:x}"] for k in p.links],
+                        ]
                         for i, p in sorted(self.patches.get(name, {}).items())
-                    ],
+                    ],  # fmt: skip
                 }
                 for name in FETCHED
             },
@@ -307,29 +334,45 @@ def _parse_patches(
     out: dict[int, Patch] = {}
     count = chunk_count(size, chunk_size)
     for item in listed:
-        if not isinstance(item, list) or len(item) != 6:
+        if not isinstance(item, list) or len(item) != 3:
             raise bad
-        index, base, pack, offset, length, mask = item
+        index, base, links = item
         if type(index) is not int or not 0 <= index < count or index in out:
             raise bad
-        if not isinstance(base, str) or len(base) != 2 * HASH_SIZE or not isinstance(mask, str):
+        if not isinstance(base, str) or len(base) != 2 * HASH_SIZE:
+            raise bad
+        if not isinstance(links, list) or not 0 < len(links) <= MAX_LINKS:
             raise bad
         try:
             digest = bytes.fromhex(base)
-            bits = int(mask, 16) if 0 < len(mask) <= chunk_size // PAGE else -1
         except ValueError:
             raise bad from None
-        n = min(chunk_size, size - index * chunk_size)
-        if (
-            digest.hex() != base
-            or not isinstance(pack, str)
-            or pack_of(pack) is None
-            or type(offset) is not int
-            or not 0 <= offset < MAX_RESOURCE
-            or type(length) is not int
-            or not 0 < bits < 1 << -(-n // PAGE)
-            or length != patch_length(bits, n)
-        ):
+        if digest.hex() != base:
             raise bad
-        out[index] = Patch(digest, pack, offset, length, bits)
+        n = min(chunk_size, size - index * chunk_size)
+        out[index] = Patch(digest, tuple(_parse_link(link, n, chunk_size, bad) for link in links))
     return out
+
+
+def _parse_link(link: object, n: int, chunk_size: int, bad: DrafterError) -> Link:
+    """One link of a chunk of ``n`` bytes."""
+    if not isinstance(link, list) or len(link) != 4:
+        raise bad
+    pack, offset, length, mask = link
+    if not isinstance(mask, str) or not 0 < len(mask) <= chunk_size // PAGE:
+        raise bad
+    try:
+        bits = int(mask, 16)
+    except ValueError:
+        raise bad from None
+    if (
+        not isinstance(pack, str)
+        or pack_of(pack) is None
+        or type(offset) is not int
+        or not 0 <= offset < MAX_RESOURCE
+        or type(length) is not int
+        or not 0 < bits < 1 << -(-n // PAGE)
+        or length != patch_length(bits, n)
+    ):
+        raise bad
+    return Link(pack, offset, length, bits)

@@ -319,14 +319,16 @@ class VMCheckpoints:
             self.checkpointer.request()
 
     def status(self) -> str:
-        """The last committed checkpoint: its age and its pause."""
+        """The last committed checkpoint: its age (what a host loss costs now) and
+        its pause."""
         last = self.checkpointer.last if self.checkpointer is not None else None
         if last is None:
-            return f"no checkpoint committed by this peer yet (under {self.records.where})"
+            return f"checkpoints: none committed here yet (to {self.records.where})"
+        age = time.time() - last.paused_at
         return (
-            f"checkpoint {last.generation} committed {time.time() - last.committed_at:.1f} s "
-            f"ago, paused the VM {last.pause_s * 1000:.0f} ms, uploaded "
-            f"{last.uploaded_bytes / (1 << 20):.1f} MiB"
+            f"checkpoints: generation {last.generation}, the VM as {age:.1f} s ago, paused "
+            f"{last.pause_s * 1000:.0f} ms, {last.uploaded_bytes / (1 << 20):.1f} MiB uploaded; "
+            f"lease {self.lease.phase.value} (epoch {self.lease.epoch})"
         )
 
     async def stop_after_suspend(self, state: Path) -> str | None:

@@ -131,14 +131,15 @@ class CheckpointSource:
                         "verification: refused it"
                     )
             if patch is not None and data is not None:
-                pages = await self._get_range(patch.pack, patch.offset, patch.length)
-                if pages is None:
-                    raise StoreError(f"{self.raddr}: {patch.pack} is missing", lasting=True)
                 whole = bytearray(data)
-                at = 0
-                for start, length in patch_pages(patch.mask, n):
-                    whole[start : start + length] = pages[at : at + length]
-                    at += length
+                for link in patch.links:  # in order: a later link's pages are newer
+                    pages = await self._get_range(link.pack, link.offset, link.length)
+                    if pages is None:
+                        raise StoreError(f"{self.raddr}: {link.pack} is missing", lasting=True)
+                    at = 0
+                    for start, length in patch_pages(link.mask, n):
+                        whole[start : start + length] = pages[at : at + length]
+                        at += length
                 data = bytes(whole)
         if data is None:
             raise StoreError(

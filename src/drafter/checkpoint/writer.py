@@ -41,9 +41,11 @@ from drafter.checkpoint.manifest import (
     CHUNKS,
     GENERATIONS,
     HEAD,
+    MAX_LINKS,
     MAX_MANIFEST,
     PACKS,
     Head,
+    Link,
     Manifest,
     Patch,
     chunk_name,
@@ -139,13 +141,14 @@ class _Attempt:
     pages: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
     def pack_patches(self) -> bytes:
-        """The pack of this generation's patches; their entries get their offsets."""
+        """The pack of this generation's links; their entries get their offsets."""
         pack = bytearray()
         for key, data in sorted(self.pages.items()):
             entry = self.entries[key]
             assert entry.patch is not None
-            patch = Patch(entry.patch.base, self.pack, len(pack), len(data), entry.patch.mask)
-            self.entries[key] = Entry(entry.hash, patch)
+            *older, last = entry.patch.links
+            link = Link(self.pack, len(pack), len(data), last.mask)
+            self.entries[key] = Entry(entry.hash, Patch(entry.patch.base, (*older, link)))
             pack += data
         return bytes(pack)
 
@@ -507,30 +510,40 @@ class Checkpointer:
     ) -> None:
         """The entry of a chunk read now (``data``, its hash ``digest``; ``mask``: its
         pages written since the last checkpoint took it): unchanged, a whole chunk the
-        store holds, a patch on the whole chunk it was last stored as (while the pages
-        written since are few), or a new whole chunk to upload."""
+        store holds, its patch with one more link (the pages written since; links of
+        this generation are one), folded into one link when the chain is long, or a new
+        whole chunk to upload once the pages patched are more than a quarter of it."""
         current = self._entry(attempt, name, index)
         key = (name, index)
         if current is not None and current.hash == digest:
             return
-        attempt.pages.pop(key, None)
+        pending = attempt.pages.pop(key, None) is not None
         if digest == ZERO_HASH or digest in self._known:
             attempt.entries[key] = Entry(digest)
             return
         base: bytes | None = None
-        written = mask
+        links: tuple[Link, ...] = ()
         if current is not None and current.patch is not None:
-            base, written = current.patch.base, current.patch.mask | mask
+            base, links = current.patch.base, current.patch.links
+            if pending:  # this generation's link so far: it grows, it is not added to
+                *rest, last = links
+                links, mask = tuple(rest), mask | last.mask
         elif current is not None and (current.hash == ZERO_HASH or current.hash in self._known):
             base = current.hash
         n = len(data)
-        if base is not None and patch_length(written, n) * PATCH_SHARE <= n:
-            pages = b"".join(data[at : at + length] for at, length in patch_pages(written, n))
-            attempt.pages[key] = pages  # placed in the pack at the end (pack_patches)
-            attempt.entries[key] = Entry(digest, Patch(base, attempt.pack, 0, len(pages), written))
+        patched = mask
+        for link in links:
+            patched |= link.mask
+        if base is None or patch_length(patched, n) * PATCH_SHARE > n:
+            attempt.entries[key] = Entry(digest)
+            uploads.append((digest, data))
             return
-        attempt.entries[key] = Entry(digest)
-        uploads.append((digest, data))
+        if len(links) >= MAX_LINKS:  # fold the chain into one link
+            links, mask = (), patched
+        pages = b"".join(data[at : at + length] for at, length in patch_pages(mask, n))
+        attempt.pages[key] = pages  # placed in the pack at the end (pack_patches)
+        link = Link(attempt.pack, 0, len(pages), mask)
+        attempt.entries[key] = Entry(digest, Patch(base, (*links, link)))
 
     async def _upload_bytes(
         self, data: bytes, chunk_size: int, stats: CheckpointStats
@@ -603,7 +616,7 @@ class Checkpointer:
                     continue
                 if entry.patch is not None:
                     needed.add(entry.patch.base)
-                    packs.add(entry.patch.pack)
+                    packs.update(link.pack for link in entry.patch.links)
                 else:
                     needed.add(entry.hash)
         await self._delete(dropped)  # the manifests first: nothing names what goes next

@@ -160,7 +160,13 @@ async def run(a: argparse.Namespace) -> int:
         task.add_done_callback(taking_back.discard)
 
     loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    loop.add_signal_handler(signal.SIGUSR2, peer.checkpoint_now)  # a checkpoint at once
+
+    def on_usr2() -> None:  # the status line of the checkpoints, and one at once
+        if peer.checkpoints is not None:
+            print(peer.checkpoints.status(), flush=True)
+        peer.checkpoint_now()
+
+    loop.add_signal_handler(signal.SIGUSR2, on_usr2)
     try:
         with bar:
             took = await peer.start()

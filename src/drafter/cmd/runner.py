@@ -51,7 +51,7 @@ async def run(a: argparse.Namespace) -> int:
             await asyncio.to_thread(follower.running)
             if checkpoints is not None:
                 _checkpoint(vm, checkpoints, follower, lambda _: fenced.set())
-                loop.add_signal_handler(signal.SIGUSR2, checkpoints.request)
+                loop.add_signal_handler(signal.SIGUSR2, _status_and_checkpoint(checkpoints))
             code = await _until_ctrl_c(a, vm, stop, checkpoints, fenced)
         if a.persist:
             await output.publish()
@@ -73,6 +73,14 @@ def _checkpoint(
         session.devices, session.config.to_json(), session.machine, follower, session.work,
         lambda: {}, lambda: None, asyncio.sleep(0), fenced,
     )  # fmt: skip
+
+
+def _status_and_checkpoint(checkpoints: VMCheckpoints) -> Callable[[], None]:
+    def on_usr2() -> None:  # the status line of the checkpoints, and one at once
+        print(checkpoints.status(), flush=True)
+        checkpoints.request()
+
+    return on_usr2
 
 
 async def _until_ctrl_c(
