@@ -393,6 +393,20 @@ class Device:
             self.dirty_pages = {}
         return dirty
 
+    def read_unsaved(self, index: int) -> tuple[bytes, int]:
+        """Chunk ``index`` (local) and, read together with it, the mask of its pages
+        written since the last :meth:`take_unsaved` (bytes read after a take may hold
+        writes the take did not see: a checkpoint must count those pages too)."""
+        with self._lock:
+            start, length = index * self.chunk_size, self.chunk_length(index)
+            if self.local[index]:
+                data = os.pread(self._overlay_fd, length, start)
+            elif self.source is not None:
+                raise MissingChunkError(self.name, index)
+            else:
+                data = self._read_base(start, length)
+            return data, (self.unsaved or {}).get(index, 0)
+
     def page_mask(self, index: int) -> int:
         """The mask of every page of chunk ``index``."""
         return (1 << -(-self.chunk_length(index) // self.page)) - 1

@@ -135,7 +135,7 @@ class Metrics:
             buckets=DOWNTIME_BUCKETS, registry=r)  # fmt: skip
         self.checkpoint_uploaded = Counter(
             "drafter_checkpoint_uploaded_bytes_total",
-            "Chunk bytes checkpoints uploaded to the store", registry=r)  # fmt: skip
+            "Bytes checkpoints uploaded (chunks, patches, manifests)", registry=r)  # fmt: skip
         self.checkpoint_generation = Gauge(
             "drafter_checkpoint_generation",
             "The latest generation this process committed", registry=r)  # fmt: skip

@@ -307,7 +307,7 @@ def test_a_fault_during_a_checkpoint_leaves_the_previous_generation_and_loses_no
             records.replace = real_replace  # type: ignore[method-assign]
         await checkpointer.checkpoint()
         manifest = check_store(records)
-        assert manifest is not None and manifest.generation == 2
+        assert manifest is not None and manifest.generation == checkpointer.generation == 3
         got = await restored(records, manifest, tmp_path)
         for name in DEVICES:
             assert got[name] == vm.content(name), name
@@ -597,7 +597,7 @@ def test_503s_from_the_store_fail_a_checkpoint_cleanly_and_retries_carry_one_thr
             current = await direct.read(HEAD)
             assert current is not None
             head = Head.parse(current.data, "")
-            assert head.generation == stats.generation == 2
+            assert head.generation == stats.generation == 6  # after 4 failed attempts
             manifest = await read_manifest(direct, head.manifest, head.generation)
             got = await restored(direct, manifest, tmp_path)
             for name in DEVICES:  # every write the failed ones carried is there
@@ -606,3 +606,71 @@ def test_503s_from_the_store_fail_a_checkpoint_cleanly_and_retries_carry_one_thr
         asyncio.run(go())
     finally:
         proxy.close()
+
+
+def test_a_write_between_the_take_and_the_read_is_in_the_patch(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        memory = vm.devices["memory"]
+        chunks = [memory.read(i * CHUNK, CHUNK) for i in range(memory.chunks)]
+        index = next(i for i, data in enumerate(chunks) if data != bytes(CHUNK))
+        memory.write(index * CHUNK, b"page 0, before the take")
+        real = memory.read_unsaved
+        raced = []
+
+        def racing(i: int) -> tuple[bytes, int]:
+            if i == index and not raced:  # the guest writes after the take, before the read
+                raced.append(i)
+                memory.write(index * CHUNK + 2 * 4096, b"page 2, after the take")
+            return real(i)
+
+        memory.read_unsaved = racing  # type: ignore[method-assign]
+        await checkpointer.checkpoint()
+        memory.read_unsaved = real  # type: ignore[method-assign]
+        assert raced
+        for _ in range(2):  # and on: the page was in the bytes read, it stays right
+            manifest = check_store(records)
+            assert manifest is not None
+            got = await restored(records, manifest, tmp_path / str(manifest.generation))
+            assert got["memory"] == vm.content("memory")
+            await checkpointer.checkpoint()
+
+    for n in range(2, 5):
+        (tmp_path / str(n)).mkdir()
+    asyncio.run(go())
+
+
+def test_a_head_write_whose_answer_was_lost_counts_as_committed(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        records = store.view("a")
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        await checkpointer.checkpoint()
+        real = records.replace
+
+        async def lost(name: str, data: bytes, version: str) -> str:
+            await real(name, data, version)
+            if name == HEAD:
+                raise StoreError("the connection was cut before the answer")
+            return version
+
+        records.replace = lost  # type: ignore[method-assign]
+        vm.devices["memory"].write(0, b"carried by a commit whose answer was lost")
+        stats = await checkpointer.checkpoint()  # read back: it is ours, committed
+        records.replace = real  # type: ignore[method-assign]
+        assert stats.generation == 2 and checkpointer.generation == 2
+        vm.devices["memory"].write(0, b"the next one")
+        assert (await checkpointer.checkpoint()).generation == 3  # not fenced
+        manifest = check_store(records)
+        assert manifest is not None
+        got = await restored(records, manifest, tmp_path)
+        assert got["memory"] == vm.content("memory")
+
+    asyncio.run(go())

@@ -338,10 +338,12 @@ def test_checkpoints_under_load_and_a_live_migration_keep_every_write(
                 # Idle: what a checkpoint uploads now is what the idle guest changed.
                 time.sleep(1.5)
                 count = len(after.commits())
-                for n in (1, 2):
+                for n in (1, 2, 3, 4):
                     dest.send_signal(signal.SIGUSR2)
                     after.wait_commits(count + n, timeout=60)
-                idle_mib = after.figures()[-1][0]
+                # The typical idle one (the median of the last three: now and then one
+                # folds long patch chains of the pages the load wrote).
+                idle_mib = sorted(mib for mib, _ in after.figures()[-3:])[1]
                 pauses = sorted(ms for _, ms in before.figures() + after.figures())
                 p50 = pauses[len(pauses) // 2]
                 print(f"under load: {len(pauses)} checkpoints, pause p50 {p50:.0f} ms, max "

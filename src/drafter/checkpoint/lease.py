@@ -314,6 +314,9 @@ class Lease:
         try:
             await self.records.replace(LEASE, record.to_bytes(), self._version)
         except RecordConflict:
+            held = LeaseRecord(self.epoch, self.holder, self.duration)
+            if await self._ours(held):  # a renewal whose answer was lost: release again
+                return await self.release(to)
             self.phase = LeasePhase.FENCED
             raise LeaseFenced(
                 f"{self.records.where}{LEASE} was taken over before release"

@@ -126,12 +126,12 @@ class Head:
         if (
             fmt != FORMAT
             or named is None
-            or named[0] != generation
-            or named[1] > epoch
             or type(generation) is not int
             or not 0 < generation < MAX_GENERATION
             or type(epoch) is not int
             or not 0 < epoch < MAX_GENERATION
+            or named[0] != generation
+            or named[1] > epoch
             or type(committed) not in (int, float)
             or not 0 <= committed < 1e11
             or not isinstance(holder, str)

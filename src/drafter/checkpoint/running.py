@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drafter.checkpoint.lease import Lease, LeaseFenced, LeasePhase
+from drafter.checkpoint.lease import LEASE, Lease, LeaseFenced, LeasePhase, LeaseRecord
 from drafter.checkpoint.manifest import HEAD
 from drafter.checkpoint.records import ObjectRecords
 from drafter.checkpoint.source import CheckpointSource
@@ -55,8 +55,10 @@ async def holds_checkpoints(url: str, options: StoreOptions) -> bool:
 
 
 class RunGate:
-    """Who holds the VM paused now; it runs only when nobody does. ``lease``: its
-    namespace's address is closed too, until the lease is renewed."""
+    """Who holds the VM paused now; it runs only when nobody does: a checkpoint's
+    pause, the lease that lapsed (its namespace's address is closed too, until the
+    lease is renewed), a migration's switch-over (recorded by :meth:`paused`: the
+    migration paused the VM itself)."""
 
     def __init__(self, machine: QemuMachine, follow: Follower) -> None:
         self.machine = machine
@@ -74,15 +76,21 @@ class RunGate:
             if why == "lease":
                 await asyncio.to_thread(self.follow.left)
 
-    async def release(self, why: str) -> None:
+    def paused(self, why: str) -> None:
+        """Someone else paused the VM (a migration's switch-over): hold it for them."""
+        self.holds.add(why)
+
+    async def release(self, why: str) -> bool:
+        """``why`` no longer holds the VM; whether it runs now."""
         async with self._lock:
             if why not in self.holds:
-                return
+                return not self.holds
             self.holds.discard(why)
-            if why == "lease":
+            if why == "lease" and "migration" not in self.holds:
                 await asyncio.to_thread(self.follow.running)
             if not self.holds:
                 await self.machine.resume()
+            return not self.holds
 
 
 class _SessionVM:
@@ -171,7 +179,15 @@ class VMCheckpoints:
 
     async def take_handed(self) -> None:
         """A migration to here: the source handed the lease to this holder with the
-        grant; take it (at once) and fence the head, before the VM runs here."""
+        grant; take it (at once) and fence the head, before the VM runs here. Only a
+        lease released to this holder is taken: not a prefix of another VM."""
+        current = await self.records.read(LEASE)
+        record = LeaseRecord.parse(current.data, self.records.where) if current else None
+        if record is None or not record.released or record.to != self.lease.holder:
+            raise DrafterError(
+                f"{self.records.where}{LEASE} was not handed to this peer: is --checkpoint "
+                "the source's prefix, and does the source checkpoint the VM?"
+            )
         await self.lease.acquire(may_wait=False, handed_to=self.lease.holder)
         self.opened = await open_head(self.records, self.lease)
         log.info("took the VM's lease over from the migration's source (epoch %d)",
@@ -228,9 +244,26 @@ class VMCheckpoints:
     # -- a live migration away ------------------------------------------------------------
 
     async def hold(self) -> None:
-        """A migration switches over: wait for a checkpoint under way, start none."""
+        """A migration switches over: wait for a checkpoint under way, start none.
+        DrafterError if the lease is not held now (a VM that may not run here must
+        not move either)."""
         if self.checkpointer is not None:
             await self.checkpointer.hold()
+        if not self.lease.valid():
+            self.unhold()
+            raise DrafterError(f"the VM's lease is {self.lease.phase.value}: not migrating it")
+
+    def migration_paused(self) -> None:
+        """The switch-over paused the VM: it stays paused until the migration lets go."""
+        if self.gate is not None:
+            self.gate.paused("migration")
+
+    async def migration_released(self) -> bool:
+        """The migration let go of the VM here (it failed, or was given up): whether it
+        runs again (not while its lease is lapsed or lost: then it stays paused)."""
+        if self.gate is None:
+            return True
+        return await self.gate.release("migration")
 
     def unhold(self) -> None:
         """The VM runs here again: checkpoints go on."""
@@ -255,7 +288,14 @@ class VMCheckpoints:
             if not self.lease.valid():
                 self._keep_lease()
                 raise DrafterError(f"the lease is {self.lease.phase.value}: not handing it over")
-            await self.lease.hand_over(holder)
+            try:
+                await self.lease.hand_over(holder)
+            except BaseException:
+                if self.lease.phase is LeasePhase.FENCED:
+                    self._fence("the lease was taken over during a migration; stopped this copy")
+                else:
+                    self._keep_lease()  # still ours: renew it on
+                raise
             self._handed_to = holder
             log.info("handed the VM's lease to %s", holder)
 
@@ -308,7 +348,7 @@ class VMCheckpoints:
         if self._on_fenced is not None:
             self._on_fenced(why)
 
-    def _spawn(self, step: Awaitable[None]) -> None:
+    def _spawn(self, step: Awaitable[object]) -> None:
         task = asyncio.ensure_future(step)
         task.add_done_callback(_logged)
         self._tasks.append(task)
@@ -349,8 +389,13 @@ class VMCheckpoints:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if self.checkpointer is None and self.lease.phase is LeasePhase.HOLDING:
+            with contextlib.suppress(Exception):  # it never ran: free it at once
+                await self.lease.release()
+            return None
         if not final or self.fenced is not None or self.checkpointer is None:
             return None
+        self.checkpointer.unhold()
         if not self.lease.valid():
             return "the lease is not held: no final checkpoint"
         stats = await self.checkpointer.checkpoint(final=True)
@@ -361,6 +406,6 @@ class VMCheckpoints:
         )
 
 
-def _logged(task: asyncio.Future[None]) -> None:
+def _logged(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s", task.exception())

@@ -62,6 +62,7 @@ from drafter.chunks import DEVICES, TRACKED, ZERO_HASH, chunk_length
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.hashes import chunk_hash
+from drafter.objects.source import StoreError
 from drafter.snapshot import failpoint
 
 if TYPE_CHECKING:
@@ -237,6 +238,7 @@ class Checkpointer:
         self._asked = asyncio.Event()
         self._lock = asyncio.Lock()
         self._held = False  # by a migration's switch-over (hold)
+        self._attempted = 0  # the generation number the last attempt took
         if opened is not None and opened.manifest is not None:
             manifest = opened.manifest
             self.generation = manifest.generation
@@ -310,7 +312,10 @@ class Checkpointer:
         """Make and commit one generation; its figures. ``final``: the VM stays paused
         after it (it stops here: the generation holds its last write)."""
         async with self._lock:
-            attempt = _Attempt(pack_name(self.generation + 1, self.lease.epoch))
+            # A number of its own for every attempt: one whose head write may have
+            # landed (its answer lost) must never be written over by the next.
+            self._attempted = max(self._attempted, self.generation) + 1
+            attempt = _Attempt(pack_name(self._attempted, self.lease.epoch))
             try:
                 return await self._checkpoint(attempt, final)
             except BaseException:
@@ -329,7 +334,7 @@ class Checkpointer:
     async def _checkpoint(self, attempt: _Attempt, final: bool) -> CheckpointStats:
         self._check_lease()
         start = time.monotonic()
-        stats = CheckpointStats(generation=self.generation + 1)
+        stats = CheckpointStats(generation=self._attempted)
         found = SMALL_ROUND + 1
         for _ in range(self.rounds):  # pre-copy into the store, the VM running
             await self.vm.sync_memory()
@@ -420,14 +425,21 @@ class Checkpointer:
         self._check_lease()
         head = Head(manifest.generation, name, self.lease.epoch, time.time(), self.lease.holder)
         where = self.records.where
+        data = head.to_bytes()
         try:
             if self._head_version is None:
-                self._head_version = await self.records.create(HEAD, head.to_bytes())
+                self._head_version = await self.records.create(HEAD, data)
             else:
-                self._head_version = await self.records.replace(
-                    HEAD, head.to_bytes(), self._head_version
-                )
-        except RecordConflict:
+                self._head_version = await self.records.replace(HEAD, data, self._head_version)
+        except (RecordConflict, StoreError) as e:
+            # The write may have landed with its answer lost: then it is committed.
+            with contextlib.suppress(StoreError):
+                current = await self.records.read(HEAD)
+                if current is not None and current.data == data:
+                    self._head_version = current.version
+                    return
+            if isinstance(e, StoreError):
+                raise
             raise LeaseFenced(
                 f"{where}{HEAD} was written by another holder: this copy was replaced "
                 "and writes nothing more"
@@ -475,9 +487,10 @@ class Checkpointer:
                 for at in range(0, len(todo), READ_BATCH):
                     batch = todo[at : at + READ_BATCH]
                     got = await asyncio.to_thread(_read_hashed, device, batch)
-                    for index, (data, digest) in got.items():
+                    for index, (data, digest, since) in got.items():
                         read += len(data)
-                        self._place(attempt, name, index, chunks[index], data, digest, uploads)
+                        mask = chunks[index] | since  # what the bytes read may differ in
+                        self._place(attempt, name, index, mask, data, digest, uploads)
                     if len(uploads) >= UPLOADS * 2 and deferred is None:
                         await self._upload(uploads, stats)
                         uploads = []
@@ -656,12 +669,13 @@ def _older(name: str, generation: int) -> bool:
     return parsed is not None and parsed[0] <= generation
 
 
-def _read_hashed(device: Device, indices: list[int]) -> dict[int, tuple[bytes, bytes]]:
-    """Chunks ``indices`` of ``device`` (local) with their hashes (a worker thread)."""
+def _read_hashed(device: Device, indices: list[int]) -> dict[int, tuple[bytes, bytes, int]]:
+    """Chunks ``indices`` of ``device`` (local) with their hashes and the pages written
+    since they were taken (in the bytes read too) (a worker thread)."""
     out = {}
     for index in indices:
-        data, _ = device.read_chunk(index)
-        out[index] = (data, chunk_hash(data))
+        data, since = device.read_unsaved(index)
+        out[index] = (data, chunk_hash(data), since)
     return out
 
 

@@ -53,6 +53,15 @@ async def run(a: argparse.Namespace) -> int:
                 _checkpoint(vm, checkpoints, follower, lambda _: fenced.set())
                 loop.add_signal_handler(signal.SIGUSR2, _status_and_checkpoint(checkpoints))
             code = await _until_ctrl_c(a, vm, stop, checkpoints, fenced)
+            if checkpoints is not None and vm.session is not None:
+                # The VM was written back and stopped, its devices still here: the
+                # final checkpoint is that same VM. If it fails, the package holds it.
+                try:
+                    said = await checkpoints.stop_after_suspend(vm.session.state)
+                except DrafterError as e:
+                    said = f"no final checkpoint ({e}); the package holds the VM"
+                if said:
+                    print(said, flush=True)
         if a.persist:
             await output.publish()
         return code
@@ -112,12 +121,8 @@ async def _until_ctrl_c(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: None)  # finish the flush first
     if checkpoints is not None:
-        await checkpoints.stop(final=False)  # no checkpoint meets the suspend
+        await checkpoints.hold()  # no checkpoint meets the suspend; the lease is renewed on
     took = await vm.suspend_and_flush()
-    if checkpoints is not None and vm.session is not None:
-        said = await checkpoints.stop_after_suspend(vm.session.state)
-        if said:
-            print(said, flush=True)
     what = "discarded (--persist=false)"
     if vm.persist:
         what = f"written to {a.package_output_path}" if a.package_output_path else "written back"

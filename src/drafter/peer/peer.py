@@ -156,15 +156,16 @@ class Peer:
             metrics = self.options.metrics
             if metrics is not None and self.incoming is not None and self._done is None:
                 metrics.destination_failed()  # after the resume, _done counts the outcome
+            if self.checkpoints is not None and self.checkpoints.checkpointer is None:
+                # It never ran here: the lease goes first (a migration's source takes
+                # it back before it resumes the VM; another host may take it at once).
+                with contextlib.suppress(Exception):
+                    await self.checkpoints.lease.release()
             if self.incoming is not None:
                 # Never ran here: the source resumes the VM at once, not after a timeout.
                 with contextlib.suppress(Exception):
                     await self.incoming.abort()
             await self.close()
-            if self.checkpoints is not None and self.checkpoints.checkpointer is None:
-                # It never ran here: another host may take the lease at once.
-                with contextlib.suppress(Exception):
-                    await self.checkpoints.lease.release()
             raise
         self.resume_seconds = time.monotonic() - start
         self.summary.total_s = self.resume_seconds

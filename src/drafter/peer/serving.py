@@ -24,6 +24,7 @@ from drafter.session import VMSession
 from drafter.transport import protocol as wire
 from drafter.transport import security
 from drafter.transport.server import ChunkServer
+from drafter.vmm.qemu import QemuMachine
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,17 @@ class SessionControl:
         machine = session.machine
         assert machine is not None
         timings = snapshot.Timings()
-        if self.checkpoints is not None:  # a checkpoint under way ends first; no new one
-            await self.checkpoints.hold()
+        checkpoints = self.checkpoints
+        if checkpoints is not None:  # a checkpoint under way ends first; no new one
+            await checkpoints.hold()
+
+        def paused() -> None:
+            self._close_gate()
+            if checkpoints is not None:
+                checkpoints.migration_paused()
+
         try:
-            await session.suspend(timings, presync=True, paused=self._close_gate)
+            await session.suspend(timings, presync=True, paused=paused)
             phases = {
                 "BeforeSuspend": timings.before_suspend * 1000,  # and a memory sync
                 "pause": timings.pause * 1000,
@@ -79,8 +87,7 @@ class SessionControl:
             if self.checkpoints is not None:
                 self.checkpoints.unhold()
             try:
-                if timings.paused_at:
-                    await machine.resume()
+                if timings.paused_at and await self._run_again(machine):
                     await self._reopen_gate()
                 async with AgentClient(machine.agent_socket) as agent:
                     await agent.after_resume()
@@ -91,12 +98,21 @@ class SessionControl:
                             "(resumed, AfterResume done)", e)  # fmt: skip
             raise
 
+    async def _run_again(self, machine: QemuMachine) -> bool:
+        """Let the VM paused for the migration run here again; whether it runs (with
+        checkpoints, not while the lease is lapsed or lost)."""
+        if self.checkpoints is not None:
+            return await self.checkpoints.migration_released()
+        await machine.resume()
+        return True
+
     async def resume_here(self) -> None:
         machine = self.session.machine
         assert machine is not None
         if self.checkpoints is not None:  # the lease back first, if it was handed over
             await self.checkpoints.take_back()
-        await machine.resume()
+        if not await self._run_again(machine):
+            raise DrafterError("the VM's lease is not held here: the VM stays paused")
         await self._reopen_gate()
         if self.checkpoints is not None:
             self.checkpoints.unhold()
