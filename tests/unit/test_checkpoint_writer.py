@@ -674,3 +674,11 @@ def test_a_head_write_whose_answer_was_lost_counts_as_committed(tmp_path: Path) 
         assert got["memory"] == vm.content("memory")
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("epoch", ["2", None, 2.5, [2], {"e": 2}, True])
+def test_a_head_with_an_epoch_of_another_type_is_refused_in_one_line(epoch: object) -> None:
+    doc = json.loads(Head(3, generation_name(3, 1), 2, 1.0, "a").to_bytes())
+    doc["epoch"] = epoch
+    with pytest.raises(DrafterError, match="is not a checkpoint head"):
+        Head.parse(json.dumps(doc).encode(), "")
