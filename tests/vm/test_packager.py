@@ -38,9 +38,13 @@ def test_interrupted_packager_leaves_nothing(redis_blueprint, network, workdir: 
         text=True,
     )
     try:
-        time.sleep(4)  # QEMU is booting the guest
+        deadline = time.monotonic() + 60  # the disk is copied first: slow on a busy host
         qemu = children(proc.pid)
+        while not qemu and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            qemu = children(proc.pid)
         assert qemu, "the packager should be running QEMU by now"
+        time.sleep(2)  # QEMU is booting the guest
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0
