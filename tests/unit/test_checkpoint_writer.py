@@ -111,6 +111,13 @@ def check_store(records: MemoryRecords) -> Manifest | None:
     return manifest
 
 
+def lapse(store: MemoryStore) -> None:
+    """The holder's lease as good as lapsed (released), without waiting a lease time."""
+    record = json.loads(store.objects["lease"][0])
+    record["released"] = True
+    store.objects["lease"] = (json.dumps(record).encode(), '"lapsed"')
+
+
 def chunks_in(records: MemoryRecords) -> int:
     return sum(1 for name in records.store.objects if digest_of(name) is not None)
 
@@ -217,9 +224,7 @@ def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_aga
         assert got["memory"] == vm.content("memory")
         # A recovered writer carries the patches on.
         lease = Lease(store.view("b"), "b")
-        record = json.loads(store.objects["lease"][0])
-        record["released"] = True
-        store.objects["lease"] = (json.dumps(record).encode(), '"lapsed"')
+        lapse(store)
         await lease.acquire(may_wait=False)
         opened = await open_head(store.view("b"), lease)
         again = Checkpointer(store.view("b"), lease, vm, tmp_path, opened=opened)
@@ -324,9 +329,7 @@ def test_a_recoverer_fences_the_head_and_the_old_holder_commits_nothing(tmp_path
         old = await writer(old_records, vm, tmp_path, "old")
         await old.checkpoint()
         # The old holder's lease lapses (it was cut off); a recoverer takes it over.
-        record = json.loads(store.objects["lease"][0])
-        record["released"] = True  # as good as lapsed, without waiting a lease time
-        store.objects["lease"] = (json.dumps(record).encode(), '"lapsed"')
+        lapse(store)
         new_records = store.view("new")
         lease = Lease(new_records, "new")
         assert await lease.acquire(may_wait=False) == 2

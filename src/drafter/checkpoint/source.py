@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from drafter.checkpoint.manifest import Manifest, chunk_name, patch_pages
@@ -160,35 +160,29 @@ class CheckpointSource:
         return data
 
     async def _get(self, name: str, limit: int) -> bytes | None:
-        """One object; a store that stays away is waited for once the VM runs."""
+        """One object, at most ``limit`` bytes."""
+        return await self._waiting(lambda: self.records.get(name, limit))
+
+    async def _get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        """A range of a pack."""
+        return await self._waiting(lambda: self.records.get_range(name, offset, length))
+
+    async def _waiting(self, call: Callable[[], Awaitable[bytes | None]]) -> bytes | None:
+        """``call``; a store that stays away is waited for, with backoff, once the VM
+        runs (``keep_trying``); a lasting refusal fails at once."""
         wait = OUTAGE_BACKOFF[0]
         while True:
             if self._closed:
                 raise DrafterError(f"{self.raddr} is closed")
             self.requests += 1
             try:
-                return await self.records.get(name, limit)
+                return await call()
             except StoreError as e:
                 if e.lasting or not self.keep_trying:
                     raise
                 if wait == OUTAGE_BACKOFF[0]:
                     self.outages += 1
                     log.warning("%s; the VM runs on the chunks it has, retrying", e)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, OUTAGE_BACKOFF[1])
-
-    async def _get_range(self, name: str, offset: int, length: int) -> bytes | None:
-        """A range of a pack; waited for like :meth:`_get` once the VM runs."""
-        wait = OUTAGE_BACKOFF[0]
-        while True:
-            if self._closed:
-                raise DrafterError(f"{self.raddr} is closed")
-            self.requests += 1
-            try:
-                return await self.records.get_range(name, offset, length)
-            except StoreError as e:
-                if e.lasting or not self.keep_trying:
-                    raise
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, OUTAGE_BACKOFF[1])
 
