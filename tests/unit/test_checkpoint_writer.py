@@ -27,6 +27,8 @@ from drafter.checkpoint.manifest import (
     digest_of,
     generation_name,
     generation_of,
+    patch_length,
+    patch_pages,
 )
 from drafter.checkpoint.records import Records
 from drafter.checkpoint.source import CheckpointSource
@@ -468,6 +470,68 @@ def test_a_hostile_patch_entry_is_refused(patch: object) -> None:
     resources["disk"]["patches"] = [patch]  # type: ignore[index]
     with pytest.raises(DrafterError, match="is not a checkpoint manifest"):
         Manifest.parse(json.dumps(doc).encode(), "m")
+
+
+def _slow_patch_length(mask: int, n: int) -> int:
+    return sum(max(0, min(4096, n - p * 4096)) for p in range(mask.bit_length()) if mask >> p & 1)
+
+
+def _slow_patch_pages(mask: int, n: int) -> list[tuple[int, int]]:
+    pages = [p for p in range(-(-n // 4096)) if mask >> p & 1]
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        start, end = p * 4096, min(n, p * 4096 + 4096)
+        if runs and sum(runs[-1]) == start:
+            runs[-1] = (runs[-1][0], end - runs[-1][0])
+        else:
+            runs.append((start, end - start))
+    return runs
+
+
+def test_patch_lengths_and_runs_match_a_page_by_page_count() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        n = rng.choice([4096, 65536, 65536 - 100, 3 * 4096 + 1, 1 << 20])
+        pages = -(-n // 4096)
+        mask = rng.getrandbits(pages + rng.choice([0, 0, 3]))  # now and then past the end
+        if rng.random() < 0.3:
+            mask |= ((1 << rng.randrange(1, pages + 1)) - 1) << rng.randrange(pages)
+        assert patch_length(mask, n) == _slow_patch_length(mask, n), (hex(mask), n)
+        assert patch_pages(mask, n) == _slow_patch_pages(mask, n), (hex(mask), n)
+
+
+def test_a_manifest_of_the_largest_chunks_with_every_page_patched_parses() -> None:
+    """64 MiB chunks, every link's mask all ones (16384 pages), as many links as a
+    manifest may hold: counted once per link, not once per page."""
+    size = 64 << 20
+    full = (1 << (size // 4096)) - 1
+    link = [PACK, 0, size, f"{full:x}"]
+    doc = _manifest_doc()
+    doc["chunk_size"] = size
+    resources = doc["resources"]
+    resources["memory"]["size"] = 2 * size  # type: ignore[index]
+    resources["disk"]["size"] = size  # type: ignore[index]
+    resources["memory"]["patches"] = [[i, "ab" * 32, [link] * MAX_LINKS] for i in range(2)]  # type: ignore[index]
+    manifest = Manifest.parse(json.dumps(doc).encode(), "m")
+    assert manifest.patches["memory"][1].mask == full
+    assert patch_pages(full, size) == [(0, size)]
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_manifest_whose_name_gives_another_epoch_is_refused(epoch: int) -> None:
+    async def go() -> None:
+        records = MemoryRecords(MemoryStore(), "a")
+        doc = _manifest_doc()  # generation 3 by the holder of epoch 1
+        await records.create(generation_name(3, epoch), json.dumps(doc).encode())
+        if epoch == 1:
+            assert (await read_manifest(records, generation_name(3, 1), 3)).epoch == 1
+            with pytest.raises(DrafterError, match="names generation 3"):
+                await read_manifest(records, generation_name(3, 1), 4)
+        else:
+            with pytest.raises(DrafterError, match="at epoch 1"):
+                await read_manifest(records, generation_name(3, 2), 3)
+
+    asyncio.run(go())
 
 
 def test_a_manifest_whose_hashes_do_not_match_its_sizes_is_refused() -> None:

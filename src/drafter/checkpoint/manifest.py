@@ -169,31 +169,32 @@ class Patch:
 
 
 def patch_length(mask: int, chunk_length: int) -> int:
-    """The bytes of the pages in ``mask`` of a chunk of ``chunk_length`` bytes."""
-    total = 0
-    page = 0
-    while mask:
-        if mask & 1:
-            total += max(0, min(PAGE, chunk_length - page * PAGE))
-        mask >>= 1
-        page += 1
+    """The bytes of the pages in ``mask`` of a chunk of ``chunk_length`` bytes (pages
+    past the chunk's end count nothing). Linear in the mask's size, whatever its bits:
+    masks come from manifests, which are hostile until checked."""
+    pages = -(-chunk_length // PAGE)
+    mask &= (1 << pages) - 1
+    total = mask.bit_count() * PAGE
+    tail = chunk_length % PAGE
+    if tail and mask >> (pages - 1) & 1:
+        total -= PAGE - tail
     return total
 
 
 def patch_pages(mask: int, chunk_length: int) -> list[tuple[int, int]]:
-    """(offset, length) of each run of pages in ``mask``, in order."""
+    """(offset, length) of each run of pages in ``mask``, in order, clipped to the
+    chunk. One step per run, not per page."""
     runs: list[tuple[int, int]] = []
-    page = 0
     while mask:
-        if mask & 1:
-            start = page * PAGE
-            end = min(chunk_length, start + PAGE)
-            if runs and runs[-1][0] + runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], end - runs[-1][0])
-            else:
-                runs.append((start, end - start))
-        mask >>= 1
-        page += 1
+        first = (mask & -mask).bit_length() - 1  # the run's first page
+        above = mask >> first
+        count = (above ^ (above + 1)).bit_length() - 1  # its pages (trailing ones)
+        start = first * PAGE
+        end = min(chunk_length, (first + count) * PAGE)
+        if start >= chunk_length:
+            break
+        runs.append((start, end - start))
+        mask &= ~(((1 << count) - 1) << first)
     return runs
 
 

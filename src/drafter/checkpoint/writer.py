@@ -196,8 +196,12 @@ async def read_manifest(records: Records, name: str, generation: int) -> Manifes
     if data is None:
         raise DrafterError(f"{records.where}{name} is missing")
     manifest = Manifest.parse(data, f"{records.where}{name}")
-    if manifest.generation != generation:
-        raise DrafterError(f"{records.where}{name} names generation {manifest.generation}")
+    named = (manifest.generation, manifest.epoch)
+    if manifest.generation != generation or generation_of(name) != named:
+        raise DrafterError(
+            f"{records.where}{name} names generation {manifest.generation} "
+            f"at epoch {manifest.epoch}"
+        )
     return manifest
 
 
