@@ -1,4 +1,5 @@
-"""Loopback ports, and a TCP proxy whose connections a test can cut."""
+"""Loopback ports, a TCP proxy whose connections a test can cut, and a namespace
+whose host is gone from the network."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
+
+from pyroute2 import IPRoute
+
+from drafter.network.state import NamespaceInfo
 
 LOOPBACK = "127.0.0.1"
 
@@ -73,3 +79,39 @@ class CuttableProxy(threading.Thread):
         """Stop listening and drop what is open."""
         self.listener.close()
         self.cut()
+
+
+@contextlib.contextmanager
+def host_gone(info: NamespaceInfo) -> Iterator[None]:
+    """The namespace ``info`` as a host that is gone from the network: the host's route
+    to its external address becomes unreachable (a connection fails at once and never
+    leaves by the default route) and the namespace loses its default route (nothing in
+    it reaches the store or anything else). Both routes are put back on exit, also
+    when the test fails, since the session's other tests use the namespace."""
+    target = f"{info.external_address}/32"
+    with IPRoute() as ipr:
+        (veth,) = ipr.link_lookup(ifname=info.host_veth)
+        ipr.route("replace", dst=target, type="unreachable")
+    try:
+        with IPRoute(netns=info.namespace) as ipr:
+            (inner,) = ipr.link_lookup(ifname=info.namespace_veth)
+            ipr.route("del", dst="0.0.0.0/0", gateway=info.host_address, oif=inner)
+        try:
+            yield
+        finally:
+            with IPRoute(netns=info.namespace) as ipr:
+                ipr.route("replace", dst="0.0.0.0/0", gateway=info.host_address, oif=inner)
+    finally:
+        with IPRoute() as ipr:
+            ipr.route("replace", dst=target, gateway=info.namespace_address, oif=veth)
+
+
+def unreachable(address: str, port: int) -> bool:
+    """Whether a TCP connection to ``address`` fails at once (within a second)."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        try:
+            s.connect((address, port))
+        except OSError:
+            return True
+        return False

@@ -184,6 +184,66 @@ def test_the_first_checkpoint_holds_everything_and_an_idle_one_uploads_nothing(
     asyncio.run(go())
 
 
+class GatedRecords(MemoryRecords):
+    """Writes of names that ``stall(name)`` picks wait until ``go`` is set."""
+
+    def __init__(self, store: MemoryStore, stall) -> None:
+        super().__init__(store, "a")
+        self.stall = stall
+        self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def put(self, name: str, data: bytes) -> None:
+        if self.stall(name):
+            self.waiting.set()
+            await self.go.wait()
+        await super().put(name, data)
+
+
+def test_a_switch_over_stops_a_checkpoint_still_copying_without_a_pause(tmp_path: Path) -> None:
+    async def go() -> None:
+        records = GatedRecords(MemoryStore(), lambda name: digest_of(name) is not None)
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        running = asyncio.ensure_future(checkpointer.checkpoint())
+        await asyncio.wait_for(records.waiting.wait(), 10)  # uploading chunks
+        await asyncio.wait_for(checkpointer.hold(), 5)  # at once, not after the uploads
+        with pytest.raises(writer_module.CheckpointYielded):
+            await running
+        assert vm.pauses == 0 and HEAD not in records.store.objects
+        checkpointer.unhold()
+        records.go.set()
+        stats = await checkpointer.checkpoint()  # takes every chunk again
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == stats.generation
+        got = await restored(records, manifest, tmp_path)
+        assert all(got[name] == vm.content(name) for name in DEVICES)
+
+    asyncio.run(go())
+
+
+def test_a_switch_over_waits_for_a_checkpoint_past_its_pause(tmp_path: Path) -> None:
+    async def go() -> None:
+        records = GatedRecords(MemoryStore(), lambda name: generation_of(name) is not None)
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = await writer(records, vm, tmp_path)
+        running = asyncio.ensure_future(checkpointer.checkpoint())
+        await asyncio.wait_for(records.waiting.wait(), 10)  # writing its manifest
+        held = asyncio.ensure_future(checkpointer.hold())
+        await asyncio.sleep(0.05)
+        assert not held.done() and vm.pauses == 1
+        records.go.set()
+        stats = await running
+        await asyncio.wait_for(held, 5)
+        manifest = check_store(records)
+        assert manifest is not None and manifest.generation == stats.generation == 1
+        checkpointer.unhold()
+
+    asyncio.run(go())
+
+
 def test_patches_grow_with_the_pages_written_until_the_chunk_is_stored_whole_again(
     tmp_path: Path,
 ) -> None:

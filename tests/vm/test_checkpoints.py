@@ -1,12 +1,14 @@
 """A VM that outlives its host (docs/checkpoints.md), with real parts: a Redis VM
 under a write load checkpoints into SeaweedFS's S3 gateway; its peer and QEMU are
-killed (SIGKILL: the host is gone); another peer, in another namespace, resumes the
-latest committed generation once the lease lapsed. The writes acknowledged before
-that generation's pause are all there; the ones lost were all acknowledged after it."""
+killed (SIGKILL) and its namespace's routes dropped (the host is gone); another peer,
+in another namespace, resumes the latest committed generation once the lease lapsed.
+The writes acknowledged before that generation's pause are all there; the ones lost
+were all acknowledged after it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -21,7 +23,7 @@ import redis
 from drafter.checkpoint.manifest import HEAD, Head, Manifest, chunk_name
 from drafter.checkpoint.records import ObjectRecords
 from support.common import command, stop_process
-from support.net import CuttableProxy, free_port
+from support.net import CuttableProxy, free_port, host_gone, unreachable
 from support.vms import (
     check_no_loss,
     copy_package,
@@ -123,60 +125,66 @@ def test_a_vm_outlives_its_host_through_checkpoints_in_s3(
         env["DRAFTER_FAILPOINTS"] = "checkpoint-before-head:kill@3"
     prefix = f"s3://{BUCKET}/hostloss-{os.getpid()}-{time.monotonic_ns()}"
     flags = ("--checkpoint-interval", "2", "--lease-time", "6")
-    with (
-        registry(seeded_package) as (_, raddr),
-        peer(raddr, network.name(1), workdir, "--checkpoint", prefix, *flags, env=env) as first,
-    ):
-        wait_resumed(first)
-        log = Lines(first.stderr)
-        log.start()
-        writer = AckLog(network.info(1).external_address)
-        wait_for_redis(network.info(1).external_address)
-        writer.start()
-        log.wait_commits(2, timeout=240)  # the first one holds everything
-        if kill == "from outside":
-            time.sleep(1.5)  # writes after the last commit: those may be lost
-            first.send_signal(signal.SIGKILL)  # the peer; its QEMU dies with it
-        first.wait(60)
-        killed = time.time()
-        assert first.returncode == -signal.SIGKILL
-        writer.stop.set()
-        writer.join(10)
-        log.join(10)
-    commits = log.commits()
-    generation, paused_at = commits[-1]
-    for key, value in seaweed.env().items():
-        monkeypatch.setenv(key, value)
-    records = ObjectRecords(prefix)
-    assert check_store(records).generation == generation  # and every chunk it names is there
-    if kill != "from outside":
-        assert generation == 2  # the third was uploaded, never committed
-    acked = writer.acked
-    assert acked and acked[-1][1] > paused_at, "no write after the last checkpoint"
-    with peer(prefix, network.name(2), workdir, "--lease-time", "6", env=env) as second:
-        recovered = second.stdout.readline()
-        assert "resuming checkpoint generation" in recovered, recovered + second.stderr.read()
-        found = int(re.search(r"generation (\d+)", recovered)[1])  # type: ignore[index]
-        assert found >= generation
-        wait_resumed(second)
-        client = wait_for_redis(network.info(2).external_address)
-        replied = time.time()
-        values = [int(v) for v in client.lrange("log", 0, -1)]
-        assert values == list(range(1, len(values) + 1)), "writes out of order or torn"
-        kept = set(values)
-        before = [v for v, at in acked if at < paused_at]
-        assert before and set(before) <= kept, "a write acknowledged before the checkpoint is lost"
-        lost = [(v, at) for v, at in acked if v not in kept]
-        assert all(at >= paused_at for _, at in lost), "a lost write predates the checkpoint"
-        # The lease lapsed first: the recovery waited a whole lease time after the kill.
-        assert replied - killed >= 6 * 0.8
-        print(f"recovery: {replied - killed:.1f} s from the kill to the first reply; "
-              f"{len(lost)} write(s) lost, all after generation {generation}")  # fmt: skip
-        client.set("after", "recovery")
-        second.send_signal(signal.SIGINT)  # a clean stop: a final checkpoint, lease released
-        out, err = second.communicate(timeout=240)
-        assert second.returncode == 0, err
-        assert "final checkpoint" in out, out
+    gone = contextlib.ExitStack()  # the first host's network, once it is gone
+    with gone:
+        with (
+            registry(seeded_package) as (_, raddr),
+            peer(raddr, network.name(1), workdir, "--checkpoint", prefix, *flags, env=env) as first,
+        ):
+            wait_resumed(first)
+            log = Lines(first.stderr)
+            log.start()
+            writer = AckLog(network.info(1).external_address)
+            wait_for_redis(network.info(1).external_address)
+            writer.start()
+            log.wait_commits(2, timeout=240)  # the first one holds everything
+            if kill == "from outside":
+                time.sleep(1.5)  # writes after the last commit: those may be lost
+                first.send_signal(signal.SIGKILL)  # the peer; its QEMU dies with it
+            first.wait(60)
+            killed = time.time()
+            assert first.returncode == -signal.SIGKILL
+            gone.enter_context(host_gone(network.info(1)))  # and its network with it
+            assert unreachable(network.info(1).external_address, 6379)
+            writer.stop.set()
+            writer.join(10)
+            log.join(10)
+        commits = log.commits()
+        generation, paused_at = commits[-1]
+        for key, value in seaweed.env().items():
+            monkeypatch.setenv(key, value)
+        records = ObjectRecords(prefix)
+        assert check_store(records).generation == generation  # and every chunk it names is there
+        if kill != "from outside":
+            assert generation == 2  # the third was uploaded, never committed
+        acked = writer.acked
+        assert acked and acked[-1][1] > paused_at, "no write after the last checkpoint"
+        with peer(prefix, network.name(2), workdir, "--lease-time", "6", env=env) as second:
+            recovered = second.stdout.readline()
+            assert "resuming checkpoint generation" in recovered, recovered + second.stderr.read()
+            found = int(re.search(r"generation (\d+)", recovered)[1])  # type: ignore[index]
+            assert found >= generation
+            wait_resumed(second)
+            client = wait_for_redis(network.info(2).external_address)
+            replied = time.time()
+            values = [int(v) for v in client.lrange("log", 0, -1)]
+            assert values == list(range(1, len(values) + 1)), "writes out of order or torn"
+            kept = set(values)
+            before = [v for v, at in acked if at < paused_at]
+            assert before and set(before) <= kept, (
+                "a write acknowledged before the checkpoint is lost"
+            )
+            lost = [(v, at) for v, at in acked if v not in kept]
+            assert all(at >= paused_at for _, at in lost), "a lost write predates the checkpoint"
+            # The lease lapsed first: the recovery waited a whole lease time after the kill.
+            assert replied - killed >= 6 * 0.8
+            print(f"recovery: {replied - killed:.1f} s from the kill to the first reply; "
+                  f"{len(lost)} write(s) lost, all after generation {generation}")  # fmt: skip
+            client.set("after", "recovery")
+            second.send_signal(signal.SIGINT)  # a clean stop: a final checkpoint, lease released
+            out, err = second.communicate(timeout=240)
+            assert second.returncode == 0, err
+            assert "final checkpoint" in out, out
     manifest = check_store(records)
     assert manifest.generation > found
     # Released: a third peer takes it at once, with the last write.

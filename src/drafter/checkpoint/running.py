@@ -67,12 +67,16 @@ class RunGate:
         self._lock = asyncio.Lock()
 
     async def hold(self, why: str) -> None:
+        """``why`` holds the VM paused. Recorded before the pause is asked for: a
+        pause cut short (cancelled while QEMU may already have stopped) is undone by
+        :meth:`release` like one that completed, never left without a holder."""
         async with self._lock:
             if why in self.holds:
                 return
-            if not self.holds:
-                await self.machine.pause()
+            first = not self.holds
             self.holds.add(why)
+            if first:
+                await self.machine.pause()
             if why == "lease":
                 await asyncio.to_thread(self.follow.left)
 
@@ -121,11 +125,11 @@ class _SessionVM:
         if self.stopped is not None:  # the VM stopped after its last suspend: that state
             await asyncio.to_thread(shutil.copyfile, self.stopped, state)
             return
-        await self.gate.hold("checkpoint")
         try:
+            await self.gate.hold("checkpoint")
             await self.machine.save_state(state)
-        except BaseException:
-            await self.gate.release("checkpoint")
+        except BaseException:  # cancelled or failed mid-pause: the VM runs on
+            await asyncio.shield(self.gate.release("checkpoint"))
             raise
 
     async def resume(self) -> None:

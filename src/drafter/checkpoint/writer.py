@@ -205,6 +205,12 @@ async def read_manifest(records: Records, name: str, generation: int) -> Manifes
     return manifest
 
 
+class CheckpointYielded(DrafterError):
+    """A checkpoint still copying into the store gave way to a migration's switch-over
+    (:meth:`Checkpointer.hold`): it ended without a pause, the next one takes its
+    chunks again."""
+
+
 class Checkpointer:
     """Generations of one VM under ``records`` (``s3://BUCKET/PREFIX/``), while
     ``lease`` is held."""
@@ -242,6 +248,7 @@ class Checkpointer:
         self._asked = asyncio.Event()
         self._lock = asyncio.Lock()
         self._held = False  # by a migration's switch-over (hold)
+        self._precopy: asyncio.Future[None] | None = None  # the rounds under way, if any
         self._attempted = 0  # the generation number the last attempt took
         if opened is not None and opened.manifest is not None:
             manifest = opened.manifest
@@ -268,9 +275,13 @@ class Checkpointer:
     # -- checkpoints ------------------------------------------------------------------------
 
     async def hold(self) -> None:
-        """Wait for a checkpoint under way to end, and start none until :meth:`unhold`
-        (a migration's switch-over: its pause must not meet a checkpoint's)."""
+        """Start no checkpoint until :meth:`unhold` (a migration's switch-over: its
+        pause must not meet a checkpoint's). One still copying into the store gives
+        way at once (CheckpointYielded; it has not paused the VM); one past its pause
+        is waited for (it only uploads the pause's few chunks and commits)."""
         if not self._held:
+            if self._precopy is not None:
+                self._precopy.cancel()
             await self._lock.acquire()
             self._held = True
 
@@ -302,6 +313,8 @@ class Checkpointer:
                 await self.checkpoint()
             except LeaseFenced:
                 raise
+            except CheckpointYielded:
+                log.info("checkpoint %d gave way to a migration's switch-over", self._attempted)
             except (DrafterError, OSError) as e:
                 self.failed += 1
                 if self.metrics is not None:
@@ -339,20 +352,19 @@ class Checkpointer:
         self._check_lease()
         start = time.monotonic()
         stats = CheckpointStats(generation=self._attempted)
-        found = SMALL_ROUND + 1
-        for _ in range(self.rounds):  # pre-copy into the store, the VM running
-            await self.vm.sync_memory()
-            found = await self._round(attempt, stats, None)
-            stats.rounds += 1
-            if found <= SMALL_ROUND:
-                break
         deferred: list[tuple[bytes, bytes]] = []
-        if found > SMALL_ROUND:
-            # A last look that only reads (its uploads wait until the VM runs again):
-            # what the pause copies out is then only what changed during this look,
-            # not during a round of uploads.
-            await self.vm.sync_memory()
-            await self._round(attempt, stats, None, deferred)
+        precopy = self._precopy = asyncio.ensure_future(
+            self._precopy_rounds(attempt, stats, deferred)
+        )
+        try:
+            await precopy
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself was cancelled, not only its rounds
+            raise CheckpointYielded(f"checkpoint {stats.generation} gave way") from None
+        finally:
+            self._precopy = None
         failpoint("checkpoint-before-pause")
         paused = time.monotonic()
         created = time.time()
@@ -423,6 +435,24 @@ class Checkpointer:
         except DrafterError as e:  # the commit stands; expiry is tried again next time
             log.warning("could not expire old checkpoints: %s", e)
         return stats
+
+    async def _precopy_rounds(
+        self, attempt: _Attempt, stats: CheckpointStats, deferred: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Pre-copy into the store, the VM running: rounds until one finds little,
+        then (if the last still found much) a look that only reads, its uploads
+        left in ``deferred`` until the VM runs again: what the pause copies out is
+        then only what changed during that look, not during a round of uploads."""
+        found = SMALL_ROUND + 1
+        for _ in range(self.rounds):
+            await self.vm.sync_memory()
+            found = await self._round(attempt, stats, None)
+            stats.rounds += 1
+            if found <= SMALL_ROUND:
+                break
+        if found > SMALL_ROUND:
+            await self.vm.sync_memory()
+            await self._round(attempt, stats, None, deferred)
 
     async def _commit(self, manifest: Manifest, name: str) -> None:
         """The head names the new generation: the one conditional write that commits."""
