@@ -18,6 +18,7 @@ import pytest
 
 from drafter.checkpoint import Lease, LeaseFenced, ObjectRecords
 from drafter.checkpoint import writer as writer_module
+from drafter.checkpoint.lease import LeaseHeld
 from drafter.checkpoint.manifest import (
     HEAD,
     MAX_LINKS,
@@ -31,6 +32,7 @@ from drafter.checkpoint.manifest import (
     patch_pages,
 )
 from drafter.checkpoint.records import Records
+from drafter.checkpoint.running import VMCheckpoints
 from drafter.checkpoint.source import CheckpointSource
 from drafter.checkpoint.writer import Checkpointer, open_head, read_manifest
 from drafter.chunks import DEVICES, ZERO_HASH, Priority
@@ -671,6 +673,36 @@ def test_checkpoints_on_seaweedfs(tmp_path: Path, seaweed) -> None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    asyncio.run(go())
+
+
+def test_a_new_vm_takes_no_prefix_another_vm_holds(tmp_path: Path, seaweed, monkeypatch) -> None:
+    """A lease and no head (another VM before its first commit, or one that died
+    then): refused at once, never waited out; a head: refused, naming --raddr."""
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    url = f"s3://drafter/unit-take-{os.getpid()}-{random.getrandbits(32):x}"
+    options = StoreOptions(retry_timeout=5)
+
+    async def go() -> None:
+        first = VMCheckpoints(url, options, lease_time=30, interval=3600, keep=2)
+        await first.take(recovering=False)
+        second = VMCheckpoints(url, options, lease_time=30, interval=3600, keep=2)
+        with pytest.raises(LeaseHeld, match="another VM is being checkpointed"):
+            await asyncio.wait_for(second.take(recovering=False), 10)
+        vm = FakeVM(tmp_path)
+        fill(vm)
+        checkpointer = Checkpointer(first.records, first.lease, vm, tmp_path, opened=first.opened)
+        checkpointer.track()
+        await checkpointer.checkpoint()
+        await first.lease.release()
+        third = VMCheckpoints(url, options, lease_time=30, interval=3600, keep=2)
+        with pytest.raises(DrafterError, match="--raddr"):
+            await third.take(recovering=False)
+        await third.take(recovering=True)  # released: at once
+        assert third.opened.manifest is not None and third.opened.manifest.generation == 1
+        await third.lease.release()
 
     asyncio.run(go())
 

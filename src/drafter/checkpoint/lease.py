@@ -64,6 +64,10 @@ class LeaseFenced(DrafterError):
     """Another holder took the lease: this copy must stop and write nothing more."""
 
 
+class LeaseHeld(DrafterError):
+    """The lease is held by another holder and was not to be waited for."""
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     epoch: int
@@ -163,9 +167,7 @@ class Lease:
             free = seen.released and (seen.to is None or seen.to == handed_to)
             if not free:
                 if not may_wait:
-                    raise DrafterError(
-                        f"{where}{LEASE} is held by {seen.holder} (epoch {seen.epoch})"
-                    )
+                    raise LeaseHeld(f"{where}{LEASE} is held by {seen.holder} (epoch {seen.epoch})")
                 current = await self._outlast(current, seen)
                 seen = LeaseRecord.parse(current.data, where)
             record = LeaseRecord(seen.epoch + 1, self.holder, self.duration)

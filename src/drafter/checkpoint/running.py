@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drafter.checkpoint.lease import LEASE, Lease, LeaseFenced, LeasePhase, LeaseRecord
+from drafter.checkpoint.lease import LEASE, Lease, LeaseFenced, LeaseHeld, LeasePhase, LeaseRecord
 from drafter.checkpoint.manifest import HEAD
 from drafter.checkpoint.records import ObjectRecords
 from drafter.checkpoint.source import CheckpointSource
@@ -176,7 +176,15 @@ class VMCheckpoints:
                 f"{records.where} holds the checkpoints of a VM already: resume it with "
                 f"--raddr {self.url}, or checkpoint to another prefix"
             )
-        await self.lease.acquire(may_wait=recovering)
+        try:
+            await self.lease.acquire(may_wait=recovering)
+        except LeaseHeld as e:
+            # No head, a lease: another VM is starting under this prefix, or one died
+            # before its first commit. Never waited out: the prefix is not this VM's.
+            raise LeaseHeld(
+                f"{e}: another VM is being checkpointed to {self.url} (or died before "
+                "its first checkpoint); use another prefix"
+            ) from None
         self.opened = await open_head(records, self.lease)
         if recovering and self.opened.manifest is None:
             raise DrafterError(f"{records.where}{HEAD} vanished while the lease was taken")
