@@ -22,14 +22,12 @@ from typing import Any, Protocol
 
 from drafter.errors import DrafterError
 from drafter.objects.location import (
-    CREDENTIALS_HELP,
     ObjectLocation,
     StoreOptions,
-    first_line,
     open_store,
     parse_location,
 )
-from drafter.objects.source import StoreError
+from drafter.objects.source import StoreError, store_failure
 
 MAX_RECORD = 1 << 20  # a lease or head record is small; anything larger is refused
 
@@ -107,13 +105,7 @@ class ObjectRecords:
         where = self.where + name
         if isinstance(error, (e.PreconditionError, e.AlreadyExistsError)):
             return RecordConflict(f"{where} was written by someone else first")
-        if isinstance(error, (e.PermissionDeniedError, e.UnauthenticatedError)):
-            return StoreError(
-                f"{where}: the store refused the credentials: {CREDENTIALS_HELP}", lasting=True
-            )
-        if isinstance(error, DrafterError):
-            return error
-        return StoreError(f"{where}: {first_line(error)}")
+        return store_failure(error, where)
 
     async def read(self, name: str) -> Record | None:
         import obstore

@@ -326,19 +326,28 @@ class ObjectSource:
             return ObjectChanged(f"{self.raddr} was replaced during the start (its ETag changed)")
         if isinstance(error, (e.NotFoundError, FileNotFoundError)):
             return StoreError(f"{self.raddr} does not exist", lasting=True)
-        if isinstance(error, (e.PermissionDeniedError, e.UnauthenticatedError)):
-            return StoreError(
-                f"{self.raddr}: the store refused the credentials: {CREDENTIALS_HELP}",
-                lasting=True,
-            )
-        if isinstance(error, DrafterError):
-            return error
-        return StoreError(f"{doing} {self.raddr}: {first_line(error)}")
+        return store_failure(error, self.raddr, f"{doing} ")
 
     async def close(self) -> None:
         """Fetches after this fail; the store client's connections go with it."""
         self._closed = True
         self._store = None
+
+
+def store_failure(error: Exception, where: str, doing: str = "") -> DrafterError:
+    """A store client's error as one line: refused credentials (lasting: they will
+    be refused again), a DrafterError as it is, anything else a StoreError that
+    trying again may cure. Callers map their own cases (a conflict, a missing
+    object) first."""
+    from obstore import exceptions as e
+
+    if isinstance(error, (e.PermissionDeniedError, e.UnauthenticatedError)):
+        return StoreError(
+            f"{where}: the store refused the credentials: {CREDENTIALS_HELP}", lasting=True
+        )
+    if isinstance(error, DrafterError):
+        return error
+    return StoreError(f"{doing}{where}: {first_line(error)}")
 
 
 def _first_member(head: memoryview, origin: str) -> tuple[str, int, int]:
