@@ -25,7 +25,7 @@ from drafter.checkpoint.records import Records
 from drafter.chunks import FETCHED, ZERO_HASH, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest
-from drafter.objects.source import OUTAGE_BACKOFF, RequestSlots, StoreError
+from drafter.objects.source import OUTAGE_BACKOFF, RequestSlots, StoreError, check_run
 from drafter.transport.inflight import ClientStats, VerificationError
 
 if TYPE_CHECKING:
@@ -80,16 +80,7 @@ class CheckpointSource:
         handed to ``deliver`` in order (fetched concurrently)."""
         if self._closed:
             raise DrafterError(f"{self.raddr} is closed")
-        hashes = self.hashes.get(resource)
-        if hashes is None:
-            raise DrafterError(f"{self.raddr} has no resource named {resource!r}")
-        if count < 1 or start < 0 or start + count > len(hashes) or len(expected) != count:
-            raise DrafterError(f"chunks {start}+{count} are not in {resource} of {self.raddr}")
-        for i, want in enumerate(expected):
-            if want is not None and want != hashes[start + i]:
-                raise VerificationError(
-                    f"chunk {start + i} of {resource}: {self.raddr} lists another hash"
-                )
+        hashes = check_run(self.raddr, self.hashes, resource, start, count, expected)
         size = self.manifest[resource]
         fetches = {
             index: asyncio.ensure_future(self._fetch(resource, index, int(priority)))

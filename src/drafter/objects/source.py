@@ -177,16 +177,7 @@ class ObjectSource:
         non-zero chunks as one range request each, zero chunks without a request."""
         if self._closed or not self.chunk_size:
             raise DrafterError(f"{self.raddr} is not open")
-        hashes = self.hashes.get(resource)
-        if hashes is None:
-            raise DrafterError(f"{self.raddr} has no resource named {resource!r}")
-        if count < 1 or start < 0 or start + count > len(hashes) or len(expected) != count:
-            raise DrafterError(f"chunks {start}+{count} are not in {resource} of {self.raddr}")
-        for i, want in enumerate(expected):
-            if want is not None and want != hashes[start + i]:
-                raise VerificationError(
-                    f"chunk {start + i} of {resource}: {self.raddr}'s index lists another hash"
-                )
+        hashes = check_run(self.raddr, self.hashes, resource, start, count, expected)
         size = self.manifest[resource]
         index = start
         stop = start + count
@@ -332,6 +323,28 @@ class ObjectSource:
         """Fetches after this fail; the store client's connections go with it."""
         self._closed = True
         self._store = None
+
+
+def check_run(
+    raddr: str,
+    hashes: dict[str, list[bytes]],
+    resource: str,
+    start: int,
+    count: int,
+    expected: Sequence[bytes | None],
+) -> list[bytes]:
+    """A fetch_run's arguments checked against what the source lists (``hashes``):
+    the resource's hashes. DrafterError for chunks it does not have,
+    VerificationError where the caller expects another hash than it lists."""
+    listed = hashes.get(resource)
+    if listed is None:
+        raise DrafterError(f"{raddr} has no resource named {resource!r}")
+    if count < 1 or start < 0 or start + count > len(listed) or len(expected) != count:
+        raise DrafterError(f"chunks {start}+{count} are not in {resource} of {raddr}")
+    for i, want in enumerate(expected):
+        if want is not None and want != listed[start + i]:
+            raise VerificationError(f"chunk {start + i} of {resource}: {raddr} lists another hash")
+    return listed
 
 
 def store_failure(error: Exception, where: str, doing: str = "") -> DrafterError:
