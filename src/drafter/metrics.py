@@ -7,30 +7,26 @@ global one). The transport and migration code call it through an optional hook
 without metrics pays one ``is None`` test per chunk. Counters the server and client
 already keep (connections, auth failures, reconnects) are read from their stats when
 Prometheus scrapes, not counted twice. ``serve(addr)`` starts the exposition server
-(HTTP, unauthenticated, in a daemon thread).
+(HTTP, unauthenticated, bounded: drafter.exposition).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from drafter import exposition
 from drafter.chunks import Priority
 from drafter.errors import DrafterError
 from drafter.transport import protocol as wire
-
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +146,7 @@ class Metrics:
         r.register(self._stats)
         self._latency: dict[int, Histogram] = {}  # label children, resolved once
         self._phase_started: float | None = None  # source: when the current phase began
-        self._http: WSGIServer | None = None
+        self._http: exposition.Exposition | None = None
 
     # -- wiring ----------------------------------------------------------------------
 
@@ -259,17 +255,25 @@ class Metrics:
 
     # -- exposition ------------------------------------------------------------------
 
-    def serve(self, addr: str) -> str:
-        """Serve the metrics over HTTP on ``addr`` (HOST:PORT; ``:PORT`` = loopback
-        only: all interfaces must be asked for by address); returns HOST:PORT."""
+    def serve(self, addr: str, public: bool = False) -> str:
+        """Serve the metrics over HTTP on ``addr`` (HOST:PORT; ``:PORT`` = loopback);
+        returns HOST:PORT. They are unauthenticated: an address beyond loopback only
+        when ``public`` (``--metrics-public``) says so."""
         host, port = wire.parse_addr(addr, "--metrics address")
         host = host or "127.0.0.1"
         where = wire.format_addr(host, port)
+        if not wire.is_loopback(host) and not public:
+            raise DrafterError(
+                f"--metrics {where}: metrics are unauthenticated; serve them on loopback "
+                "(:PORT) or add --metrics-public to serve them beyond it"
+            )
         try:
-            self._http, _thread = _start_http_server(port, host, registry=self.registry)
-        except OSError as e:
-            raise DrafterError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
-        where = wire.format_addr(host, self._http.server_port)
+            sock = exposition.listen(host, port)
+        except (OSError, OverflowError) as e:
+            text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise DrafterError(f"cannot serve metrics on {where}: {text}") from None
+        self._http = exposition.Exposition(self.registry, sock)
+        where = wire.format_addr(host, self._http.port)
         if not wire.is_loopback(host):
             log.warning("metrics on %s are unauthenticated: anyone who can connect reads them",
                         where)  # fmt: skip
@@ -280,13 +284,12 @@ class Metrics:
         """Stop the exposition server (if any)."""
         http, self._http = self._http, None
         if http is not None:
-            with contextlib.suppress(Exception):
-                http.shutdown()
-                http.server_close()
+            http.close()
 
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
-    """``--metrics HOST:PORT``, the same on every command that serves metrics."""
+    """``--metrics HOST:PORT`` and ``--metrics-public``, the same on every command
+    that serves metrics."""
     parser.add_argument(
         "--metrics",
         default=None,
@@ -294,14 +297,20 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics over HTTP here (unauthenticated; :PORT = loopback "
         "only); see docs/metrics.md",
     )
+    parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow --metrics on an address beyond loopback (anyone who reaches it reads "
+        "the metrics)",
+    )
 
 
-def start(addr: str | None) -> Metrics | None:
+def start(addr: str | None, public: bool = False) -> Metrics | None:
     """Metrics served on ``addr``, or None when it is None (``--metrics`` not given)."""
     if addr is None:
         return None
     metrics = Metrics()
-    metrics.serve(addr)
+    metrics.serve(addr, public)
     return metrics
 
 

@@ -135,7 +135,7 @@ async def run(a: argparse.Namespace) -> int:
         handover_timeout=a.handover_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
-        metrics=metrics.start(a.metrics),
+        metrics=metrics.start(a.metrics, a.metrics_public),
         state_dir=a.state_dir,
         stable_address=a.stable_address or None,
         chunk_cache=Path(a.chunk_cache) if a.chunk_cache else None,

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 if address not in addresses:
                     addresses.append(address)
         tls = security.tls_server_options(a.tls_cert, a.tls_key)
-        served = metrics.start(a.metrics)
+        served = metrics.start(a.metrics, a.metrics_public)
         if is_object_url(a.package_path):
             parse_location(a.package_path, "--package-path")  # one line if unusable
         elif a.tls_ca or a.index_digest or a.s3_virtual_hosted:
