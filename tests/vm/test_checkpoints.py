@@ -238,7 +238,9 @@ def test_a_peer_cut_off_from_the_store_stops_answering_before_a_recoverer_starts
     fine: within the lease time its VM stops answering; the recoverer resumes only
     after that; never do two copies answer in one round; when the cut heals, the old
     peer stops with one line and commits nothing more."""
-    lease_time = 6.0
+    # The margin between the old copy's pause and the takeover is a fifth of this: it
+    # must cover the old peer's scheduling delay on a loaded two-core machine.
+    lease_time = 10.0
     env = with_store(seaweed)
     for key, value in seaweed.env().items():
         monkeypatch.setenv(key, value)
@@ -285,10 +287,12 @@ def test_a_peer_cut_off_from_the_store_stops_answering_before_a_recoverer_starts
                 prober.join(10)
                 # Within the lease time of the cut the old copy stopped answering...
                 stopped = prober.last_answer(old_address)
-                assert cut - 1 < stopped < cut + lease_time, stopped - cut
+                seen = [(round(at - cut, 2), sorted(a)) for at, a in prober.rounds if a]
+                why = f"answers after the cut: {seen[-12:]}\n" + "".join(log.lines[-20:])
+                assert cut - 1 < stopped < cut + lease_time, why
                 # ...and the new one answered only after that, never both at once.
-                assert prober.first_answer(new_address) > stopped
-                assert not [at for at, answered in prober.rounds if len(answered) > 1]
+                assert prober.first_answer(new_address) > stopped, why
+                assert not [at for at, answered in prober.rounds if len(answered) > 1], why
                 # The old copy committed nothing after the cut; the head is the new one's.
                 assert all(at < cut for _, at in log.commits())
                 records = ObjectRecords(prefix)

@@ -223,6 +223,10 @@ class Lease:
         """When (this host's monotonic clock) the VM must be paused without a renewal."""
         return self._deadline
 
+    def overdue(self) -> float:
+        """Seconds since the deadline passed (negative: before it)."""
+        return self._clock() - self._deadline
+
     def valid(self) -> bool:
         """Whether this copy may run now: held and inside its deadline."""
         return self.phase is LeasePhase.HOLDING and self._clock() < self._deadline

@@ -24,7 +24,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drafter.checkpoint.lease import LEASE, Lease, LeaseFenced, LeaseHeld, LeasePhase, LeaseRecord
+from drafter.checkpoint.lease import (
+    LEASE,
+    MARGIN,
+    Lease,
+    LeaseFenced,
+    LeaseHeld,
+    LeasePhase,
+    LeaseRecord,
+)
 from drafter.checkpoint.manifest import HEAD
 from drafter.checkpoint.records import ObjectRecords
 from drafter.checkpoint.source import CheckpointSource
@@ -333,7 +341,7 @@ class VMCheckpoints:
         if phase is LeasePhase.EXPIRED:
             log.error("the lease could not be renewed in time: pausing the VM and closing "
                       "its address until the store answers again")  # fmt: skip
-            self._spawn(self.gate.hold("lease"))
+            self._spawn(self._pause_lapsed())
         elif phase is LeasePhase.HOLDING:
             self._spawn(self.gate.release("lease"))
         elif phase is LeasePhase.FENCED:
@@ -341,6 +349,19 @@ class VMCheckpoints:
                 f"{self.records.where}lease: another peer took the VM over (this copy's "
                 f"epoch {self.lease.epoch} is no longer the lease's); stopped this copy"
             )
+
+    async def _pause_lapsed(self) -> None:
+        """Pause the VM whose lease lapsed, and say when the pause came too late for
+        comfort: the safety margin (MARGIN of the lease time) must cover it."""
+        assert self.gate is not None
+        await self.gate.hold("lease")
+        late, margin = self.lease.overdue(), MARGIN * self.lease.duration
+        if late > margin / 2:
+            log.warning("the VM paused %.1f s after its lease's deadline, against a margin "
+                        "of %.1f s: this host is too loaded for --lease-time %.0f",
+                        late, margin, self.lease.duration)  # fmt: skip
+        else:
+            log.debug("paused %.0f ms after the lease's deadline", late * 1000)
 
     def _ended(self, task: asyncio.Future[Any]) -> None:
         if task.cancelled():

@@ -52,11 +52,16 @@ def delete_table(name: str, family: str = FAMILY) -> bool:
 
 
 def isolation_ruleset(name: str, host_veths: list[str]) -> str:
-    """The host table: no forwarding between, into or out of the namespaces' veths.
+    """The host table: no forwarding between, into or out of the namespaces' veths,
+    and nothing from a namespace to the host itself but answers to the host.
 
     The host reaches the VMs with its own (locally generated) packets, which never
-    pass the forward hook, so these drops only stop namespaces reaching each other
-    or anything beyond the host.
+    pass the forward hook, so the forward drops only stop namespaces reaching each
+    other or anything beyond the host. The input drop stops a VM reaching the
+    host's own services (a metrics port, a registry, sshd) on any of its addresses:
+    only packets of connections the host opened (and their ICMP errors) come in.
+    Nothing a VM needs starts there: its agent speaks over a virtio channel, and the
+    host's forwards and clients open their connections from the host.
     """
     veths = ", ".join(f'"{v}"' for v in host_veths)
     return f"""\
@@ -66,6 +71,11 @@ table {FAMILY} {name} {{
     iifname {{ {veths} }} oifname {{ {veths} }} counter drop comment "isolation"
     iifname {{ {veths} }} counter drop comment "no forwarding out of namespaces"
     oifname {{ {veths} }} counter drop comment "no forwarding into namespaces"
+  }}
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname {{ {veths} }} ct state established,related accept comment "answers to the host"
+    iifname {{ {veths} }} counter drop comment "no namespace reaches the host"
   }}
 }}
 """
