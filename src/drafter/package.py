@@ -5,6 +5,7 @@ PAX comment pads the header), so a member can be read in place by offset; holes 
 the resources are written as holes, so sparse memory and disks stay sparse on disk.
 A package is only ever written to a temporary file that is renamed over the target
 once complete and synced: readers see the old package or the new one, never a mix.
+It holds guest memory and disk, so it is readable by its owner only (0600).
 
 Readers trust nothing in a package: each member they use must be a plain regular
 file (not sparse, a link or a device) that appears once; the config, state and hot
@@ -470,7 +471,7 @@ def write_package(
     else:
         raise DrafterError("cannot lay out the package index")  # never: offsets settle
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             end = 0
             for name, place in places.items():

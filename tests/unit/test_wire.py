@@ -666,6 +666,7 @@ def test_registry_command(package: Path, workdir: Path) -> None:
     # With a token file; the token itself never appears on the command line.
     token_file = workdir / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
                          "--token-file", str(token_file), env=env,
                          stderr_path=workdir / "token.err")  # fmt: skip

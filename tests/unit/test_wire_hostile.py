@@ -619,6 +619,8 @@ def test_registry_refuses_half_tls_and_short_tokens(package: Path, workdir: Path
     short.write_text("s3cret\n")
     empty = workdir / "empty"
     empty.write_text("\n")
+    for path in (short, empty):
+        path.chmod(0o600)
     for args, needles, extra_env in (
         ([*base, "--tls-cert", str(pem)], ["--tls-cert needs --tls-key"], {}),
         ([*base, "--tls-key", str(pem)], ["--tls-key needs --tls-cert"], {}),

@@ -6,6 +6,9 @@ Layout (``state_dir`` defaults to /run/drafter)::
     daemon-{prefix}.json   pid and everything the daemon made (used to clean up after kill -9)
     netns/{namespace}.json what other commands need to know about one namespace
     follow/{address}.json  which namespace holds a stable address now (drafter.network.follow)
+
+Files are written owner-only (0600), and the directories the daemon makes 0700: they
+are root's business, and nothing in them is for other users.
 """
 
 from __future__ import annotations
@@ -85,9 +88,11 @@ def process_alive(pid: int, start_time: int | None = None) -> bool:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (rename of a temporary file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -123,9 +128,9 @@ class DaemonLock:
 
     def acquire(self, owner_hint: str = "") -> None:
         """Take the lock or raise DrafterError if another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

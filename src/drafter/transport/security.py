@@ -22,6 +22,7 @@ import hmac
 import os
 import secrets
 import ssl
+import stat
 from hashlib import sha256
 from pathlib import Path
 
@@ -58,19 +59,35 @@ def check_token(token: str, origin: str) -> str:
 def load_token(token_file: str | os.PathLike[str] | None) -> str | None:
     """The shared token: from ``token_file`` if given, else $DRAFTER_TOKEN, else None.
 
-    Surrounding whitespace (a trailing newline) is ignored; a short token is an error.
+    Surrounding whitespace (a trailing newline) is ignored; a short token, or a file
+    that users other than its owner may read or write, is an error.
     """
     if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise DrafterError(f"cannot read the token file {token_file}: {reason}") from None
+        token = _read_private(Path(token_file))
         if not token:
             raise DrafterError(f"the token file {token_file} is empty: {_MAKE_ONE}")
         return check_token(token, f"the token file {token_file}")
     token = os.environ.get(TOKEN_ENV, "").strip()
     return check_token(token, f"${TOKEN_ENV}") if token else None
+
+
+def _read_private(path: Path) -> str:
+    """The text of a token file that only its owner can read or change: one that
+    other users can read would hand them the VM, so it is refused, not used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if mode & 0o077:
+                raise DrafterError(
+                    f"the token file {path} can be read or changed by other users "
+                    f"(mode {mode:04o}): `chmod 600 {path}`, or make a new one with "
+                    "`drafter-token FILE`"
+                )
+            return f.read().decode().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DrafterError(f"cannot read the token file {path}: {reason}") from None
 
 
 def no_token_hint() -> str:
