@@ -13,6 +13,7 @@ import os
 import random
 import stat
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -624,12 +625,48 @@ def test_registry_refuses_half_tls_and_short_tokens(package: Path, workdir: Path
     for args, needles, extra_env in (
         ([*base, "--tls-cert", str(pem)], ["--tls-cert needs --tls-key"], {}),
         ([*base, "--tls-key", str(pem)], ["--tls-key needs --tls-cert"], {}),
-        ([*base, "--token-file", str(short)], ["too short", "drafter-token"], {}),
+        ([*base, "--token-file", str(short)], ["not one `drafter-token` makes"], {}),
         ([*base, "--token-file", str(empty)], ["is empty", "drafter-token"], {}),
-        (base, ["$DRAFTER_TOKEN", "too short"], {security.TOKEN_ENV: "short"}),
+        (base, ["$DRAFTER_TOKEN", "drafter-token"], {security.TOKEN_ENV: "short"}),
     ):
         result = run_command("drafter-registry", *args, env={**env, **extra_env}, timeout=30)
         assert_one_line_error(result, *needles)
+
+
+WEAK_TOKENS = (
+    "aaaaaaaaaaaaaaaaaaaaaaaabcdefghi",  # passed the old check (32 characters, 9 kinds)
+    "correct-horse-battery-staple-house",  # a dictionary token: recovered in 1 ms
+    security.new_token()[len(security.TOKEN_PREFIX) :][:43],  # the older, unchecked form
+)
+
+
+def test_weak_tokens_are_refused_by_every_side(package: Path, workdir: Path) -> None:
+    """A token a listener could guess offline from one recorded handshake: the
+    registry, the peer and the library refuse it, naming drafter-token."""
+    env = env_without_token()
+    token_file = workdir / "weak.token"
+    for weak in WEAK_TOKENS:
+        token_file.write_text(weak + "\n")
+        token_file.chmod(0o600)
+        try:
+            by_file = run_command("drafter-registry", "--package-path", str(package),
+                                  "--laddr", f"{LOOPBACK}:0", "--token-file", str(token_file),
+                                  env=env, timeout=15)  # fmt: skip
+            by_env = run_command("drafter-peer", "--raddr", f"{LOOPBACK}:1", "--laddr",
+                                 f"{LOOPBACK}:0", env={**env, security.TOKEN_ENV: weak},
+                                 timeout=15)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a command ran with the weak token {weak!r}")
+        assert_one_line_error(by_file, str(token_file), "not one `drafter-token` makes")
+        assert_one_line_error(by_env, "$DRAFTER_TOKEN", "not one `drafter-token` makes")
+
+        async def library(token: str = weak) -> None:
+            with pytest.raises(DrafterError, match="not one `drafter-token` makes"):
+                await start_server(package, token=token)
+            with pytest.raises(DrafterError, match="not one `drafter-token` makes"):
+                RemoteSource(f"{LOOPBACK}:1", token=token)
+
+        run(library())
 
 
 def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> None:
@@ -638,7 +675,7 @@ def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> Non
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     token = path.read_text().strip()
-    assert len(token) >= security.MIN_TOKEN_CHARS and token.isprintable()
+    assert token.startswith(security.TOKEN_PREFIX) and len(token) == security.TOKEN_CHARS
     assert security.load_token(path) == token
     # It does not overwrite a token by accident; --force makes a new one.
     assert_one_line_error(run_command("drafter-token", str(path)), "exists already")
@@ -647,7 +684,8 @@ def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> Non
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() != token
     printed = run_command("drafter-token")
-    assert printed.returncode == 0 and len(printed.stdout.strip()) >= security.MIN_TOKEN_CHARS
+    assert printed.returncode == 0
+    assert security.check_token(printed.stdout.strip(), "the printed token")
     # A token file lets the registry listen on every interface; the client needs it.
     token = path.read_text().strip()
     reg = start_registry("--package-path", str(package), "--laddr", "0.0.0.0:0",

@@ -31,7 +31,7 @@ import zstandard
 from drafter.chunks import chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest, is_zero
-from drafter.transport import handshake
+from drafter.transport import handshake, security
 from drafter.transport import protocol as wire
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
@@ -207,9 +207,10 @@ class ChunkServer:
         more: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free),
-        and on each of ``more`` too (the same resources on every address)."""
+        and on each of ``more`` too (the same resources on every address). DrafterError
+        if ``token`` is not one ``drafter-token`` makes."""
         self._ssl = ssl
-        self._token = token or None
+        self._token = security.check_token(token, "the server's caller") if token else None
         self._closing = False
         sockets: list[socket.socket] = []
         try:
