@@ -5,6 +5,9 @@ PAX comment pads the header), so a member can be read in place by offset; holes 
 the resources are written as holes, so sparse memory and disks stay sparse on disk.
 A package is only ever written to a temporary file that is renamed over the target
 once complete and synced: readers see the old package or the new one, never a mix.
+It holds guest memory and disk, so it is readable by its owner only (0600), and the
+temporary file is made so that a link planted beside the target is never followed
+(:mod:`drafter.atomic`).
 
 Readers trust nothing in a package: each member they use must be a plain regular
 file (not sparse, a link or a device) that appears once; the config, state and hot
@@ -24,6 +27,7 @@ from typing import Protocol
 
 import blake3
 
+from drafter import atomic
 from drafter.chunks import RESOURCES, ZERO_HASH, chunk_count, chunk_length, chunk_span
 from drafter.device import FileRange, Sink, copy_sparse
 from drafter.errors import DrafterError
@@ -440,7 +444,6 @@ def write_package(
     read once.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     ranges: dict[str, Source] = {}
     for resource in RESOURCES[1:]:
         src = sources[resource]
@@ -469,8 +472,9 @@ def write_package(
         index_size = index.size()
     else:
         raise DrafterError("cannot lay out the package index")  # never: offsets settle
+    tmp: Path | None = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd, tmp = atomic.create_beside(path)  # owner-only; never through a planted link
         try:
             end = 0
             for name, place in places.items():
@@ -492,19 +496,16 @@ def write_package(
             end = (end + 10239) // 10240 * 10240  # whole records, as tar writes them
             os.ftruncate(fd, end)
             os.fsync(fd)
+            atomic.replace_with(fd, tmp, path)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise DrafterError(f"cannot write package {path}: {e.strerror or e}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return index
 

@@ -132,3 +132,14 @@ class StderrWatch(threading.Thread):
         while not any(text in line for line in self.lines):
             assert time.monotonic() < deadline, f"no {text!r} in {self.lines}"
             time.sleep(0.005)
+
+
+def as_nobody(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as an unprivileged local user (``nobody``, no groups): what any
+    account on the host could do. The caller must be root (the tests run as root)."""
+    return subprocess.run(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

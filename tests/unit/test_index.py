@@ -64,7 +64,7 @@ from support.common import TMP_PREFIX
 
 MIB = 1 << 20
 CHUNK = INDEX_CHUNK_SIZE
-TOKEN = "a-test-token-with-enough-randomness-0123456789"
+TOKEN = "drft1_biSHlX-mFo3kcSufZM_YXyRgtnngOLiM8Wqn0Zyh3a1sF3Wk"  # as drafter-token makes them
 KEY = index_key(TOKEN)
 OTHER_KEY = index_key(TOKEN + "x")
 HEAD = struct.Struct("<8sI")

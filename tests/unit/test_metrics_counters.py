@@ -17,6 +17,7 @@ from drafter import metrics
 from drafter.errors import DrafterError
 from drafter.hashes import chunk_hash
 from drafter.migration import MigrationSource, Phase
+from drafter.transport import security
 from drafter.transport.client import Priority, RemoteSource
 from drafter.transport.server import ChunkServer
 from support.common import assert_one_line_error, run_command
@@ -24,7 +25,7 @@ from support.metrics import PHASES, Samples
 from support.net import free_port
 
 CHUNK = 4096
-TOKEN = "f" * 64
+TOKEN = security.new_token()
 
 
 class Chunks:
@@ -65,7 +66,7 @@ def test_server_and_client_count_chunks_connections_and_auth_failures() -> None:
             await server.start("127.0.0.1", 0, token=TOKEN)
             raddr = f"127.0.0.1:{server.port}"
             try:
-                intruder = RemoteSource(raddr, token="0" * 64, retry_timeout=1)
+                intruder = RemoteSource(raddr, token=security.new_token(), retry_timeout=1)
                 with pytest.raises(DrafterError, match="refused"):
                     await intruder.connect()
                 client = RemoteSource(raddr, token=TOKEN, compress="zstd")

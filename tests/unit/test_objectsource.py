@@ -22,7 +22,7 @@ from drafter.transport.inflight import VerificationError
 from support.hostile_http import Fault, HostileServer
 
 MIB = 1 << 20
-TOKEN = "a-test-token-with-enough-randomness-0123456789"
+TOKEN = "drft1_biSHlX-mFo3kcSufZM_YXyRgtnngOLiM8Wqn0Zyh3a1sF3Wk"  # as drafter-token makes them
 FAST = StoreOptions(retry_timeout=1.0, request_timeout=2.0)
 
 

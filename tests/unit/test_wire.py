@@ -53,7 +53,7 @@ from support.wire import (
     zero_chunk_count,
 )
 
-TOKEN = "wire-test-token-" + "x" * 32  # long enough (security.MIN_TOKEN_CHARS)
+TOKEN = security.new_token()
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ def test_token_right_one_works_others_are_refused(
                 await RemoteSource(addr).connect()
             assert "\n" not in str(e.value) and "drafter-token" in str(e.value)
             # A wrong token: the server refuses the proof, in one line.
-            wrong = RemoteSource(addr, token="another-token-" + "y" * 32)
+            wrong = RemoteSource(addr, token=security.new_token())
             with pytest.raises(DrafterError, match="refused the connection") as e:
                 await wrong.connect()
             assert "wrong or missing token" in str(e.value) and "\n" not in str(e.value)
@@ -306,11 +306,16 @@ def test_token_right_one_works_others_are_refused(
     assert all(r.exc_info is None for r in caplog.records)
 
 
-def test_short_tokens_are_refused() -> None:
-    with pytest.raises(DrafterError, match="too short.*drafter-token"):
-        security.check_token("s3cret-token", "the test")
+def test_only_tokens_drafter_token_makes_are_accepted() -> None:
     assert security.check_token(TOKEN, "the test") == TOKEN
-    assert len(security.new_token()) >= security.MIN_TOKEN_CHARS
+    assert security.new_token() != TOKEN and len(TOKEN) == security.TOKEN_CHARS
+    # One changed character, one cut off, a lookalike without the check, the older
+    # form (43 URL-safe characters): none passes.
+    other = "A" if TOKEN[-1] != "A" else "B"
+    older = security.new_token()[len(security.TOKEN_PREFIX) :][:43]
+    for bad in (TOKEN[:-1] + other, TOKEN[:-1], security.TOKEN_PREFIX + "a" * 48, older):
+        with pytest.raises(DrafterError, match="not one `drafter-token` makes"):
+            security.check_token(bad, "the test")
 
 
 def test_tls(package: Path, tls_files: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
@@ -352,7 +357,7 @@ def test_tls(package: Path, tls_files: dict[str, Path], caplog: pytest.LogCaptur
             await good.connect()
             assert await pull(good, expected) == expected
             await good.close()
-            wrong = RemoteSource(f"{LOOPBACK}:{server.port}", token="t" * 40,
+            wrong = RemoteSource(f"{LOOPBACK}:{server.port}", token=security.new_token(),
                                  tls_ca=str(tls_files["cert"]))  # fmt: skip
             with pytest.raises(DrafterError, match="wrong or missing token"):
                 await wrong.connect()
@@ -666,6 +671,7 @@ def test_registry_command(package: Path, workdir: Path) -> None:
     # With a token file; the token itself never appears on the command line.
     token_file = workdir / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
                          "--token-file", str(token_file), env=env,
                          stderr_path=workdir / "token.err")  # fmt: skip

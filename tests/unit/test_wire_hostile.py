@@ -13,6 +13,7 @@ import os
 import random
 import stat
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import pytest
 
 from drafter.errors import DrafterError
 from drafter.hashes import digest
-from drafter.package import open_package
+from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
 from drafter.transport import protocol as wire
-from drafter.transport import security
+from drafter.transport import registry, security
 from drafter.transport.client import RemoteSource, VerificationError
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.registry import PackageProvider
@@ -619,15 +620,53 @@ def test_registry_refuses_half_tls_and_short_tokens(package: Path, workdir: Path
     short.write_text("s3cret\n")
     empty = workdir / "empty"
     empty.write_text("\n")
+    for path in (short, empty):
+        path.chmod(0o600)
     for args, needles, extra_env in (
         ([*base, "--tls-cert", str(pem)], ["--tls-cert needs --tls-key"], {}),
         ([*base, "--tls-key", str(pem)], ["--tls-key needs --tls-cert"], {}),
-        ([*base, "--token-file", str(short)], ["too short", "drafter-token"], {}),
+        ([*base, "--token-file", str(short)], ["not one `drafter-token` makes"], {}),
         ([*base, "--token-file", str(empty)], ["is empty", "drafter-token"], {}),
-        (base, ["$DRAFTER_TOKEN", "too short"], {security.TOKEN_ENV: "short"}),
+        (base, ["$DRAFTER_TOKEN", "drafter-token"], {security.TOKEN_ENV: "short"}),
     ):
         result = run_command("drafter-registry", *args, env={**env, **extra_env}, timeout=30)
         assert_one_line_error(result, *needles)
+
+
+WEAK_TOKENS = (
+    "aaaaaaaaaaaaaaaaaaaaaaaabcdefghi",  # passed the old check (32 characters, 9 kinds)
+    "correct-horse-battery-staple-house",  # a dictionary token: recovered in 1 ms
+    security.new_token()[len(security.TOKEN_PREFIX) :][:43],  # the older, unchecked form
+)
+
+
+def test_weak_tokens_are_refused_by_every_side(package: Path, workdir: Path) -> None:
+    """A token a listener could guess offline from one recorded handshake: the
+    registry, the peer and the library refuse it, naming drafter-token."""
+    env = env_without_token()
+    token_file = workdir / "weak.token"
+    for weak in WEAK_TOKENS:
+        token_file.write_text(weak + "\n")
+        token_file.chmod(0o600)
+        try:
+            by_file = run_command("drafter-registry", "--package-path", str(package),
+                                  "--laddr", f"{LOOPBACK}:0", "--token-file", str(token_file),
+                                  env=env, timeout=15)  # fmt: skip
+            by_env = run_command("drafter-peer", "--raddr", f"{LOOPBACK}:1", "--laddr",
+                                 f"{LOOPBACK}:0", env={**env, security.TOKEN_ENV: weak},
+                                 timeout=15)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a command ran with the weak token {weak!r}")
+        assert_one_line_error(by_file, str(token_file), "not one `drafter-token` makes")
+        assert_one_line_error(by_env, "$DRAFTER_TOKEN", "not one `drafter-token` makes")
+
+        async def library(token: str = weak) -> None:
+            with pytest.raises(DrafterError, match="not one `drafter-token` makes"):
+                await start_server(package, token=token)
+            with pytest.raises(DrafterError, match="not one `drafter-token` makes"):
+                RemoteSource(f"{LOOPBACK}:1", token=token)
+
+        run(library())
 
 
 def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> None:
@@ -636,7 +675,7 @@ def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> Non
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     token = path.read_text().strip()
-    assert len(token) >= security.MIN_TOKEN_CHARS and token.isprintable()
+    assert token.startswith(security.TOKEN_PREFIX) and len(token) == security.TOKEN_CHARS
     assert security.load_token(path) == token
     # It does not overwrite a token by accident; --force makes a new one.
     assert_one_line_error(run_command("drafter-token", str(path)), "exists already")
@@ -645,7 +684,8 @@ def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> Non
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() != token
     printed = run_command("drafter-token")
-    assert printed.returncode == 0 and len(printed.stdout.strip()) >= security.MIN_TOKEN_CHARS
+    assert printed.returncode == 0
+    assert security.check_token(printed.stdout.strip(), "the printed token")
     # A token file lets the registry listen on every interface; the client needs it.
     token = path.read_text().strip()
     reg = start_registry("--package-path", str(package), "--laddr", "0.0.0.0:0",
@@ -658,3 +698,112 @@ def test_drafter_token_makes_a_usable_token(package: Path, workdir: Path) -> Non
             run(timed_pull(reg.port, expected, None, rounds=1))
     finally:
         assert reg.stop() == 0
+
+
+# --- a hostile hot set (issue 22, item 10) ------------------------------------------------
+
+
+def hot_package(directory: Path, disk_size: int, hot: dict[str, list[tuple[int, int]]]) -> Path:
+    """A package of 1 MiB memory and a sparse disk of ``disk_size``, with ``hot``."""
+    files: dict[str, Source | Path] = {}
+    for resource in RESOURCES[1:]:
+        files[resource] = directory / resource
+        with open(files[resource], "wb") as f:
+            f.write(resource.encode() * 100)
+            f.truncate({"memory": MIB, "disk": disk_size}.get(resource, 400))
+    path = directory / "hot.drft"
+    write_package(path, PackageConfig(1, 1, "console=ttyS0", "02:00:00:00:00:01"), files, hot)
+    return path
+
+
+def test_a_hostile_hot_set_is_expanded_once_not_per_handshake(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot member of many small ranges (it cost 0.61 s of the event loop per
+    handshake): the registry expands and encodes it once, whatever the number of
+    clients. Counted in calls, not time."""
+    hot = {"disk": [(i * 4096 + 17, 1) for i in range(40_000)]}  # ~0.6 MiB of JSON
+    package = hot_package(workdir, 1 << 30, hot)
+    spans = encodes = 0
+    real_span, real_encode = registry.chunk_span, wire.encode_hot
+
+    def counted_span(*args: int) -> range:
+        nonlocal spans
+        spans += 1
+        return real_span(*args)
+
+    def counted_encode(body: dict[int, list[int]]) -> bytes:
+        nonlocal encodes
+        encodes += 1
+        return real_encode(body)
+
+    monkeypatch.setattr(registry, "chunk_span", counted_span)
+    monkeypatch.setattr(wire, "encode_hot", counted_encode)
+
+    async def go() -> None:
+        server = await start_server(package, provider=PackageProvider(open_package(package), 4096))
+        try:
+            counts = []
+            for _ in range(3):
+                source = RemoteSource(f"{LOOPBACK}:{server.port}", retry_timeout=3)
+                await source.connect()
+                try:
+                    assert len(source.hot["disk"]) == 40_000
+                finally:
+                    await source.close()
+                counts.append((spans, encodes))
+        finally:
+            await server.close()
+        assert counts == [(40_000, 1)] * 3, counts  # all at open, then nothing per client
+
+    run(go())
+
+
+def test_a_hot_set_one_frame_cannot_hold_is_refused_at_open(workdir: Path) -> None:
+    """A hot set over one frame made every client refuse the registry while it logged
+    nothing: now the registry refuses the package, in one line, before serving."""
+    disk = (wire.MAX_HOT_CHUNKS + 10) * 4096
+    package = hot_package(workdir, disk, {"disk": [(0, disk)]})
+    with pytest.raises(DrafterError, match="more than one HOT frame holds"):
+        PackageProvider(open_package(package), 4096)
+    try:
+        result = run_command("drafter-registry", "--package-path", str(package), "--laddr",
+                             f"{LOOPBACK}:0", "--chunk-size", "4096", env=env_without_token(),
+                             timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the registry served a hot set no client can take")
+    assert_one_line_error(result, str(package), "hot ranges", "--chunk-size")
+    # At the default chunk size the same package is served, hot set and all.
+    provider = PackageProvider(open_package(package))
+    try:
+        assert len(provider.hot()["disk"]) == wire.chunk_count(disk, provider.chunk_size)
+    finally:
+        provider.close()
+
+
+def test_a_server_cuts_a_hot_set_to_one_frame_and_says_so(
+    package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider whose hot set outgrew one frame (a peer's): clients get its first
+    chunks, and the server a warning line, instead of a frame every client refuses."""
+
+    class Greedy(WrappedProvider):
+        def hot(self) -> dict[str, list[int]]:
+            return {"memory": [0] * (wire.MAX_HOT_CHUNKS + 100)}
+
+    async def go() -> None:
+        inner = PackageProvider(open_package(package), CHUNK)
+        server = await start_server(package, provider=Greedy(inner))
+        try:
+            source = RemoteSource(f"{LOOPBACK}:{server.port}", retry_timeout=3)
+            await source.connect()
+            try:
+                assert 0 < len(source.hot["memory"]) <= wire.MAX_BODY // 4
+            finally:
+                await source.close()
+        finally:
+            await server.close()
+
+    with caplog.at_level("WARNING", logger=SERVER_LOG):
+        run(go())
+    assert any("does not fit in one frame" in r.message for r in caplog.records)

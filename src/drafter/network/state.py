@@ -6,19 +6,25 @@ Layout (``state_dir`` defaults to /run/drafter)::
     daemon-{prefix}.json   pid and everything the daemon made (used to clean up after kill -9)
     netns/{namespace}.json what other commands need to know about one namespace
     follow/{address}.json  which namespace holds a stable address now (drafter.network.follow)
+
+Files are written owner-only (0600), and the directories the daemon makes 0700: they
+are root's business, and nothing in them is for other users.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from drafter import atomic
 from drafter.errors import DrafterError
 from drafter.network.namespaces import namespace_exists
 
@@ -84,11 +90,13 @@ def process_alive(pid: int, start_time: int | None = None) -> bool:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (rename of a temporary file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (rename of a temporary file that no link
+    planted beside it can redirect: :mod:`drafter.atomic`)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        atomic.write_file(path, (json.dumps(data, indent=2) + "\n").encode())
+    except OSError as e:
+        raise DrafterError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -123,9 +131,9 @@ class DaemonLock:
 
     def acquire(self, owner_hint: str = "") -> None:
         """Take the lock or raise DrafterError if another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -145,6 +153,26 @@ class DaemonLock:
                 self._fd = fd
                 return
             os.close(fd)
+
+    def _open(self) -> int:
+        """The lock file, made owner-only if new. A link planted at its name is never
+        followed, and a file that is not a plain one of ours (another user's, or a hard
+        link to something else) is refused: it is truncated and written once locked."""
+        refused = DrafterError(
+            f"refusing the lock file {self.path}: it is not a plain file of this user's "
+            "(a link, or someone else's file); remove it and start again"
+        )
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise refused from None
+            raise DrafterError(f"cannot open the lock file {self.path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            os.close(fd)
+            raise refused
+        return fd
 
     def release(self, remove: bool = True) -> None:
         """Drop the lock (removing the file first if ``remove``)."""

@@ -74,7 +74,8 @@ class _Conn:
 class RemoteSource:
     """Chunks of the resources served at ``raddr`` (HOST:PORT).
 
-    ``token`` is the shared secret (never sent; see docs/wire.md), ``tls_ca`` a PEM
+    ``token`` is the shared secret (never sent; see docs/wire.md; DrafterError unless
+    ``drafter-token`` made it), ``tls_ca`` a PEM
     file with the CA or self-signed certificate to trust; with it the connection uses
     TLS and the certificate must name the host of ``raddr`` (or ``tls_server_name``).
     ``compress`` is "auto" (zstd unless the server is on this host with a round trip
@@ -96,7 +97,7 @@ class RemoteSource:
         host, self.port = wire.parse_addr(raddr, "remote address")
         self.host = host or "127.0.0.1"
         self.raddr = wire.format_addr(self.host, self.port)
-        self.token = token or None
+        self.token = security.check_token(token, f"the client of {self.raddr}") if token else None
         if compress not in ("auto", "zstd", "none"):
             raise DrafterError(f"bad compression {compress!r}: auto, zstd or none")
         self.compress = compress

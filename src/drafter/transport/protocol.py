@@ -287,6 +287,25 @@ class Hashes:
 MAX_HASHES_PER_FRAME = (MAX_BODY - _HASHES.size) // HASH_SIZE
 
 
+# Chunk indices one HOT frame holds, with room for the entries of 16 resources.
+MAX_HOT_CHUNKS = (MAX_BODY - 16 * _HOT.size) // 4
+
+
+def fit_hot(hot: dict[int, list[int]]) -> tuple[dict[int, list[int]], bool]:
+    """``hot`` cut (at its end: the chunks touched last) to what one HOT frame holds,
+    and whether anything was cut."""
+    room = MAX_BODY
+    out: dict[int, list[int]] = {}
+    for resource, indices in hot.items():
+        room -= _HOT.size
+        if room < 0:
+            return out, True
+        take = min(len(indices), room // 4)
+        out[resource] = indices[:take]
+        room -= 4 * take
+    return out, sum(map(len, out.values())) < sum(map(len, hot.values()))
+
+
 def encode_hot(hot: dict[int, list[int]]) -> bytes:
     """HOT body: for each resource, its position, a count and the chunk indices."""
     parts = []

@@ -3,7 +3,8 @@
 Chunks are read in place from the package's member ranges with ``os.pread`` on a
 read-only descriptor. Every chunk's hash is computed once when the registry starts
 (holes are found with ``SEEK_DATA`` and never read); all-zero chunks are then never
-read again. The package file is never written.
+read again. The hot set is expanded to chunk indices once, at open, and refused there
+if one frame cannot carry it. The package file is never written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from drafter.chunks import RESOURCES, ZERO_HASH, chunk_length, chunk_span
 from drafter.errors import DrafterError
 from drafter.hashes import file_hashes
 from drafter.package import Package
+from drafter.transport import protocol as wire
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class PackageProvider:
         self.chunk_size = chunk_size
         self._members = {r: package.members[r] for r in RESOURCES if r != "config"}
         self._config = package.read("config")
+        self._hot = self._expand_hot()  # once: every handshake sends the same list
         try:
             self._fd = os.open(package.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -68,8 +71,16 @@ class PackageProvider:
 
     def hot(self) -> dict[str, list[int]]:
         """The package's hot ranges as chunk indices of this registry's chunk size, in
-        the order the VM first touched them."""
+        the order the VM first touched them (the same object every time)."""
+        return self._hot
+
+    def _expand_hot(self) -> dict[str, list[int]]:
+        """:meth:`hot`, worked out once at open. DrafterError if the ranges cover more
+        chunks (counted range by range, so overlaps too) than one HOT frame holds:
+        every client would refuse the frame, and a hostile hot member could make the
+        expansion itself cost minutes."""
         out: dict[str, list[int]] = {}
+        budget = wire.MAX_HOT_CHUNKS
         for resource, ranges in self.package.hot.items():
             if resource not in self._members:
                 continue
@@ -77,6 +88,14 @@ class PackageProvider:
             indices: dict[int, None] = {}
             for offset, length in ranges:
                 span = chunk_span(offset, min(offset + length, size) - offset, self.chunk_size)
+                budget -= len(span)
+                if budget < 0:
+                    raise DrafterError(
+                        f"{self.package.path}: its hot ranges cover more than "
+                        f"{wire.MAX_HOT_CHUNKS} chunks of {self.chunk_size} bytes, more than "
+                        "one HOT frame holds (every client would refuse it): repackage it, "
+                        "or serve it with a larger --chunk-size"
+                    )
                 indices.update(dict.fromkeys(span))
             out[resource] = list(indices)
         return out

@@ -18,10 +18,12 @@ key per direction derived from the token and both hellos.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 import secrets
 import ssl
+import stat
 from hashlib import sha256
 from pathlib import Path
 
@@ -31,46 +33,85 @@ from drafter.errors import DrafterError
 from drafter.transport.protocol import NONCE_SIZE, is_loopback, parse_addr
 
 TOKEN_ENV = "DRAFTER_TOKEN"
-MIN_TOKEN_CHARS = 32  # 128 bits as hex; new_token() gives 256 bits
+TOKEN_PREFIX = "drft1_"
+_TOKEN_BYTES = 32  # random bytes (256 bits; the format asks for no fewer than 128)
+_CHECK_BYTES = 4  # then a check over them, so a typed or made-up token is told apart
+TOKEN_CHARS = len(TOKEN_PREFIX) + (_TOKEN_BYTES + _CHECK_BYTES) * 4 // 3
 TAG_SIZE = 16
 _MAKE_ONE = "make one with `drafter-token FILE`"
 
 
+def _token_check(raw: bytes) -> bytes:
+    return blake3.blake3(b"drafter token v1\0" + raw).digest(length=_CHECK_BYTES)
+
+
 def new_token() -> str:
-    """A fresh random token (256 bits, URL-safe text)."""
-    return secrets.token_urlsafe(32)
+    """A fresh token: ``drft1_`` and 48 URL-safe base64 characters holding 256 random
+    bits and a 32-bit check over them (the only form :func:`check_token` accepts)."""
+    raw = secrets.token_bytes(_TOKEN_BYTES)
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(raw + _token_check(raw)).decode()
 
 
 def check_token(token: str, origin: str) -> str:
-    """``token`` if it is long enough to hold 128 bits of randomness, else DrafterError."""
-    if len(token) < MIN_TOKEN_CHARS:
+    """``token`` if it is one :func:`new_token` makes, else DrafterError (one line).
+
+    A token's strength cannot be measured, and one recorded plain-TCP handshake lets
+    a listener test guesses offline, so only the form ``drafter-token`` writes is
+    accepted: its random bits and the check over them. A password, a word or a
+    string typed by hand fails the check.
+    """
+    body = token[len(TOKEN_PREFIX) :]
+    ok = (
+        token.startswith(TOKEN_PREFIX)
+        and len(token) == TOKEN_CHARS
+        and all(c.isascii() and (c.isalnum() or c in "-_") for c in body)
+    )
+    if ok:
+        decoded = base64.urlsafe_b64decode(body)
+        ok = _token_check(decoded[:_TOKEN_BYTES]) == decoded[_TOKEN_BYTES:]
+    if not ok:
         raise DrafterError(
-            f"the token from {origin} is too short ({len(token)} characters, at least "
-            f"{MIN_TOKEN_CHARS} needed for 128 bits of randomness): {_MAKE_ONE}"
+            f"the token from {origin} is not one `drafter-token` makes "
+            f"({TOKEN_PREFIX}... with {TOKEN_CHARS - len(TOKEN_PREFIX)} characters after it; "
+            "a hand-made token can be guessed offline): "
+            f"{_MAKE_ONE} and give it to every side"
         )
-    if not token.isprintable():
-        raise DrafterError(f"the token from {origin} holds unprintable characters: {_MAKE_ONE}")
-    if len(set(token)) < 8:  # only catches the worst (a repeated character or word)
-        raise DrafterError(f"the token from {origin} is not random: {_MAKE_ONE}")
     return token
 
 
 def load_token(token_file: str | os.PathLike[str] | None) -> str | None:
     """The shared token: from ``token_file`` if given, else $DRAFTER_TOKEN, else None.
 
-    Surrounding whitespace (a trailing newline) is ignored; a short token is an error.
+    Surrounding whitespace (a trailing newline) is ignored; a token ``drafter-token``
+    did not make (:func:`check_token`), or a file that users other than its owner may
+    read or write, is an error.
     """
     if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise DrafterError(f"cannot read the token file {token_file}: {reason}") from None
+        token = _read_private(Path(token_file))
         if not token:
             raise DrafterError(f"the token file {token_file} is empty: {_MAKE_ONE}")
         return check_token(token, f"the token file {token_file}")
     token = os.environ.get(TOKEN_ENV, "").strip()
     return check_token(token, f"${TOKEN_ENV}") if token else None
+
+
+def _read_private(path: Path) -> str:
+    """The text of a token file that only its owner can read or change: one that
+    other users can read would hand them the VM, so it is refused, not used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if mode & 0o077:
+                raise DrafterError(
+                    f"the token file {path} can be read or changed by other users "
+                    f"(mode {mode:04o}): `chmod 600 {path}`, or make a new one with "
+                    "`drafter-token FILE`"
+                )
+            return f.read().decode().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DrafterError(f"cannot read the token file {path}: {reason}") from None
 
 
 def no_token_hint() -> str:

@@ -31,7 +31,7 @@ import zstandard
 from drafter.chunks import chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest, is_zero
-from drafter.transport import handshake
+from drafter.transport import handshake, security
 from drafter.transport import protocol as wire
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
@@ -184,6 +184,7 @@ class ChunkServer:
                 f"takes ({wire.MAX_CHUNKS}): use larger chunks"
             )
         self._config = provider.config()
+        self._hot: tuple[dict[str, list[int]], bytes] | None = None  # a hot set, encoded
         if len(self._config) > wire.MAX_BODY - 4096:
             raise DrafterError("the config does not fit in one frame")
         self._sockets: list[socket.socket] = []
@@ -207,9 +208,10 @@ class ChunkServer:
         more: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free),
-        and on each of ``more`` too (the same resources on every address)."""
+        and on each of ``more`` too (the same resources on every address). DrafterError
+        if ``token`` is not one ``drafter-token`` makes."""
         self._ssl = ssl
-        self._token = token or None
+        self._token = security.check_token(token, "the server's caller") if token else None
         self._closing = False
         sockets: list[socket.socket] = []
         try:
@@ -396,14 +398,31 @@ class ChunkServer:
                 part = b"".join(hashes[start : start + step])
                 channel.write(MsgType.HASHES, wire.Hashes(r, start, part).body())
                 await self._drain(channel)
-        hot: dict[int, list[int]] = {}
-        for name, indices in self.provider.hot().items():
-            if name in self._names:
-                r = self._names.index(name)
-                hot[r] = [i for i in indices if 0 <= i < self._chunks[r]]
-        channel.write(MsgType.HOT, wire.encode_hot(hot))
+        channel.write(MsgType.HOT, self._hot_body(self.provider.hot()))
         await self._drain(channel)
         return conn
+
+    def _hot_body(self, hot: dict[str, list[int]]) -> bytes:
+        """The HOT frame's body for the provider's hot set: encoded once per hot set
+        (a registry's never changes; a peer's may while its VM records one), and cut
+        to one frame, with a warning, rather than sent whole for every client to
+        refuse (a registry refuses such a package when it opens it)."""
+        if self._hot is not None and hot == self._hot[0]:  # a compare, not an encoding
+            return self._hot[1]
+        positions: dict[int, list[int]] = {}
+        for name, indices in hot.items():
+            if name in self._names:
+                r = self._names.index(name)
+                positions[r] = [i for i in indices if 0 <= i < self._chunks[r]]
+        fitted, cut = wire.fit_hot(positions)
+        if cut:
+            log.warning(
+                "the hot set (%d chunks) does not fit in one frame: sending its first %d",
+                sum(map(len, positions.values())), sum(map(len, fitted.values())),
+            )  # fmt: skip
+        # A copy: a provider may change its lists in place.
+        self._hot = ({name: list(v) for name, v in hot.items()}, wire.encode_hot(fitted))
+        return self._hot[1]
 
     async def _drain(self, channel: Channel) -> None:
         if not channel.must_wait():
