@@ -77,6 +77,14 @@ def member_name(resource: str) -> str:
     return f"drafter.drft{resource}"
 
 
+class PackageWriteError(DrafterError):
+    """A package could not be written (a full disk, say); the old one is untouched."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot write package {path}: {reason}")
+        self.reason = reason
+
+
 @dataclass
 class PackageConfig:
     """What the package's config member records: the VM's shape and the resources'
@@ -502,7 +510,7 @@ def write_package(
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise DrafterError(f"cannot write package {path}: {e.strerror or e}") from None
+        raise PackageWriteError(path, e.strerror or str(e)) from None
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

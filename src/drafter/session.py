@@ -119,6 +119,15 @@ class VMSession:
             raise DrafterError("the VM is not running")
         await self.suspend(timings)
         await self.stop()
+        await self.write_stopped(output, hot, key)
+
+    async def write_stopped(
+        self, output: Path, hot: Callable[[], HotRanges], key: bytes | None = None
+    ) -> None:
+        """Write the VM, suspended and its QEMU stopped, to the package ``output``
+        (atomically); may be called again after it failed (nothing was changed)."""
+        if self.config is None:
+            raise DrafterError("the VM is not running")
         sources: dict[str, Source | Path] = {"state": self.state, **self.devices}
         await asyncio.to_thread(write_package, output, self.config, sources, hot(), key)
 

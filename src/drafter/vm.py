@@ -30,6 +30,7 @@ from drafter.package import (
     HotRanges,
     Package,
     PackageConfig,
+    PackageWriteError,
     copy_file_sparse,
     open_package,
     write_package,
@@ -145,6 +146,20 @@ async def package_blueprint(
     return timings
 
 
+class FlushFailed(DrafterError):
+    """A suspended VM could not be written to its package; nothing is lost yet."""
+
+    def __init__(self, target: Path, reason: str, kept: int) -> None:
+        super().__init__(
+            f"could not write {target}: {reason}. Nothing is lost yet: the VM is "
+            f"suspended and its state and {kept / (1 << 20):.0f} MiB of chunks changed "
+            "since its resume are kept until this process exits"
+        )
+        self.target = target
+        self.reason = reason
+        self.kept = kept
+
+
 @dataclass
 class LocalVM:
     """A VM resumed from a local package; ``suspend_and_flush`` writes it back.
@@ -170,6 +185,7 @@ class LocalVM:
     timings: snapshot.Timings = field(default_factory=snapshot.Timings)
     package: Package | None = None
     session: VMSession | None = None
+    suspended: bool = False  # its QEMU stopped, its state saved: only writes remain
     _hot: HotSet | None = None
 
     @property
@@ -225,15 +241,40 @@ class LocalVM:
         if session is None or session.machine is None or self.package is None:
             raise DrafterError("the VM is not running")
         start = time.monotonic()
-        target = self.output or self.package_path
+        await session.suspend(self.timings)
+        await session.stop()
+        self.suspended = True
         if self.persist:
-            await session.write_package(target, self.hot, self.timings, self.key)
-        else:
-            await session.suspend(self.timings)
-            await session.stop()
-        took = time.monotonic() - start
-        log.info("flushed the snapshot to %s in %.2fs", target, took)
-        return took
+            await self.write_back()
+        return time.monotonic() - start
+
+    async def write_back(self) -> None:
+        """Write the suspended VM to its package (after :meth:`suspend_and_flush`
+        stopped it). FlushFailed if it cannot: nothing is lost then (the VM's state
+        and devices stay here until :meth:`close`) and it may be called again."""
+        session = self.session
+        if session is None or not self.suspended:
+            raise DrafterError("the VM is not suspended")
+        target = self.output or self.package_path
+        start = time.monotonic()
+        try:
+            await session.write_stopped(target, self.hot, self.key)
+        except PackageWriteError as e:
+            raise FlushFailed(target, e.reason, self.changed_bytes()) from None
+        except OSError as e:
+            raise FlushFailed(target, e.strerror or str(e), self.changed_bytes()) from None
+        log.info("flushed the snapshot to %s in %.2fs", target, time.monotonic() - start)
+
+    def changed_bytes(self) -> int:
+        """Bytes of the chunks the VM changed since its resume (what a flush keeps)."""
+        if self.session is None:
+            return 0
+        return sum(
+            device.chunk_length(index)
+            for device in self.session.devices.values()
+            for index, here in enumerate(device.local)
+            if here
+        )
 
     async def close(self) -> None:
         """Stop the VM (without saving), unmount, and remove the work files."""

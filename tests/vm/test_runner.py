@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 
 from support.common import command, stop_process
@@ -66,3 +67,40 @@ def test_forwarder_carries_a_redis_session(redis_package, network, workdir) -> N
         finally:
             assert stop_process(fwd) == 0
         ctrl_c(proc)
+
+
+def test_a_flush_onto_a_full_disk_keeps_the_vm_until_it_can_be_written(
+    redis_package, network, workdir
+) -> None:
+    """Ctrl-C with the output on a full file system: one line says nothing is lost
+    yet and the runner keeps the suspended VM; once there is room, Ctrl-C again
+    writes it, with the write made before the first Ctrl-C."""
+    package = copy_package(redis_package, workdir)
+    small = workdir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(small)], check=True)
+    try:
+        out = small / "out.drft"
+        with runner(package, network.name(1), "--package-output-path", str(out)) as proc:
+            assert wait_for_redis(network.info(1).external_address).set("kept", "through it")
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            lines = [proc.stderr.readline()]
+            while "could not write" not in lines[-1] and lines[-1]:
+                lines.append(proc.stderr.readline())
+            said = lines[-1]
+            assert "No space left on device" in said and "Nothing is lost yet" in said, (
+                "".join(lines) + proc.stdout.read()  # type: ignore[union-attr]
+            )
+            assert proc.poll() is None  # it waits
+            assert list(small.iterdir()) == []  # no half-written package
+            subprocess.run(["mount", "-o", "remount,size=2G", str(small)], check=True)
+            proc.send_signal(signal.SIGINT)
+            out_text, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert "snapshot written" in out_text
+        with runner(out, network.name(1)) as proc:
+            assert wait_for_redis(network.info(1).external_address).get("kept") == b"through it"
+            ctrl_c(proc)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

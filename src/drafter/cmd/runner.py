@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from drafter.cmd import storeflags
 from drafter.errors import DrafterError
 from drafter.network.follow import Follower
 from drafter.network.follow import add_flags as add_follow_flags
-from drafter.vm import LocalVM
+from drafter.vm import FlushFailed, LocalVM
 
 PROG = "drafter-runner"
 
@@ -118,16 +119,51 @@ async def _until_ctrl_c(
         attach.cancel()
     if fenced.is_set() and checkpoints is not None:
         raise DrafterError(checkpoints.fenced or "the VM's lease was taken over")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: None)  # finish the flush first
+    again, give_up = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, again.set)  # during the flush: only if it fails
+    loop.add_signal_handler(signal.SIGTERM, give_up.set)
     if checkpoints is not None:
         await checkpoints.hold()  # no checkpoint meets the suspend; the lease is renewed on
-    took = await vm.suspend_and_flush()
+    try:
+        took = await vm.suspend_and_flush()
+    except FlushFailed as failed:
+        took = await write_back_when_asked(vm, failed, again, give_up)
     what = "discarded (--persist=false)"
     if vm.persist:
         what = f"written to {a.package_output_path}" if a.package_output_path else "written back"
     print(f"snapshot {what} in {took:.2f}s", flush=True)
     return 0
+
+
+async def write_back_when_asked(
+    vm: LocalVM, failed: FlushFailed, again: asyncio.Event, give_up: asyncio.Event
+) -> float:
+    """A flush failed (a full disk, say): say what is at stake and keep the suspended
+    VM until the user either frees space and asks again (``again``: Ctrl-C) or gives
+    up (``give_up``: SIGTERM; DrafterError naming what is lost). Seconds the write
+    that succeeded took."""
+    while True:
+        print(f"{PROG}: {failed}; free space and press Ctrl-C to write it again "
+              "(SIGTERM gives them up)", file=sys.stderr, flush=True)  # fmt: skip
+        again.clear()
+        asked = asyncio.ensure_future(again.wait())
+        quit_ = asyncio.ensure_future(give_up.wait())
+        await asyncio.wait([asked, quit_], return_when="FIRST_COMPLETED")
+        asked.cancel()
+        quit_.cancel()
+        if give_up.is_set():
+            raise DrafterError(
+                f"gave up writing {failed.target}: the VM's "
+                f"{failed.kept / (1 << 20):.0f} MiB of changes since its resume are lost; "
+                f"{vm.package_path} holds it as it was when it resumed"
+            )
+        start = time.monotonic()
+        try:
+            await vm.write_back()
+        except FlushFailed as e:
+            failed = e
+            continue
+        return time.monotonic() - start
 
 
 def main(argv: list[str] | None = None) -> int:
