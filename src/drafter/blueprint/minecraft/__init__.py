@@ -78,7 +78,9 @@ def settings(version: str) -> dict[str, object]:
         "difficulty": 1,
         "worldFolder": WORLD_DIR + "/world",
         "generation": {"name": "superflat", "options": {"worldHeight": 80}},
-        "kickTimeout": 10000,
+        # A player is dropped after this long without keep-alive answers; flying-squid's
+        # 10 s is too short on an emulated CPU, where a player's chunks can take longer.
+        "kickTimeout": 30000,
         "plugins": {},
         "modpe": False,
         "view-distance": 4,
