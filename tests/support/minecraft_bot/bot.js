@@ -44,7 +44,7 @@ bot.once('spawn', () => {
   say('spawn', { ms: Date.now() - started, x: Math.floor(p.x), y: Math.floor(p.y), z: Math.floor(p.z) })
 })
 bot.on('chat', (from, message) => { if (from === username) say('chat', { text: message }) })
-bot.on('kicked', (reason) => say('kicked', { reason: String(reason) }))
+bot.on('kicked', (reason) => say('kicked', { reason: typeof reason === 'string' ? reason : JSON.stringify(reason) }))
 bot.on('error', (e) => say('error', { message: String(e && e.message ? e.message : e) }))
 bot.on('end', (reason) => { say('end', { reason: String(reason) }); process.exit(0) })
 
