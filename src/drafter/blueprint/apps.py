@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from drafter.blueprint import container
+from drafter.blueprint import container, minecraft
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class AppRecipe:
     port: int = 0  # liveness waits until this port accepts connections (0: don't wait)
     setup: str = ""  # shell run in the chroot after installation
     disk_size: str = "384M"
+    # A directory built on the host at blueprint time (by the app's module, e.g.
+    # minecraft.stage) and copied to this path in the guest before ``setup`` runs.
+    payload: str = ""
 
 
 REDIS = AppRecipe(
@@ -52,6 +55,22 @@ echo "host all all 0.0.0.0/0 trust" >> "$conf/pg_hba.conf"
 
 NONE = AppRecipe(name="none")
 
+
+def minecraft_recipe(version: str = minecraft.DEFAULT_VERSION) -> AppRecipe:
+    """flying-squid serving Minecraft ``version`` (checked: MinecraftError if not served)."""
+    return AppRecipe(
+        name="minecraft",
+        packages=["nodejs"],
+        service=minecraft.SERVICE,
+        port=minecraft.PORT,
+        setup=minecraft.guest_setup(minecraft.check_version(version)),
+        disk_size="640M",
+        payload=minecraft.GUEST_DIR,
+    )
+
+
+MINECRAFT = minecraft_recipe()
+
 # The base of ``drafter-blueprint --oci-image``: the OCI runtime and the service that
 # starts the container; the image itself is added per image (see oci.py).
 OCI = AppRecipe(
@@ -66,4 +85,4 @@ update-rc.d {container.SERVICE} defaults >/dev/null
 """,
 )
 
-RECIPES: dict[str, AppRecipe] = {r.name: r for r in (REDIS, POSTGRESQL, NONE)}
+RECIPES: dict[str, AppRecipe] = {r.name: r for r in (REDIS, POSTGRESQL, MINECRAFT, NONE)}

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from drafter.blueprint import container, disk, initramfs, kernel, oci
-from drafter.blueprint.apps import OCI, RECIPES, AppRecipe
+from drafter.blueprint import container, disk, initramfs, kernel, minecraft, oci
+from drafter.blueprint.apps import OCI, RECIPES, AppRecipe, minecraft_recipe
 from drafter.errors import DrafterError
 from drafter.progress import Steps
 
@@ -47,11 +47,16 @@ class BlueprintSpec:
     customize_script: str = ""  # shell text run in the chroot
     kernel_path: str = ""  # the user's own ELF vmlinux; empty: Debian's cloud kernel
     oci: oci.OciOptions | None = None  # an OCI image run as the VM's service (app "oci")
+    minecraft_version: str = ""  # app "minecraft": empty is minecraft.DEFAULT_VERSION
 
     def recipe(self) -> AppRecipe:
-        """The app's recipe; DrafterError for an unknown app."""
+        """The app's recipe; DrafterError for an unknown app or version."""
+        if self.minecraft_version and self.app != "minecraft":
+            raise DrafterError("--minecraft-version needs --app minecraft")
         if self.oci is not None:
             return OCI
+        if self.app == "minecraft":
+            return minecraft_recipe(self.minecraft_version or minecraft.DEFAULT_VERSION)
         try:
             return RECIPES[self.app]
         except KeyError:
@@ -135,8 +140,9 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
         if spec.oci is not None:  # a bad image fails here, before anything is built
             with steps.step(f"OCI image {spec.oci.image} (copied, checked)"):
                 image = stack.enter_context(oci.open_image(spec.oci, cache))
+        payload = _payload(spec, recipe, cache, steps)  # no npm: fails before the kernel
         kdir = _kernel(spec, cache, steps)
-        rkey, tree = _rootfs(spec, recipe, cache, steps)
+        rkey, tree = _rootfs(spec, recipe, payload, cache, steps)
         if image is None or spec.oci is None:
             ddir = _disk(cache, _key("disk", rkey, size), size, steps, lambda d: tree)
         else:
@@ -172,7 +178,9 @@ def _kernel(spec: BlueprintSpec, cache: Path, steps: Steps) -> Path:
     return cache / f"kernel-{kkey}"
 
 
-def _rootfs(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -> tuple[str, Path]:
+def _rootfs(
+    spec: BlueprintSpec, recipe: AppRecipe, payload: Path | None, cache: Path, steps: Steps
+) -> tuple[str, Path]:
     """The root tree, keyed by what is installed: (its key, the tree)."""
     packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
     net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
@@ -184,6 +192,7 @@ def _rootfs(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -
         asdict(net),
         spec.customize_script,
         _guest_code_hash(),
+        payload.parent.name if payload else "",  # the staged files, by their key
     )
     with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, present):
         if present:
@@ -191,9 +200,29 @@ def _rootfs(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -
         else:
             with steps.step(f"root file system: Debian bookworm + {recipe.name}"):
                 disk.install_rootfs(rdir / "tree", packages)
+            if payload is not None:
+                target = rdir / "tree" / recipe.payload
+                target.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["cp", "-a", str(payload), str(target)], check=True)
             with steps.step("guest configuration, agent and liveness"):
                 disk.customize(rdir / "tree", recipe, net, spec.customize_script)
     return rkey, cache / f"rootfs-{rkey}" / "tree"
+
+
+def _payload(spec: BlueprintSpec, recipe: AppRecipe, cache: Path, steps: Steps) -> Path | None:
+    """The app's files built on the host (cached by what makes them), or None."""
+    if not recipe.payload:
+        return None
+    version = spec.minecraft_version or minecraft.DEFAULT_VERSION
+    name = f"minecraft-{minecraft.stage_key(version)}"
+    with _cache_entry(cache, name) as (sdir, present):
+        if present:
+            steps.skip(f"Minecraft server {version} (cached)")
+        else:
+            with steps.step(f"Minecraft server {version}: flying-squid from the npm registry"):
+                minecraft.stage(sdir / "server", version)
+            shutil.rmtree(sdir / "npm-cache", ignore_errors=True)
+    return cache / name / "server"
 
 
 def _disk(

@@ -8,6 +8,7 @@ from pathlib import Path
 from drafter import cli
 from drafter.blueprint.apps import RECIPES
 from drafter.blueprint.builder import BlueprintSpec, build
+from drafter.blueprint.minecraft import DEFAULT_VERSION
 from drafter.blueprint.oci import OciOptions, parse_args_list
 from drafter.errors import DrafterError
 from drafter.progress import Steps
@@ -19,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser(PROG, "Build a blueprint (kernel, initramfs, disk) from Debian packages.")
     p.add_argument(
         "--app", default=None, help=f"application: {', '.join(sorted(RECIPES))} (default: redis)"
+    )
+    p.add_argument(
+        "--minecraft-version",
+        default="",
+        metavar="V",
+        help=f"with --app minecraft: the Minecraft Java version (default: {DEFAULT_VERSION})",
     )
     p.add_argument(
         "--disk-size", default="", help="disk image size (default: the app's, e.g. 384M)"
@@ -66,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
 
     def body() -> int:
-        cli.require_root(PROG)
         script = ""
         if args.customize_script:
             try:
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             customize_script=script,
             kernel_path=args.kernel_path,
             oci=options,
+            minecraft_version=args.minecraft_version,
         )
+        spec.recipe()  # an unknown app or version is refused before the root check
+        cli.require_root(PROG)
         bp = build(spec, Path(args.output_dir), Path(args.cache_dir), Steps())
         print(f"blueprint ready: {bp.kernel}, {bp.initramfs}, {bp.disk}")
         return 0
