@@ -157,9 +157,16 @@ class Symlink:
     target: str
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A file whose header claims ``size`` bytes that never follow (the layer ends)."""
+
+    size: int
+
+
 def craft_layout(
     layout: Path,
-    entries: list[tuple[str, bytes | Symlink]],
+    entries: list[tuple[str, bytes | Symlink | Claimed]],
     tag: str = "crafted",
     cmd: list[str] | None = ["/bin/sh"],  # noqa: B006 (never changed)
     arch: str = "amd64",
@@ -177,6 +184,10 @@ def craft_layout(
                 info.type = tarfile.SYMTYPE
                 info.linkname = data.target
                 tar.addfile(info)
+            elif isinstance(data, Claimed):
+                info.size = data.size
+                buf.write(info.tobuf(format=tarfile.PAX_FORMAT))  # and no data
+                break
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

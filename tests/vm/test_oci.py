@@ -31,6 +31,7 @@ from support.common import CACHE, OUT, TMP_PREFIX, assert_one_line_error, run_co
 from support.net import free_port
 from support.oci_images import (
     HTTP_PORT,
+    Claimed,
     Symlink,
     busybox_image,
     copy_layout,
@@ -333,6 +334,18 @@ BAD_IMAGES = {
         lambda layout, w: str(craft_layout(w / "e", [("etc/.wh.", b"")])),
         "malformed whiteout",
     ),
+    "whiteout of the directory itself": (
+        lambda layout, w: str(craft_layout(w / "e", [("etc/.wh..", b"")])),
+        "whiteout of '.'",
+    ),
+    "whiteout of the parent": (
+        lambda layout, w: str(craft_layout(w / "e", [("etc/.wh...", b"")])),
+        "whiteout of '..'",
+    ),
+    "a layer that unpacks to 5 GiB": (  # refused from its header, nothing written
+        lambda layout, w: str(craft_layout(w / "e", [("etc/x", b""), ("big", Claimed(5 << 30))])),
+        "unpack to more than 4096 MiB",
+    ),
 }
 
 
@@ -363,9 +376,23 @@ def test_a_path_through_a_symlink_stays_inside_the_root(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "flags",
+    [["--oci-max-size", "1M"], ["--disk-size", "1M"]],
+)
+def test_an_image_past_the_size_asked_for_is_refused_before_it_unpacks(
+    workdir: Path, flags: list[str]
+) -> None:
+    layout = craft_layout(workdir / "e", [("etc/a", b"a" * (600 << 10)), ("b", b"b" * (600 << 10))])
+    result = blueprint(str(layout), workdir / "bp", *flags)
+    assert_one_line_error(result, "unpack to more than 1 MiB", "at b")
+    assert not (workdir / "bp").exists()
+
+
+@pytest.mark.parametrize(
     "flags, needle",
     [
         (["--disk-size", "64M"], "too small"),
+        (["--oci-max-size", "lots"], "bad size"),
         (["--oci-env", "NOEQUALS"], "KEY=VALUE"),
         (["--oci-ready-port", "70000"], "not a TCP port"),
         (["--oci-cmd", "[1, 2]"], "JSON array of strings"),

@@ -139,7 +139,7 @@ def build(spec: BlueprintSpec, out_dir: Path, cache: Path, steps: Steps | None =
         image = None
         if spec.oci is not None:  # a bad image fails here, before anything is built
             with steps.step(f"OCI image {spec.oci.image} (copied, checked)"):
-                image = stack.enter_context(oci.open_image(spec.oci, cache))
+                image = stack.enter_context(oci.open_image(spec.oci, cache, size))
         payload = _payload(spec, recipe, cache, steps)  # no npm: fails before the kernel
         kdir = _kernel(spec, cache, steps)
         rkey, tree = _rootfs(spec, recipe, payload, cache, steps)

@@ -34,6 +34,7 @@ from drafter.errors import DrafterError
 log = logging.getLogger(__name__)
 
 ARCH = "amd64"  # the guest kernel's architecture
+DEFAULT_MAX_SIZE = 4 << 30  # what an image's layers may unpack to, unless told
 WORK_TAG = "image"  # the tag of the image in our private layout
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -49,6 +50,7 @@ class OciOptions:
     workdir: str = ""
     user: str = ""
     ready_port: int = 0  # liveness also waits for this TCP port (0: don't)
+    max_size: int = 0  # the most bytes its layers may unpack to (0: DEFAULT_MAX_SIZE)
 
     def overrides(self) -> dict[str, Any]:
         """What changes the unpacked bundle (part of its cache key)."""
@@ -287,8 +289,9 @@ def import_image(ref: ImageRef, layout: Path) -> ImportedImage:
 
 
 @contextlib.contextmanager
-def open_image(options: OciOptions, workroot: Path) -> Iterator[ImportedImage]:
-    """The image ``options`` name, copied and checked (platform, layers, a command).
+def open_image(options: OciOptions, workroot: Path, limit: int = 0) -> Iterator[ImportedImage]:
+    """The image ``options`` name, copied and checked (platform, layers, a command,
+    at most ``limit`` bytes unpacked: 0, its ``max_size`` or DEFAULT_MAX_SIZE).
 
     The private copy lives under ``workroot`` and is removed afterwards.
     """
@@ -296,7 +299,7 @@ def open_image(options: OciOptions, workroot: Path) -> Iterator[ImportedImage]:
     workroot.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=workroot) as tmp:
         image = import_image(ref, Path(tmp) / "layout")
-        check_layers(image)
+        check_layers(image, limit or options.max_size or DEFAULT_MAX_SIZE)
         check_command(image, options)
         yield image
 
@@ -356,12 +359,16 @@ def _entries(tar: tarfile.TarFile, stream: IO[bytes]) -> Iterator[tarfile.TarInf
         yield entry
 
 
-def check_layers(image: ImportedImage) -> None:
-    """Refuse an image whose layers name a path (or whiteout) outside the root.
+def check_layers(image: ImportedImage, limit: int = DEFAULT_MAX_SIZE) -> None:
+    """Refuse an image whose layers name a path (or whiteout) outside the root, a
+    whiteout of ``.`` or ``..``, or whose files add up to more than ``limit`` bytes.
 
     The unpacker clamps such names into the root; an image that has them is broken
-    or hostile, so the user hears about it instead.
+    or hostile, so the user hears about it instead. The sizes are counted from the
+    entries' headers as the layers stream by, so a layer that would unpack to far
+    more than it weighs (a compression bomb) is refused before anything is written.
     """
+    total = 0
     for n, desc in enumerate(image.manifest.get("layers", []), start=1):
         digest = desc.get("digest", "")
         where = f"OCI image {image.ref.text}: layer {n} ({digest[:19]})"
@@ -380,6 +387,15 @@ def check_layers(image: ImportedImage) -> None:
                         )
                     if base == ".wh." or (base.startswith(".wh..wh.") and base != ".wh..wh..opq"):
                         raise DrafterError(f"{where} has a malformed whiteout: {entry.name}")
+                    if base in (".wh..", ".wh..."):  # a whiteout of "." or ".."
+                        raise DrafterError(f"{where} has a whiteout of {base[4:]!r}: {entry.name}")
+                    total += entry.size if entry.isreg() else 0
+                    if total > limit:
+                        raise DrafterError(
+                            f"OCI image {image.ref.text}: its layers unpack to more than "
+                            f"{limit >> 20} MiB (layer {n} is past it at {entry.name}); "
+                            "allow more with --oci-max-size or --disk-size"
+                        )
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as e:
             raise DrafterError(f"{where} is not a readable tar: {e}") from None
 

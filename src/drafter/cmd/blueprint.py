@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from drafter import cli
+from drafter.blueprint import disk
 from drafter.blueprint.apps import RECIPES
 from drafter.blueprint.builder import BlueprintSpec, build
 from drafter.blueprint.minecraft import DEFAULT_VERSION
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PORT",
         help="liveness also waits until this TCP port accepts connections",
     )
+    oci_group.add_argument(
+        "--oci-max-size",
+        default="",
+        metavar="SIZE",
+        help="the most the image's layers may unpack to (default: --disk-size if given, else 4G)",
+    )
     p.add_argument("--output-dir", default="out/blueprint", help="where the blueprint goes")
     p.add_argument("--cache-dir", default="out/cache", help="content-addressed build cache")
     args = p.parse_args(argv)
@@ -93,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 workdir=args.oci_workdir,
                 user=args.oci_user,
                 ready_port=args.oci_ready_port,
+                max_size=disk.parse_size(args.oci_max_size) if args.oci_max_size else 0,
             )
         else:
             used = [f for f in ("oci_entrypoint", "oci_cmd") if getattr(args, f) is not None]
-            used += [f for f in ("oci_env", "oci_workdir", "oci_user", "oci_ready_port")
+            used += [f for f in ("oci_env", "oci_workdir", "oci_user", "oci_ready_port",
+                                 "oci_max_size")
                      if getattr(args, f)]  # fmt: skip
             if used:
                 flag = "--" + used[0].replace("_", "-")
