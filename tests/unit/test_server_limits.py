@@ -249,8 +249,10 @@ def test_more_than_1024_outstanding_requests_are_too_many(
                 assert kind == MsgType.CHUNK
         raw.abort()
         await server.close()
-        # 1025 at once at a server that answers one every 50 ms are one too many.
-        server = await start_server(package, delay=0.05)
+        # 1025 at once at a server whose chunks take 2 s each are one too many (the
+        # first answers must not come before the server read the 1025th request: with
+        # 50 ms, a loaded machine once read the requests more slowly than that).
+        server = await start_server(package, delay=2.0)
         try:
             raw = await raw_connect(server.port)
             for n in range(1025):
