@@ -78,6 +78,7 @@ def many_descriptors() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.slow
 def test_idle_half_sent_requests_take_neither_threads_nor_descriptors(many_descriptors) -> None:
     """1000 connections that send half a request and wait: the server keeps its
     thread count and at most its cap of descriptors, and a scrape still answers."""

@@ -179,6 +179,7 @@ def test_the_connection_cap_pauses_accepting(package: Path) -> None:
     run(go())
 
 
+@pytest.mark.slow
 def test_clients_that_do_not_read_are_dropped(
     package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -392,6 +393,7 @@ def test_running_out_of_descriptors_does_not_spin(
     assert len(stderr.splitlines()) < 60, stderr  # one line per dropped connection at most
 
 
+@pytest.mark.slow
 def test_registry_memory_and_speed_under_attack(
     package: Path, token_file: Path, workdir: Path
 ) -> None:

@@ -707,6 +707,7 @@ def test_registry_command(package: Path, workdir: Path) -> None:
     assert sha256(package) == before
 
 
+@pytest.mark.slow
 def test_thousands_of_requests_at_once_stay_under_the_servers_limit(workdir: Path) -> None:
     """A client asked for far more chunks at once than a connection may have outstanding
     (as a peer's hot set can be, at small chunk sizes): it paces its requests, every
