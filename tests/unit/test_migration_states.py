@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import drafter.migration as migration
 from drafter.device import Device, Priority
 from drafter.errors import DrafterError
 from drafter.migration import (
@@ -221,6 +222,11 @@ async def wait_until(check, timeout: float = 5.0) -> None:  # type: ignore[no-un
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def offer_body() -> bytes:
+    """An offer with a fresh key share (a destination's half of the migration key)."""
+    return migration.encode_offer_call(migration.KeyShare())
 
 
 def run(coro) -> None:  # type: ignore[no-untyped-def]
@@ -450,6 +456,73 @@ def test_only_the_migration_s_owner_can_take_it_over_or_end_it(tmp_path: Path) -
     run(main())
 
 
+def test_a_third_party_that_knows_the_id_cannot_end_abort_or_take_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Issue 22, item 3: another connection (a token holder that learnt the id, from a
+    log or the wire) names the migration: DONE would stop the source's VM, ABORT after
+    the grant would resume it while the destination runs it, RESUME or HANDOVER would
+    make its connection the destination's. Each is refused and changes nothing; so is a
+    replay of a call the destination made, and a forged proof."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            mid = dest.migration_id
+            attacker = await p.connect()
+            forged = b'{"migration": "%s", "seq": 99, "proof": "%s"}' % (mid.encode(), b"0" * 32)
+            for kind in (MsgType.MIGRATE_DONE, MsgType.MIGRATE_ABORT, MsgType.MIGRATE_RESUME,
+                         MsgType.MIGRATE_HANDOVER):  # fmt: skip
+                for body in (encode_id(mid), forged):
+                    with pytest.raises(DrafterError) as e:
+                        await attacker.call(kind, body)
+                    assert no_migration(e.value), (kind, body, e.value)
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            assert not p.vm.finished and p.vm.resumes == 0
+            # What the destination sent, seen on the wire and sent again: refused.
+            seen = dest.signed(MsgType.MIGRATE_RESUME)
+            await dest.remote.call(MsgType.MIGRATE_RESUME, seen)
+            with pytest.raises(DrafterError) as e:
+                await attacker.call(MsgType.MIGRATE_RESUME, seen)
+            assert no_migration(e.value)
+            assert p.source.migrating is not None and p.source.migrating.peer != ""
+            # Its own connection still owns the migration: losing the attacker's does not
+            # make the source think the destination is gone.
+            await attacker.close()
+            await asyncio.sleep(0.1)
+            assert not p.source.destination_lost
+            await dest.pull_missing()
+            assert await dest.finish()
+            assert p.source.phase is Phase.DONE and p.vm.resumes == 0
+
+    run(main())
+
+
+def test_the_migration_id_is_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22, item 3: the id names the migration; the logs give a fingerprint."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            await dest.switch_over()
+            p.proxy.cut()  # a reconnect: the "is back" and "asked again" lines
+            await dest.hand_over()
+            await dest.pull_missing()
+            assert await dest.finish()
+            return dest.migration_id
+
+    caplog.set_level("DEBUG")
+    mid = asyncio.run(asyncio.wait_for(main(), 60))
+    offered = [r.getMessage() for r in caplog.records if "offered" in r.getMessage()]
+    assert offered, "the offer is logged"
+    for record in caplog.records:
+        assert mid not in record.getMessage(), record.getMessage()
+
+
 def test_a_second_offer_is_busy_and_pre_copy_calls_only_count_from_the_owner(
     tmp_path: Path,
 ) -> None:
@@ -472,7 +545,7 @@ def test_an_idle_offer_times_out_and_the_next_destination_migrates(tmp_path: Pat
     async def main() -> None:
         async with pair(tmp_path, offer_timeout=0.3) as p:
             idle = await p.connect()
-            await idle.call(MsgType.MIGRATE_OFFER)
+            await idle.call(MsgType.MIGRATE_OFFER, offer_body())
             await wait_until(lambda: p.source.phase is Phase.IDLE)
             dest = await p.destination()
             await dest.precopy()
@@ -515,17 +588,24 @@ def test_an_abort_before_the_grant_resumes_the_vm_at_the_source(tmp_path: Path) 
     run(main())
 
 
-def test_an_abort_after_the_grant_but_before_the_run_gives_the_vm_back(
-    tmp_path: Path,
-) -> None:
+def test_after_the_grant_an_abort_is_refused_and_the_vm_stays_paused(tmp_path: Path) -> None:
+    """Once granted the destination may have run the VM: an abort, even one that
+    proves the migration key, must not make a second copy run at the source."""
+
     async def main() -> None:
         async with pair(tmp_path) as p:
             dest = await p.destination()
             await dest.precopy()
             await dest.switch_over()
             await dest.hand_over()
-            await dest.abort()  # granted, but the VM never ran here
-            assert p.source.phase is Phase.IDLE and p.vm.running_here
+            await dest.abort()  # granted, never ran: says so, sends nothing
+            assert dest.phase is DestinationPhase.FAILED
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            with pytest.raises(DrafterError, match="may have run at the destination") as e:
+                await dest.remote.call(MsgType.MIGRATE_ABORT, dest.signed(MsgType.MIGRATE_ABORT))
+            assert not no_migration(e.value)  # refused, not "taken back": it is still ours
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            assert p.vm.resumes == 0
 
     run(main())
 
@@ -634,13 +714,13 @@ def test_a_lost_switch_over_answer_is_answered_again(tmp_path: Path) -> None:
             first = await dest.remote.call(MsgType.MIGRATE_SUSPENDED, encode_id(dest.migration_id))
             # The answer was lost on a cut: the destination, reconnected, asks again.
             again = await p.connect()
-            body = encode_id(dest.migration_id)
+            body = dest.signed(MsgType.MIGRATE_SUSPENDED)
             assert await again.call(MsgType.MIGRATE_SUSPENDED, body) == first
             assert p.source.migrating is not None and p.vm.suspends == 1
             other = await p.connect()
             with pytest.raises(DrafterError, match="no such switched-over migration"):
                 await other.call(MsgType.MIGRATE_SUSPENDED, encode_id("another"))
-            await again.call(MsgType.MIGRATE_HANDOVER, body)
+            await again.call(MsgType.MIGRATE_HANDOVER, dest.signed(MsgType.MIGRATE_HANDOVER))
             assert p.source.phase is Phase.HANDED_OVER
             assert p.source.migration is not None and p.source.migration.answer is None
 
@@ -674,7 +754,7 @@ def test_a_lost_grant_answer_is_granted_again(tmp_path: Path) -> None:
             await dest.switch_over()
             # The source granted, the answer never came back: asked again, granted again.
             other = await p.connect()
-            await other.call(MsgType.MIGRATE_HANDOVER, encode_id(dest.migration_id))
+            await other.call(MsgType.MIGRATE_HANDOVER, dest.signed(MsgType.MIGRATE_HANDOVER))
             assert p.source.phase is Phase.HANDED_OVER
             await dest.hand_over()
             assert dest.phase is DestinationPhase.RUNNING

@@ -15,12 +15,13 @@ from drafter.chunks import TRACKED
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.migration.messages import (
+    KeyShare,
     SwitchOver,
     decode_dirty,
     decode_offer,
     decode_suspended,
-    encode_handover,
-    encode_id,
+    encode_call,
+    encode_offer_call,
 )
 from drafter.migration.pagecache import CacheMirror, PageCache
 from drafter.snapshot import failpoint, failpoint_delay
@@ -100,6 +101,8 @@ class MigrationDestination:
         # the migration up and the source resumes the VM.
         self.handover_timeout = handover_timeout
         self.migration_id = ""
+        self._key = b""  # the migration key (the offer's exchange): proves each call ours
+        self._seq = 0  # the last call number used: each call, each try, a new one
         self.rounds_done = 0
         self.phases: dict[str, float] = {}  # step -> milliseconds, both sides
         self.told_to_run = False  # set by the caller right before the VM runs here
@@ -154,11 +157,10 @@ class MigrationDestination:
         connection is lost for good, or when it was taken back meanwhile."""
         while True:
             try:
-                body = (
-                    encode_handover(self.migration_id, self.lease_holder)
-                    if kind is MsgType.MIGRATE_HANDOVER
-                    else encode_id(self.migration_id)
-                )
+                fields = {}
+                if kind is MsgType.MIGRATE_HANDOVER and self.lease_holder is not None:
+                    fields["lease_holder"] = self.lease_holder
+                body = self.signed(kind, **fields)
                 return await self.remote.call(
                     kind,
                     body,
@@ -176,11 +178,19 @@ class MigrationDestination:
                 log.log(retry_level, "%s: %s; asking again", kind.name, e)
                 await asyncio.sleep(pause)
 
+    def signed(self, kind: MsgType, **fields: object) -> bytes:
+        """The body of a call naming this migration, with a fresh call number and the
+        proof that this is the destination that offered it."""
+        self._seq += 1
+        return encode_call(self._key, kind, self.migration_id, self._seq, **fields)
+
     async def precopy(self) -> None:
         """Offer the migration, then pull and re-pull what the running VM dirtied."""
         try:
-            body = await self.remote.call(MsgType.MIGRATE_OFFER)
-            self.migration_id, changed = decode_offer(body)
+            share = KeyShare()
+            body = await self.remote.call(MsgType.MIGRATE_OFFER, encode_offer_call(share))
+            self.migration_id, changed, theirs = decode_offer(body)
+            self._key = share.key(theirs, self.migration_id)
             self._to(DestinationPhase.PRECOPY)
             self._invalidate(changed)  # changed at the source since it hashed them for us
             for _ in range(max(0, self.rounds)):  # 0 rounds: pure post-copy
@@ -263,6 +273,14 @@ class MigrationDestination:
             DestinationPhase.RUNNING,
         ):
             return
+        if self._phase is DestinationPhase.RUNNING:  # granted: the source refuses an abort
+            self._to(DestinationPhase.FAILED)
+            log.error(
+                "the VM was handed over here but never ran: it stays paused at the source, "
+                "which never resumes a handed-over VM by itself; take it back there "
+                "(SIGUSR1) once this peer has stopped: no write is lost"
+            )
+            return
         self._to(DestinationPhase.FAILED)
         deadline = time.monotonic() + self.retry_timeout
         try:
@@ -302,7 +320,7 @@ class MigrationDestination:
 
         async def resume() -> None:
             try:
-                await self.remote.call(MsgType.MIGRATE_RESUME, encode_id(self.migration_id))
+                await self.remote.call(MsgType.MIGRATE_RESUME, self.signed(MsgType.MIGRATE_RESUME))
             except DrafterError as e:
                 if not no_migration(e):
                     log.warning("could not tell the source we are back: %s", e)

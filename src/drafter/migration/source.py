@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +28,15 @@ from drafter.migration.messages import (
     INLINE_LIMIT,
     INLINE_MARGIN,
     TAKEN_BACK,
+    KeyShare,
     SwitchOver,
-    decode_id,
+    check_call,
     decode_lease_holder,
+    decode_offer_call,
     encode_dirty,
     encode_offer,
     encode_suspended,
+    fingerprint,
 )
 from drafter.snapshot import failpoint, fsync_file
 from drafter.transport.protocol import ErrorCode, MsgType, ProtocolError
@@ -65,7 +68,7 @@ SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.SWITCHING: frozenset({Phase.SUSPENDED, Phase.IDLE}),
     # granted; or ABORT, rescue timeout, operator
     Phase.SUSPENDED: frozenset({Phase.HANDED_OVER, Phase.RESCUING}),
-    # DONE; or ABORT (the destination never ran it), operator
+    # DONE; or the operator (an abort is refused: the destination may have run it)
     Phase.HANDED_OVER: frozenset({Phase.DONE, Phase.RESCUING}),
     # resumed here; or the resume failed and it stays where it was
     Phase.RESCUING: frozenset({Phase.IDLE, Phase.SUSPENDED, Phase.HANDED_OVER}),
@@ -115,8 +118,10 @@ class VMControl:
 class Migration:
     """The migration under way, from its offer until the source is idle again."""
 
-    id: str  # a secret: names the migration in every call after the offer
-    conn: Connection  # the destination's; a reconnect that names the id adopts its new one
+    id: str  # names the migration in every call after the offer (never logged)
+    conn: Connection  # the destination's; a reconnect that proves the key adopts its new one
+    key: bytes  # the migration key, from the offer's exchange: only the destination has it
+    seen: set[int] = field(default_factory=set)  # call numbers used (replays refused)
     watch: asyncio.Task[None] | None = None  # forgets a destination silent in pre-copy
     # The switch-over's encoded answer, once asked; kept while it may be lost on a cut.
     answer: asyncio.Future[bytes] | None = None
@@ -293,14 +298,20 @@ class MigrationSource:
     # -- the calls, one handler each ------------------------------------------------
 
     async def _offer(self, conn: Connection, body: bytes) -> bytes:
+        theirs = decode_offer_call(body)
+        share, migration_id = KeyShare(), secrets.token_hex(16)
+        key = share.key(theirs, migration_id)  # before anything changes: may refuse
         self._to(Phase.PRECOPY)
-        migration = self.migration = Migration(secrets.token_hex(16), conn)
+        migration = self.migration = Migration(migration_id, conn, key)
         # What changed since it was last collected, the destination's hashes of it
         # included: it must not trust those. From now on, dirty means "since the offer".
         dirty = await self._collect_dirty()
-        log.info("migration %s offered: pre-copy starts; the VM keeps running", migration.id)
+        log.info(
+            "migration %s offered: pre-copy starts; the VM keeps running",
+            fingerprint(migration.id),
+        )
         migration.watch = asyncio.ensure_future(self._watch_precopy(migration))
-        return encode_offer(migration.id, dirty)
+        return encode_offer(migration.id, dirty, share)
 
     async def _dirty_list(self, conn: Connection, body: bytes) -> bytes:
         self._expect(conn)
@@ -327,24 +338,23 @@ class MigrationSource:
         migration = self.migration
         if migration is None or migration.answer is None:  # (a rescue that failed)
             raise ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
-        if decode_id(body) != migration.id:
-            raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        check_call(migration.key, MsgType.MIGRATE_SUSPENDED, migration.id, migration.seen, body)
         encoded = await asyncio.shield(migration.answer)
-        self._adopt(conn, body, Phase.SUSPENDED)
-        log.info("the destination of migration %s asked again", migration.id)
+        self._adopt(conn, None, Phase.SUSPENDED)
+        log.info("the destination of migration %s asked again", fingerprint(migration.id))
         return encoded
 
     async def _destination_back(self, conn: Connection, body: bytes) -> bytes:
         """The destination came back after a lost connection: it owns the migration
         again, and the source must not resume the VM itself."""
-        migration = self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
-        log.info("the destination of migration %s is back", migration.id)
+        migration = self._adopt(conn, (MsgType.MIGRATE_RESUME, body), *_AWAY)
+        log.info("the destination of migration %s is back", fingerprint(migration.id))
         return b""
 
     async def _hand_over(self, conn: Connection, body: bytes) -> bytes:
         """The destination has the state and asks for the right to run the VM. Asked
         again (its answer was lost), the grant is given again."""
-        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        self._adopt(conn, (MsgType.MIGRATE_HANDOVER, body), *_AWAY)
         if self.phase is Phase.SUSPENDED:
             hand_lease = self.vm.hand_lease
             if hand_lease is not None:
@@ -361,13 +371,29 @@ class MigrationSource:
 
     async def _abort(self, conn: Connection, body: bytes) -> bytes:
         """The destination gives up before it ran the VM: it runs here again."""
-        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        self._adopt(conn, (MsgType.MIGRATE_ABORT, body), Phase.SUSPENDED)
         log.warning("the destination gave the migration up before running the VM")
         await self._resume_here("the destination did not run it; no write is lost")
         return b""
 
+    async def _abort_refused(self, conn: Connection, body: bytes) -> bytes:
+        """After the grant the destination may have run the VM: resuming it here could
+        make two copies run. Refused; it stays paused here (its operator may take it
+        back once the destination is gone)."""
+        migration = self._adopt(conn, (MsgType.MIGRATE_ABORT, body), Phase.HANDED_OVER)
+        log.error(
+            "the destination of migration %s asked to abort after the hand-over: refused "
+            "(it may have run the VM); the VM stays paused here",
+            fingerprint(migration.id),
+        )
+        raise ProtocolError(
+            ErrorCode.REFUSED,
+            "the VM was handed over and may have run at the destination: not resuming it "
+            "at the source",
+        )
+
     async def _done(self, conn: Connection, body: bytes) -> bytes:
-        self._adopt(conn, body, Phase.HANDED_OVER)
+        self._adopt(conn, (MsgType.MIGRATE_DONE, body), Phase.HANDED_OVER)
         self._to(Phase.DONE)
         log.info("the destination holds everything and runs the VM")
         self.vm.tell_finished()
@@ -445,17 +471,20 @@ class MigrationSource:
                 log.warning(
                     "the destination of migration %s said nothing for %.0fs in pre-copy; "
                     "forgetting it (the VM keeps running here)",
-                    migration.id,
+                    fingerprint(migration.id),
                     self.offer_timeout,
                 )
                 self._to(Phase.IDLE)
 
-    def _adopt(self, conn: Connection, body: bytes, *phases: Phase) -> Migration:
-        """A call that names the switched-over migration: its connection owns it from
-        now on (a destination that reconnected). Anything else is refused."""
+    def _adopt(self, conn: Connection, call: tuple[int, bytes] | None, *phases: Phase) -> Migration:
+        """A call (kind, body) that names the switched-over migration and proves the
+        migration key (None: already checked): its connection owns it from now on (a
+        destination that reconnected). Anything else is refused."""
         migration = self.migration
-        if self.phase not in phases or migration is None or decode_id(body) != migration.id:
+        if self.phase not in phases or migration is None:
             raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        if call is not None:
+            check_call(migration.key, call[0], migration.id, migration.seen, call[1])
         migration.conn = conn
         migration.destination_lost = False
         migration.cancel_rescue()
@@ -525,6 +554,7 @@ HANDLERS: dict[tuple[Phase, int], Handler] = {
     ),  # fmt: skip
     **_in(_AWAY, MsgType.MIGRATE_RESUME, MigrationSource._destination_back),
     **_in(_AWAY, MsgType.MIGRATE_HANDOVER, MigrationSource._hand_over),
-    **_in(_AWAY, MsgType.MIGRATE_ABORT, MigrationSource._abort),
+    (Phase.SUSPENDED, MsgType.MIGRATE_ABORT): MigrationSource._abort,
+    (Phase.HANDED_OVER, MsgType.MIGRATE_ABORT): MigrationSource._abort_refused,
     (Phase.HANDED_OVER, MsgType.MIGRATE_DONE): MigrationSource._done,
 }
