@@ -184,7 +184,8 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.0,
-               vm: FakeVM | None = None) -> AsyncIterator[Pair]:  # fmt: skip
+               vm: FakeVM | None = None,
+               precopy_timeout: float | None = None) -> AsyncIterator[Pair]:  # fmt: skip
     vm = vm or FakeVM()
     devices = {name: Device(name, SIZE, None, tmp / f"src-{name}", chunk_size=CHUNK)
                for name in ("memory", "disk")}  # fmt: skip
@@ -192,6 +193,8 @@ async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.
     source = MigrationSource(devices, b"{}", tmp / "memory-file", vm.control(), grace=grace,
                              offer_timeout=offer_timeout)  # fmt: skip
     source._collect_dirty = _no_sync(source)  # type: ignore[method-assign]
+    if precopy_timeout is not None:
+        source.precopy_timeout = precopy_timeout
     server = ChunkServer(source, control=source)
     await server.start("127.0.0.1", 0)
     proxy = Proxy(server.port)
@@ -549,6 +552,117 @@ def test_an_idle_offer_times_out_and_the_next_destination_migrates(tmp_path: Pat
             await wait_until(lambda: p.source.phase is Phase.IDLE)
             dest = await p.destination()
             await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            assert p.source.phase is Phase.HANDED_OVER
+
+    run(main())
+
+
+# -- what the destination must prove, and how long it may take ---------------------------
+
+
+def _write_chunks(p: Pair, count: int = 6) -> None:
+    for index in range(count):
+        p.source.devices["memory"].write(index * CHUNK, b"chunk %d " % index * 100)
+        p.source.devices["disk"].write(index * CHUNK + 7, b"disk %d" % index)
+
+
+def test_a_destination_that_never_pulled_cannot_make_the_source_stop(tmp_path: Path) -> None:
+    """Issue 22, item 4: OFFER, SUSPENDED, HANDOVER, DONE without pulling a chunk: the
+    source must not stop its VM (it would be lost). Answers made up, or chunks fetched
+    once challenged, do not pass either; the VM stays paused (handed over)."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            _write_chunks(p)
+            dest = await p.destination()
+            dest.rounds = 0  # pure post-copy, and then no pull at all
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            assert not await dest.finish()
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.finished
+            if not hasattr(MsgType, "MIGRATE_CHALLENGE"):
+                return
+            # A hostile destination: challenged, it fetches the chunks, then answers.
+            body = await dest.remote.call(
+                MsgType.MIGRATE_CHALLENGE, dest.signed(MsgType.MIGRATE_CHALLENGE)
+            )
+            challenge = migration.decode_challenge(body, {"memory": 8, "disk": 8})
+            assert challenge["memory"] and challenge["disk"]  # only chunks that are not zero
+            index = challenge["memory"][0]
+            with pytest.raises(DrafterError, match="proves it has them"):
+                await p.remotes[-1].fetch("memory", index)
+            made_up = {name: ["00" * 16] * len(idx) for name, idx in challenge.items()}
+            with pytest.raises(DrafterError, match="proof of possession failed") as e:
+                await p.connect()  # (the refused fetch cost the destination its connection)
+                again = p.remotes[-1]
+                await again.call(
+                    MsgType.MIGRATE_DONE, dest.signed(MsgType.MIGRATE_DONE, answers=made_up)
+                )
+            assert not no_migration(e.value)
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.finished
+            assert not p.vm.running_here and p.vm.resumes == 0
+
+    run(main())
+
+
+def test_the_proof_holds_the_chunks_as_handed_over_while_the_vm_writes_them(
+    tmp_path: Path,
+) -> None:
+    """After the grant the VM writes its chunks here: their tags are taken before the
+    first write, and a whole chunk it overwrites is fetched first all the same."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            _write_chunks(p)
+            dest = await p.destination()
+            dest.rounds = 0
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            memory = p.devices["memory"]
+            await memory.ensure(0, 10, Priority.DEMAND)
+            memory.write(0, b"the VM writes")  # a chunk it holds
+            with pytest.raises(DrafterError, match="not local yet"):
+                memory.write(CHUNK, b"w" * CHUNK)  # a whole chunk it never held
+            await memory.ensure(CHUNK, CHUNK, Priority.DEMAND, partial_only=True)
+            memory.write(CHUNK, b"w" * CHUNK)
+            await dest.pull_missing()
+            assert await dest.finish()
+            assert p.source.phase is Phase.DONE and p.vm.finished is not None
+            assert memory.proof_nonce is None  # no tags kept after the migration
+
+    run(main())
+
+
+def test_a_pre_copy_that_never_switches_over_ends_and_the_next_destination_migrates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22, item 4: one chunk request every 2 s keeps a destination from looking
+    silent (--offer-timeout 3 s here), but pre-copy must come to a switch-over within
+    --precopy-timeout (5 s here): then it ends, the VM keeps running, and the next
+    destination is not BUSY."""
+
+    async def main() -> None:
+        async with pair(tmp_path, offer_timeout=3, precopy_timeout=5) as p:
+            _write_chunks(p)  # (chunks that are not zero: each fetch is a request)
+            staller = await p.connect()
+            body = offer_body() if hasattr(migration, "KeyShare") else b""
+            await staller.call(MsgType.MIGRATE_OFFER, body)
+            started = time.monotonic()
+            index = 0
+            while p.source.phase is Phase.PRECOPY and time.monotonic() - started < 9:
+                await staller.fetch("memory", index % 6)
+                index += 1
+                await asyncio.sleep(2)
+            assert p.source.phase is Phase.IDLE and p.vm.running_here
+            assert time.monotonic() - started < 8
+            said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert any("made no progress to a switch-over in 5s" in m for m in said), said
+            dest = await p.destination()
+            await dest.precopy()  # not BUSY
             await dest.switch_over()
             await dest.hand_over()
             assert p.source.phase is Phase.HANDED_OVER

@@ -17,7 +17,9 @@ from drafter.errors import DrafterError
 from drafter.migration.messages import (
     KeyShare,
     SwitchOver,
+    decode_challenge,
     decode_dirty,
+    decode_grant,
     decode_offer,
     decode_suspended,
     encode_call,
@@ -91,6 +93,7 @@ class MigrationDestination:
         handover_timeout: float = 15.0,
     ) -> None:
         self.remote = remote
+        self.devices = devices  # every chunk of which the source may challenge
         self.tracked = [devices[name] for name in TRACKED]
         self.pull_missing = pull_missing
         self.mirror = CacheMirror(self.tracked, cache)
@@ -148,6 +151,7 @@ class MigrationDestination:
         timeout: float | None = None,
         max_answer: int = MAX_BODY,
         retry_level: int = logging.DEBUG,
+        fields: dict[str, Any] | None = None,
     ) -> bytes:
         """Call ``kind`` naming this migration, asked again after a lost connection
         (once reconnected the source answers the same) until ``deadline``
@@ -157,10 +161,10 @@ class MigrationDestination:
         connection is lost for good, or when it was taken back meanwhile."""
         while True:
             try:
-                fields = {}
+                extra = dict(fields or {})
                 if kind is MsgType.MIGRATE_HANDOVER and self.lease_holder is not None:
-                    fields["lease_holder"] = self.lease_holder
-                body = self.signed(kind, **fields)
+                    extra["lease_holder"] = self.lease_holder
+                body = self.signed(kind, **extra)
                 return await self.remote.call(
                     kind,
                     body,
@@ -250,13 +254,17 @@ class MigrationDestination:
         await asyncio.sleep(failpoint_delay("before-handover"))
         deadline = time.monotonic() + self.handover_timeout
         try:
-            await self._call_until(MsgType.MIGRATE_HANDOVER, deadline, pause=0.05)
+            nonce = decode_grant(
+                await self._call_until(MsgType.MIGRATE_HANDOVER, deadline, pause=0.05)
+            )
         except DrafterError as e:
             if no_migration(e) or self._phase is DestinationPhase.TAKEN_BACK:
                 self._taken_back()
                 raise DrafterError("the source took the VM back; it runs there") from None
             raise DrafterError(f"the source did not hand the VM over: {e}") from None
         if self._phase is DestinationPhase.LOADING:  # not taken back meanwhile
+            for device in self.devices.values():  # before the VM can write a chunk
+                device.start_proof(nonce)
             self._to(DestinationPhase.RUNNING)
             return
         raise DrafterError(f"the migration is {self._phase.value}")
@@ -302,15 +310,42 @@ class MigrationDestination:
         await asyncio.sleep(failpoint_delay("before-done"))
         deadline = time.monotonic() + self.retry_timeout
         try:
-            await self._call_until(MsgType.MIGRATE_DONE, deadline, pause=0.2, timeout=60)
+            while True:  # a challenge, then DONE with its answers; again if DONE was cut
+                body = await self._call_until(
+                    MsgType.MIGRATE_CHALLENGE, deadline, pause=0.2, timeout=60
+                )
+                answers = await asyncio.to_thread(self._answer, body)
+                try:
+                    await self.remote.call(
+                        MsgType.MIGRATE_DONE,
+                        self.signed(MsgType.MIGRATE_DONE, answers=answers),
+                        timeout=max(0.1, min(60, deadline - time.monotonic())),
+                    )
+                    break
+                except DrafterError as e:
+                    if isinstance(e, RemoteError) or time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.2)  # lost on a cut: a new challenge
         except DrafterError as e:
             if no_migration(e):
                 self._taken_back()
             else:
                 log.warning("could not tell the source the migration is done: %s", e)
             return False
+        for device in self.devices.values():
+            device.stop_proof()
         self._to(DestinationPhase.DONE)
         return True
+
+    def _answer(self, body: bytes) -> dict[str, list[str]]:
+        """The tags of the challenged chunks as they were at the grant (worker thread);
+        DrafterError if one never was here."""
+        counts = {name: device.chunks for name, device in self.devices.items()}
+        challenge = decode_challenge(body, counts)
+        return {
+            name: [self.devices[name].proof_tag(index).hex() for index in indices]
+            for name, indices in challenge.items()
+        }
 
     def _reconnected(self) -> None:
         """After a lost connection past switch-over: tell the source we are back, so it

@@ -293,6 +293,70 @@ def decode_id(body: bytes) -> str | None:
     return None
 
 
+PROOF_CHUNKS = 32  # chunks challenged per resource: a few, at random, among the non-zero
+
+
+def encode_grant(nonce: bytes) -> bytes:
+    """The hand-over's answer: the nonce of the proof of possession to come."""
+    return json.dumps({"nonce": nonce.hex()}).encode()
+
+
+def decode_grant(body: bytes) -> bytes:
+    """The nonce a hand-over's answer carries; ProtocolError if it is malformed."""
+    value = loads_json(
+        body,
+        "hand-over answer",
+        lambda v: isinstance(v, dict) and isinstance(v.get("nonce"), str) and len(v["nonce"]) == 64,
+    )
+    try:
+        return bytes.fromhex(value["nonce"])
+    except ValueError:
+        raise ProtocolError(ErrorCode.PROTOCOL, "malformed hand-over answer") from None
+
+
+def encode_challenge(chunks: dict[str, list[int]]) -> bytes:
+    return json.dumps({"chunks": chunks}).encode()
+
+
+def decode_challenge(body: bytes, counts: dict[str, int]) -> dict[str, list[int]]:
+    """The chunks a source challenges (resource -> indices, at most PROOF_CHUNKS each,
+    within ``counts``); ProtocolError if malformed."""
+    value = loads_json(body, "challenge", lambda v: isinstance(v, dict))
+    chunks = value.get("chunks")
+    if not isinstance(chunks, dict) or not all(
+        name in counts
+        and isinstance(indices, list)
+        and len(indices) <= PROOF_CHUNKS
+        and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < counts[name]
+            for i in indices
+        )
+        for name, indices in chunks.items()
+    ):
+        raise ProtocolError(ErrorCode.PROTOCOL, "malformed challenge")
+    return chunks
+
+
+def decode_answers(doc: dict, challenge: dict[str, list[int]]) -> dict[str, list[bytes]] | None:  # type: ignore[type-arg]
+    """The tags a DONE call answers a challenge with, one per challenged chunk, in its
+    order; None if they do not fit the challenge."""
+    answers = doc.get("answers")
+    if not isinstance(answers, dict) or set(answers) != set(challenge):
+        return None
+    out: dict[str, list[bytes]] = {}
+    for name, indices in challenge.items():
+        tags = answers[name]
+        if not isinstance(tags, list) or len(tags) != len(indices):
+            return None
+        try:
+            out[name] = [bytes.fromhex(t) for t in tags if isinstance(t, str)]
+        except ValueError:
+            return None
+        if len(out[name]) != len(indices):
+            return None
+    return out
+
+
 def decode_dirty(body: bytes) -> dict[str, list[int]]:
     """A dirty-list answer from a source; ProtocolError if it is malformed."""
     value: dict[str, list[int]] = loads_json(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hmac
 import logging
 import secrets
 import time
@@ -21,19 +22,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drafter import loops
-from drafter.chunks import TRACKED, Priority
+from drafter.chunks import TRACKED, ZERO_HASH, Priority
 from drafter.device import Device
-from drafter.hashes import chunk_hash
+from drafter.hashes import chunk_hash, is_zero, proof_tag
 from drafter.migration.messages import (
     INLINE_LIMIT,
     INLINE_MARGIN,
+    PROOF_CHUNKS,
     TAKEN_BACK,
     KeyShare,
     SwitchOver,
     check_call,
+    decode_answers,
     decode_lease_holder,
     decode_offer_call,
+    encode_challenge,
     encode_dirty,
+    encode_grant,
     encode_offer,
     encode_suspended,
     fingerprint,
@@ -77,7 +82,13 @@ SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 # The calls that name a switched-over migration (its id in the body).
 _NAMING = frozenset(
-    {MsgType.MIGRATE_RESUME, MsgType.MIGRATE_HANDOVER, MsgType.MIGRATE_ABORT, MsgType.MIGRATE_DONE}
+    {
+        MsgType.MIGRATE_RESUME,
+        MsgType.MIGRATE_HANDOVER,
+        MsgType.MIGRATE_ABORT,
+        MsgType.MIGRATE_CHALLENGE,
+        MsgType.MIGRATE_DONE,
+    }
 )
 
 
@@ -122,6 +133,11 @@ class Migration:
     conn: Connection  # the destination's; a reconnect that proves the key adopts its new one
     key: bytes  # the migration key, from the offer's exchange: only the destination has it
     seen: set[int] = field(default_factory=set)  # call numbers used (replays refused)
+    offered_at: float = field(default_factory=time.monotonic)
+    # The proof of possession: its nonce (sent with the grant) and the chunks challenged
+    # (none are served while a challenge is open: they must already be there).
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    challenge: dict[str, list[int]] | None = None
     watch: asyncio.Task[None] | None = None  # forgets a destination silent in pre-copy
     # The switch-over's encoded answer, once asked; kept while it may be lost on a cut.
     answer: asyncio.Future[bytes] | None = None
@@ -157,6 +173,7 @@ class MigrationSource:
         vm: VMControl,
         grace: float | None = 30.0,
         offer_timeout: float = 30.0,
+        precopy_timeout: float = 600.0,
     ) -> None:
         self.devices = devices
         self._config = config
@@ -168,6 +185,10 @@ class MigrationSource:
         # A destination that offered and then falls silent this long loses the migration,
         # so that the next one can migrate the VM.
         self.offer_timeout = offer_timeout
+        # A pre-copy that has not switched over this long after its offer ends (one
+        # request now and then would hold it, and refuse every other destination, for
+        # ever); the VM keeps running here.
+        self.precopy_timeout = precopy_timeout
         self.chunk_size = next(iter(devices.values())).chunk_size
         self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
         self._phase = Phase.IDLE
@@ -220,6 +241,10 @@ class MigrationSource:
         return self._config
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        if self.migration is not None and self.migration.challenge is not None:
+            raise ProtocolError(
+                ErrorCode.REFUSED, "no chunk is served while the destination proves it has them"
+            )
         device = self.devices[resource]
         await device.ensure_chunk(index, Priority.DEMAND)  # a chain: may still be pulling
         return device.read_chunk(index)
@@ -367,7 +392,8 @@ class MigrationSource:
             self._to(Phase.HANDED_OVER)
             log.info("handed the VM over: it runs at the destination from now on")
         failpoint("after-handover")
-        return b""
+        assert self.migration is not None
+        return encode_grant(self.migration.nonce)
 
     async def _abort(self, conn: Connection, body: bytes) -> bytes:
         """The destination gives up before it ran the VM: it runs here again."""
@@ -392,8 +418,55 @@ class MigrationSource:
             "at the source",
         )
 
+    async def _challenge(self, conn: Connection, body: bytes) -> bytes:
+        """The destination says it holds every chunk: a few of them, at random among
+        those that are not all zero, whose tags it must answer with its DONE. No chunk is
+        served meanwhile, so it cannot fetch them now."""
+        migration = self._adopt(conn, (MsgType.MIGRATE_CHALLENGE, body), Phase.HANDED_OVER)
+        migration.challenge = {}  # (already: no chunk served while it is chosen)
+        migration.challenge = await asyncio.to_thread(self._choose_challenge)
+        return encode_challenge(migration.challenge)
+
+    def _choose_challenge(self) -> dict[str, list[int]]:
+        chosen: dict[str, list[int]] = {}
+        pick = secrets.SystemRandom()
+        for name, device in self.devices.items():
+            candidates = [i for i in range(device.chunks) if not self._zero(device, i)]
+            chosen[name] = pick.sample(candidates, min(PROOF_CHUNKS, len(candidates)))
+        return chosen
+
+    @staticmethod
+    def _zero(device: Device, index: int) -> bool:
+        known = device.hashes[index]
+        if known is not None or not device.local[index] and device.source is not None:
+            return known == ZERO_HASH  # (a chunk still missing here: by its hash)
+        return is_zero(device.read_chunk(index)[0])
+
     async def _done(self, conn: Connection, body: bytes) -> bytes:
-        self._adopt(conn, (MsgType.MIGRATE_DONE, body), Phase.HANDED_OVER)
+        """DONE answers the challenge: the source stops its VM only if every tag is
+        that of its own bytes; else it keeps the VM (paused: it is the destination's)."""
+        migration = self.migration
+        assert migration is not None  # (HANDED_OVER)
+        doc = check_call(migration.key, MsgType.MIGRATE_DONE, migration.id, migration.seen, body)
+        self._adopt(conn, None, Phase.HANDED_OVER)
+        challenge, migration.challenge = migration.challenge, None  # chunks served again
+        if not challenge:
+            raise ProtocolError(ErrorCode.REFUSED, "DONE without a challenge answered")
+        answers = decode_answers(doc, challenge)
+        wrong = None if answers is not None else "the answers do not fit the challenge"
+        for name, indices in challenge.items():
+            for index, tag in zip(indices, answers[name] if answers else [], strict=True):
+                data, _ = await self.read_chunk(name, index)
+                if wrong is None and not hmac.compare_digest(tag, proof_tag(migration.nonce, data)):
+                    wrong = f"chunk {name} {index} is not the source's"
+        if wrong is not None:
+            log.error(
+                "the destination of migration %s failed its proof of possession (%s): the VM "
+                "stays here, paused (it was handed over)",
+                fingerprint(migration.id),
+                wrong,
+            )
+            raise ProtocolError(ErrorCode.REFUSED, f"proof of possession failed: {wrong}")
         self._to(Phase.DONE)
         log.info("the destination holds everything and runs the VM")
         self.vm.tell_finished()
@@ -462,9 +535,22 @@ class MigrationSource:
         return inline
 
     async def _watch_precopy(self, migration: Migration) -> None:
-        """Forget a migration whose destination fell silent during pre-copy."""
+        """Forget a migration whose destination fell silent during pre-copy, or whose
+        pre-copy did not come to a switch-over in time."""
         while self.phase is Phase.PRECOPY and self.migration is migration:
-            await asyncio.sleep(min(1.0, self.offer_timeout / 4))
+            await asyncio.sleep(min(1.0, self.offer_timeout / 4, self.precopy_timeout / 4))
+            if self.phase is not Phase.PRECOPY or self.migration is not migration:
+                return
+            if time.monotonic() - migration.offered_at > self.precopy_timeout:
+                log.warning(
+                    "the destination of migration %s made no progress to a switch-over in "
+                    "%.0fs of pre-copy (--precopy-timeout); forgetting it (the VM keeps "
+                    "running here)",
+                    fingerprint(migration.id),
+                    self.precopy_timeout,
+                )
+                self._to(Phase.IDLE)
+                return
             if time.monotonic() - migration.conn.last_work <= self.offer_timeout:
                 continue  # pings do not count as work
             if self.phase is Phase.PRECOPY and self.migration is migration:
@@ -556,5 +642,6 @@ HANDLERS: dict[tuple[Phase, int], Handler] = {
     **_in(_AWAY, MsgType.MIGRATE_HANDOVER, MigrationSource._hand_over),
     (Phase.SUSPENDED, MsgType.MIGRATE_ABORT): MigrationSource._abort,
     (Phase.HANDED_OVER, MsgType.MIGRATE_ABORT): MigrationSource._abort_refused,
+    (Phase.HANDED_OVER, MsgType.MIGRATE_CHALLENGE): MigrationSource._challenge,
     (Phase.HANDED_OVER, MsgType.MIGRATE_DONE): MigrationSource._done,
 }
