@@ -329,6 +329,8 @@ class MigrationDestination:
         except DrafterError as e:
             if no_migration(e):
                 self._taken_back()
+            elif isinstance(e, RemoteError):  # refused: the proof of possession failed
+                log.error("the source refused DONE (its VM stays paused there): %s", e)
             else:
                 log.warning("could not tell the source the migration is done: %s", e)
             return False
