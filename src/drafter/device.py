@@ -32,6 +32,7 @@ from drafter.chunks import (
     chunk_span,
 )
 from drafter.errors import DrafterError
+from drafter.hashes import proof_tag
 
 # Takes bytes copied to (destination offset, bytes) and writes them: see copy_sparse.
 Sink = Callable[[int, bytes], None]
@@ -124,6 +125,10 @@ class Device:
         # Chunks read since recording started, in the order of their first read (what
         # a resumed VM touches first).
         self.recording: dict[int, None] | None = None
+        # A migration's proof of possession (destination, from the grant until done): the
+        # nonce and, for each chunk the VM wrote since, its tag taken just before.
+        self.proof_nonce: bytes | None = None
+        self.proof_tags: dict[int, bytes] = {}
 
     def expect(self, hashes: list[bytes], binding: bool = True) -> None:
         """The remote's hash of every chunk; all-zero chunks become local at once.
@@ -274,8 +279,8 @@ class Device:
         for index in chunk_span(offset, min(offset + size, self.size) - offset, self.chunk_size):
             start = index * self.chunk_size
             whole = offset <= start and offset + size >= start + self.chunk_length(index)
-            if partial_only and whole:
-                continue
+            if partial_only and whole and self.proof_nonce is None:
+                continue  # (while proving, the source's bytes are needed before a write)
             future = self._fetching(index, priority)
             if future is not None:
                 waits.append(asyncio.shield(future))
@@ -342,8 +347,14 @@ class Device:
         with self._lock:
             if self.source is not None:  # nothing changes unless every chunk can take it
                 for index in span:
-                    if not self.local[index] and not self._covers(index, offset, len(data)):
+                    if not self.local[index] and (
+                        self.proof_nonce is not None or not self._covers(index, offset, len(data))
+                    ):
                         raise MissingChunkError(self.name, index)
+            if self.proof_nonce is not None:
+                for index in span:
+                    if index not in self.proof_tags:
+                        self.proof_tags[index] = self._tag(self.proof_nonce, index)
             for index in span:
                 if not self.local[index]:
                     start = index * self.chunk_size
@@ -365,6 +376,37 @@ class Device:
                         self.unsaved[index] = self.unsaved.get(index, 0) | mask
             os.pwrite(self._overlay_fd, data, offset)
         return len(data)
+
+    def start_proof(self, nonce: bytes) -> None:
+        """A migration's grant: from now on each chunk's tag over ``nonce`` and its bytes
+        as they are now is kept, taken just before the VM first writes it, so that the
+        source can check later that this host held its bytes (:meth:`proof_tag`)."""
+        with self._lock:
+            self.proof_nonce = nonce
+            self.proof_tags = {}
+
+    def stop_proof(self) -> None:
+        with self._lock:
+            self.proof_nonce = None
+            self.proof_tags = {}
+
+    def proof_tag(self, index: int) -> bytes:
+        """Chunk ``index``'s tag as of :meth:`start_proof`; MissingChunkError if this host
+        never held it."""
+        with self._lock:
+            if self.proof_nonce is None:
+                raise DrafterError(f"device {self.name}: no proof under way")
+            tag = self.proof_tags.get(index)
+            if tag is not None:
+                return tag
+            if not self.local[index]:
+                raise MissingChunkError(self.name, index)
+            return self._tag(self.proof_nonce, index)
+
+    def _tag(self, nonce: bytes, index: int) -> bytes:
+        start = index * self.chunk_size
+        data = os.pread(self._overlay_fd, self.chunk_length(index), start)
+        return proof_tag(nonce, data)
 
     def _covers(self, index: int, offset: int, size: int) -> bool:
         """Whether ``[offset, offset+size)`` covers chunk ``index`` whole."""

@@ -29,6 +29,17 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+PROOF_TAG_SIZE = 16
+
+
+def proof_tag(nonce: bytes, data: bytes) -> bytes:
+    """A migration's proof of possession of one chunk: BLAKE3(nonce || bytes), 16 bytes
+    (docs/migration.md, "Proof of possession")."""
+    hasher = blake3.blake3(nonce)
+    hasher.update(data)
+    return hasher.digest(length=PROOF_TAG_SIZE)
+
+
 def file_hashes(fd: int, offset: int, size: int, chunk_size: int) -> list[bytes]:
     """Hashes of ``size`` bytes of ``fd`` from ``offset``, chunk by chunk; holes are
     recognised with SEEK_DATA and never read."""

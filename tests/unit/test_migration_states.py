@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import drafter.migration as migration
 from drafter.device import Device, Priority
 from drafter.errors import DrafterError
 from drafter.migration import (
@@ -183,7 +184,8 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.0,
-               vm: FakeVM | None = None) -> AsyncIterator[Pair]:  # fmt: skip
+               vm: FakeVM | None = None,
+               precopy_timeout: float | None = None) -> AsyncIterator[Pair]:  # fmt: skip
     vm = vm or FakeVM()
     devices = {name: Device(name, SIZE, None, tmp / f"src-{name}", chunk_size=CHUNK)
                for name in ("memory", "disk")}  # fmt: skip
@@ -191,6 +193,8 @@ async def pair(tmp: Path, grace: float | None = 30.0, offer_timeout: float = 30.
     source = MigrationSource(devices, b"{}", tmp / "memory-file", vm.control(), grace=grace,
                              offer_timeout=offer_timeout)  # fmt: skip
     source._collect_dirty = _no_sync(source)  # type: ignore[method-assign]
+    if precopy_timeout is not None:
+        source.precopy_timeout = precopy_timeout
     server = ChunkServer(source, control=source)
     await server.start("127.0.0.1", 0)
     proxy = Proxy(server.port)
@@ -221,6 +225,11 @@ async def wait_until(check, timeout: float = 5.0) -> None:  # type: ignore[no-un
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def offer_body() -> bytes:
+    """An offer with a fresh key share (a destination's half of the migration key)."""
+    return migration.encode_offer_call(migration.KeyShare())
 
 
 def run(coro) -> None:  # type: ignore[no-untyped-def]
@@ -450,6 +459,73 @@ def test_only_the_migration_s_owner_can_take_it_over_or_end_it(tmp_path: Path) -
     run(main())
 
 
+def test_a_third_party_that_knows_the_id_cannot_end_abort_or_take_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Issue 22, item 3: another connection (a token holder that learnt the id, from a
+    log or the wire) names the migration: DONE would stop the source's VM, ABORT after
+    the grant would resume it while the destination runs it, RESUME or HANDOVER would
+    make its connection the destination's. Each is refused and changes nothing; so is a
+    replay of a call the destination made, and a forged proof."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            mid = dest.migration_id
+            attacker = await p.connect()
+            forged = b'{"migration": "%s", "seq": 99, "proof": "%s"}' % (mid.encode(), b"0" * 32)
+            for kind in (MsgType.MIGRATE_DONE, MsgType.MIGRATE_ABORT, MsgType.MIGRATE_RESUME,
+                         MsgType.MIGRATE_HANDOVER):  # fmt: skip
+                for body in (encode_id(mid), forged):
+                    with pytest.raises(DrafterError) as e:
+                        await attacker.call(kind, body)
+                    assert no_migration(e.value), (kind, body, e.value)
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            assert not p.vm.finished and p.vm.resumes == 0
+            # What the destination sent, seen on the wire and sent again: refused.
+            seen = dest.signed(MsgType.MIGRATE_RESUME)
+            await dest.remote.call(MsgType.MIGRATE_RESUME, seen)
+            with pytest.raises(DrafterError) as e:
+                await attacker.call(MsgType.MIGRATE_RESUME, seen)
+            assert no_migration(e.value)
+            assert p.source.migrating is not None and p.source.migrating.peer != ""
+            # Its own connection still owns the migration: losing the attacker's does not
+            # make the source think the destination is gone.
+            await attacker.close()
+            await asyncio.sleep(0.1)
+            assert not p.source.destination_lost
+            await dest.pull_missing()
+            assert await dest.finish()
+            assert p.source.phase is Phase.DONE and p.vm.resumes == 0
+
+    run(main())
+
+
+def test_the_migration_id_is_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22, item 3: the id names the migration; the logs give a fingerprint."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            dest = await p.destination()
+            await dest.precopy()
+            await dest.switch_over()
+            p.proxy.cut()  # a reconnect: the "is back" and "asked again" lines
+            await dest.hand_over()
+            await dest.pull_missing()
+            assert await dest.finish()
+            return dest.migration_id
+
+    caplog.set_level("DEBUG")
+    mid = asyncio.run(asyncio.wait_for(main(), 60))
+    offered = [r.getMessage() for r in caplog.records if "offered" in r.getMessage()]
+    assert offered, "the offer is logged"
+    for record in caplog.records:
+        assert mid not in record.getMessage(), record.getMessage()
+
+
 def test_a_second_offer_is_busy_and_pre_copy_calls_only_count_from_the_owner(
     tmp_path: Path,
 ) -> None:
@@ -472,10 +548,121 @@ def test_an_idle_offer_times_out_and_the_next_destination_migrates(tmp_path: Pat
     async def main() -> None:
         async with pair(tmp_path, offer_timeout=0.3) as p:
             idle = await p.connect()
-            await idle.call(MsgType.MIGRATE_OFFER)
+            await idle.call(MsgType.MIGRATE_OFFER, offer_body())
             await wait_until(lambda: p.source.phase is Phase.IDLE)
             dest = await p.destination()
             await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            assert p.source.phase is Phase.HANDED_OVER
+
+    run(main())
+
+
+# -- what the destination must prove, and how long it may take ---------------------------
+
+
+def _write_chunks(p: Pair, count: int = 6) -> None:
+    for index in range(count):
+        p.source.devices["memory"].write(index * CHUNK, b"chunk %d " % index * 100)
+        p.source.devices["disk"].write(index * CHUNK + 7, b"disk %d" % index)
+
+
+def test_a_destination_that_never_pulled_cannot_make_the_source_stop(tmp_path: Path) -> None:
+    """Issue 22, item 4: OFFER, SUSPENDED, HANDOVER, DONE without pulling a chunk: the
+    source must not stop its VM (it would be lost). Answers made up, or chunks fetched
+    once challenged, do not pass either; the VM stays paused (handed over)."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            _write_chunks(p)
+            dest = await p.destination()
+            dest.rounds = 0  # pure post-copy, and then no pull at all
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            assert not await dest.finish()
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.finished
+            if not hasattr(MsgType, "MIGRATE_CHALLENGE"):
+                return
+            # A hostile destination: challenged, it fetches the chunks, then answers.
+            body = await dest.remote.call(
+                MsgType.MIGRATE_CHALLENGE, dest.signed(MsgType.MIGRATE_CHALLENGE)
+            )
+            challenge = migration.decode_challenge(body, {"memory": 8, "disk": 8})
+            assert challenge["memory"] and challenge["disk"]  # only chunks that are not zero
+            index = challenge["memory"][0]
+            with pytest.raises(DrafterError, match="proves it has them"):
+                await p.remotes[-1].fetch("memory", index)
+            made_up = {name: ["00" * 16] * len(idx) for name, idx in challenge.items()}
+            with pytest.raises(DrafterError, match="proof of possession failed") as e:
+                await p.connect()  # (the refused fetch cost the destination its connection)
+                again = p.remotes[-1]
+                await again.call(
+                    MsgType.MIGRATE_DONE, dest.signed(MsgType.MIGRATE_DONE, answers=made_up)
+                )
+            assert not no_migration(e.value)
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.finished
+            assert not p.vm.running_here and p.vm.resumes == 0
+
+    run(main())
+
+
+def test_the_proof_holds_the_chunks_as_handed_over_while_the_vm_writes_them(
+    tmp_path: Path,
+) -> None:
+    """After the grant the VM writes its chunks here: their tags are taken before the
+    first write, and a whole chunk it overwrites is fetched first all the same."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            _write_chunks(p)
+            dest = await p.destination()
+            dest.rounds = 0
+            await dest.precopy()
+            await dest.switch_over()
+            await dest.hand_over()
+            memory = p.devices["memory"]
+            await memory.ensure(0, 10, Priority.DEMAND)
+            memory.write(0, b"the VM writes")  # a chunk it holds
+            with pytest.raises(DrafterError, match="not local yet"):
+                memory.write(CHUNK, b"w" * CHUNK)  # a whole chunk it never held
+            await memory.ensure(CHUNK, CHUNK, Priority.DEMAND, partial_only=True)
+            memory.write(CHUNK, b"w" * CHUNK)
+            await dest.pull_missing()
+            assert await dest.finish()
+            assert p.source.phase is Phase.DONE and p.vm.finished is not None
+            assert memory.proof_nonce is None  # no tags kept after the migration
+
+    run(main())
+
+
+def test_a_pre_copy_that_never_switches_over_ends_and_the_next_destination_migrates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22, item 4: one chunk request every 2 s keeps a destination from looking
+    silent (--offer-timeout 3 s here), but pre-copy must come to a switch-over within
+    --precopy-timeout (5 s here): then it ends, the VM keeps running, and the next
+    destination is not BUSY."""
+
+    async def main() -> None:
+        async with pair(tmp_path, offer_timeout=3, precopy_timeout=5) as p:
+            _write_chunks(p)  # (chunks that are not zero: each fetch is a request)
+            staller = await p.connect()
+            body = offer_body() if hasattr(migration, "KeyShare") else b""
+            await staller.call(MsgType.MIGRATE_OFFER, body)
+            started = time.monotonic()
+            index = 0
+            while p.source.phase is Phase.PRECOPY and time.monotonic() - started < 9:
+                await staller.fetch("memory", index % 6)
+                index += 1
+                await asyncio.sleep(2)
+            assert p.source.phase is Phase.IDLE and p.vm.running_here
+            assert time.monotonic() - started < 8
+            said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert any("made no progress to a switch-over in 5s" in m for m in said), said
+            dest = await p.destination()
+            await dest.precopy()  # not BUSY
             await dest.switch_over()
             await dest.hand_over()
             assert p.source.phase is Phase.HANDED_OVER
@@ -515,17 +702,24 @@ def test_an_abort_before_the_grant_resumes_the_vm_at_the_source(tmp_path: Path) 
     run(main())
 
 
-def test_an_abort_after_the_grant_but_before_the_run_gives_the_vm_back(
-    tmp_path: Path,
-) -> None:
+def test_after_the_grant_an_abort_is_refused_and_the_vm_stays_paused(tmp_path: Path) -> None:
+    """Once granted the destination may have run the VM: an abort, even one that
+    proves the migration key, must not make a second copy run at the source."""
+
     async def main() -> None:
         async with pair(tmp_path) as p:
             dest = await p.destination()
             await dest.precopy()
             await dest.switch_over()
             await dest.hand_over()
-            await dest.abort()  # granted, but the VM never ran here
-            assert p.source.phase is Phase.IDLE and p.vm.running_here
+            await dest.abort()  # granted, never ran: says so, sends nothing
+            assert dest.phase is DestinationPhase.FAILED
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            with pytest.raises(DrafterError, match="may have run at the destination") as e:
+                await dest.remote.call(MsgType.MIGRATE_ABORT, dest.signed(MsgType.MIGRATE_ABORT))
+            assert not no_migration(e.value)  # refused, not "taken back": it is still ours
+            assert p.source.phase is Phase.HANDED_OVER and not p.vm.running_here
+            assert p.vm.resumes == 0
 
     run(main())
 
@@ -634,13 +828,13 @@ def test_a_lost_switch_over_answer_is_answered_again(tmp_path: Path) -> None:
             first = await dest.remote.call(MsgType.MIGRATE_SUSPENDED, encode_id(dest.migration_id))
             # The answer was lost on a cut: the destination, reconnected, asks again.
             again = await p.connect()
-            body = encode_id(dest.migration_id)
+            body = dest.signed(MsgType.MIGRATE_SUSPENDED)
             assert await again.call(MsgType.MIGRATE_SUSPENDED, body) == first
             assert p.source.migrating is not None and p.vm.suspends == 1
             other = await p.connect()
             with pytest.raises(DrafterError, match="no such switched-over migration"):
                 await other.call(MsgType.MIGRATE_SUSPENDED, encode_id("another"))
-            await again.call(MsgType.MIGRATE_HANDOVER, body)
+            await again.call(MsgType.MIGRATE_HANDOVER, dest.signed(MsgType.MIGRATE_HANDOVER))
             assert p.source.phase is Phase.HANDED_OVER
             assert p.source.migration is not None and p.source.migration.answer is None
 
@@ -674,7 +868,7 @@ def test_a_lost_grant_answer_is_granted_again(tmp_path: Path) -> None:
             await dest.switch_over()
             # The source granted, the answer never came back: asked again, granted again.
             other = await p.connect()
-            await other.call(MsgType.MIGRATE_HANDOVER, encode_id(dest.migration_id))
+            await other.call(MsgType.MIGRATE_HANDOVER, dest.signed(MsgType.MIGRATE_HANDOVER))
             assert p.source.phase is Phase.HANDED_OVER
             await dest.hand_over()
             assert dest.phase is DestinationPhase.RUNNING

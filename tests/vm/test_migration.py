@@ -33,6 +33,8 @@ def offered_migration(raddr: str) -> Iterator[None]:
     """A wire client that offers a migration and then holds it in pre-copy."""
     import asyncio
 
+    from drafter.migration import KeyShare, encode_offer_call
+
     ready = threading.Event()
     release = threading.Event()
     failure: list[BaseException] = []
@@ -41,7 +43,7 @@ def offered_migration(raddr: str) -> Iterator[None]:
         source = RemoteSource(raddr)
         try:
             await source.connect()
-            await source.call(MsgType.MIGRATE_OFFER)
+            await source.call(MsgType.MIGRATE_OFFER, encode_offer_call(KeyShare()))
             ready.set()
             while not release.is_set():
                 await asyncio.sleep(0.05)

@@ -132,6 +132,7 @@ async def run(a: argparse.Namespace) -> int:
         precopy_bytes=int(a.precopy_threshold * (1 << 20)),
         grace=a.rescue_timeout or None,
         offer_timeout=a.offer_timeout,
+        precopy_timeout=a.precopy_timeout,
         handover_timeout=a.handover_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="MiB dirtied in a round that ends pre-copy")  # fmt: skip
     p.add_argument("--offer-timeout", type=float, default=30,
                    help="seconds a destination may stay silent in pre-copy")  # fmt: skip
+    p.add_argument("--precopy-timeout", type=float, default=600,
+                   help="seconds a pre-copy may last from its offer to the switch-over "
+                   "before the source ends it (the VM keeps running there)")  # fmt: skip
     p.add_argument("--rescue-timeout", type=float, default=30,
                    help="seconds a source waits for a destination lost after switch-over "
                    "and before the hand-over, then resumes the VM itself (0: only on "
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     if not 0.0 <= args.resume_threshold <= 1.0:
         p.error("--resume-threshold must be between 0 and 1")
-    for flag in ("offer_timeout", "handover_timeout", "resume_timeout", "retry_timeout"):
+    for flag in ("offer_timeout", "precopy_timeout", "handover_timeout", "resume_timeout",
+                 "retry_timeout"):  # fmt: skip
         if not 0.0 < getattr(args, flag) <= 86400:
             p.error(f"--{flag.replace('_', '-')} must be above 0 and at most 86400 seconds")
     if not 0.0 <= args.rescue_timeout <= 86400:

@@ -15,12 +15,15 @@ from drafter.chunks import TRACKED
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.migration.messages import (
+    KeyShare,
     SwitchOver,
+    decode_challenge,
     decode_dirty,
+    decode_grant,
     decode_offer,
     decode_suspended,
-    encode_handover,
-    encode_id,
+    encode_call,
+    encode_offer_call,
 )
 from drafter.migration.pagecache import CacheMirror, PageCache
 from drafter.snapshot import failpoint, failpoint_delay
@@ -90,6 +93,7 @@ class MigrationDestination:
         handover_timeout: float = 15.0,
     ) -> None:
         self.remote = remote
+        self.devices = devices  # every chunk of which the source may challenge
         self.tracked = [devices[name] for name in TRACKED]
         self.pull_missing = pull_missing
         self.mirror = CacheMirror(self.tracked, cache)
@@ -100,6 +104,8 @@ class MigrationDestination:
         # the migration up and the source resumes the VM.
         self.handover_timeout = handover_timeout
         self.migration_id = ""
+        self._key = b""  # the migration key (the offer's exchange): proves each call ours
+        self._seq = 0  # the last call number used: each call, each try, a new one
         self.rounds_done = 0
         self.phases: dict[str, float] = {}  # step -> milliseconds, both sides
         self.told_to_run = False  # set by the caller right before the VM runs here
@@ -145,6 +151,7 @@ class MigrationDestination:
         timeout: float | None = None,
         max_answer: int = MAX_BODY,
         retry_level: int = logging.DEBUG,
+        fields: dict[str, Any] | None = None,
     ) -> bytes:
         """Call ``kind`` naming this migration, asked again after a lost connection
         (once reconnected the source answers the same) until ``deadline``
@@ -154,11 +161,10 @@ class MigrationDestination:
         connection is lost for good, or when it was taken back meanwhile."""
         while True:
             try:
-                body = (
-                    encode_handover(self.migration_id, self.lease_holder)
-                    if kind is MsgType.MIGRATE_HANDOVER
-                    else encode_id(self.migration_id)
-                )
+                extra = dict(fields or {})
+                if kind is MsgType.MIGRATE_HANDOVER and self.lease_holder is not None:
+                    extra["lease_holder"] = self.lease_holder
+                body = self.signed(kind, **extra)
                 return await self.remote.call(
                     kind,
                     body,
@@ -176,11 +182,19 @@ class MigrationDestination:
                 log.log(retry_level, "%s: %s; asking again", kind.name, e)
                 await asyncio.sleep(pause)
 
+    def signed(self, kind: MsgType, **fields: object) -> bytes:
+        """The body of a call naming this migration, with a fresh call number and the
+        proof that this is the destination that offered it."""
+        self._seq += 1
+        return encode_call(self._key, kind, self.migration_id, self._seq, **fields)
+
     async def precopy(self) -> None:
         """Offer the migration, then pull and re-pull what the running VM dirtied."""
         try:
-            body = await self.remote.call(MsgType.MIGRATE_OFFER)
-            self.migration_id, changed = decode_offer(body)
+            share = KeyShare()
+            body = await self.remote.call(MsgType.MIGRATE_OFFER, encode_offer_call(share))
+            self.migration_id, changed, theirs = decode_offer(body)
+            self._key = share.key(theirs, self.migration_id)
             self._to(DestinationPhase.PRECOPY)
             self._invalidate(changed)  # changed at the source since it hashed them for us
             for _ in range(max(0, self.rounds)):  # 0 rounds: pure post-copy
@@ -240,13 +254,17 @@ class MigrationDestination:
         await asyncio.sleep(failpoint_delay("before-handover"))
         deadline = time.monotonic() + self.handover_timeout
         try:
-            await self._call_until(MsgType.MIGRATE_HANDOVER, deadline, pause=0.05)
+            nonce = decode_grant(
+                await self._call_until(MsgType.MIGRATE_HANDOVER, deadline, pause=0.05)
+            )
         except DrafterError as e:
             if no_migration(e) or self._phase is DestinationPhase.TAKEN_BACK:
                 self._taken_back()
                 raise DrafterError("the source took the VM back; it runs there") from None
             raise DrafterError(f"the source did not hand the VM over: {e}") from None
         if self._phase is DestinationPhase.LOADING:  # not taken back meanwhile
+            for device in self.devices.values():  # before the VM can write a chunk
+                device.start_proof(nonce)
             self._to(DestinationPhase.RUNNING)
             return
         raise DrafterError(f"the migration is {self._phase.value}")
@@ -262,6 +280,14 @@ class MigrationDestination:
             DestinationPhase.LOADING,
             DestinationPhase.RUNNING,
         ):
+            return
+        if self._phase is DestinationPhase.RUNNING:  # granted: the source refuses an abort
+            self._to(DestinationPhase.FAILED)
+            log.error(
+                "the VM was handed over here but never ran: it stays paused at the source, "
+                "which never resumes a handed-over VM by itself; take it back there "
+                "(SIGUSR1) once this peer has stopped: no write is lost"
+            )
             return
         self._to(DestinationPhase.FAILED)
         deadline = time.monotonic() + self.retry_timeout
@@ -284,15 +310,44 @@ class MigrationDestination:
         await asyncio.sleep(failpoint_delay("before-done"))
         deadline = time.monotonic() + self.retry_timeout
         try:
-            await self._call_until(MsgType.MIGRATE_DONE, deadline, pause=0.2, timeout=60)
+            while True:  # a challenge, then DONE with its answers; again if DONE was cut
+                body = await self._call_until(
+                    MsgType.MIGRATE_CHALLENGE, deadline, pause=0.2, timeout=60
+                )
+                answers = await asyncio.to_thread(self._answer, body)
+                try:
+                    await self.remote.call(
+                        MsgType.MIGRATE_DONE,
+                        self.signed(MsgType.MIGRATE_DONE, answers=answers),
+                        timeout=max(0.1, min(60, deadline - time.monotonic())),
+                    )
+                    break
+                except DrafterError as e:
+                    if isinstance(e, RemoteError) or time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.2)  # lost on a cut: a new challenge
         except DrafterError as e:
             if no_migration(e):
                 self._taken_back()
+            elif isinstance(e, RemoteError):  # refused: the proof of possession failed
+                log.error("the source refused DONE (its VM stays paused there): %s", e)
             else:
                 log.warning("could not tell the source the migration is done: %s", e)
             return False
+        for device in self.devices.values():
+            device.stop_proof()
         self._to(DestinationPhase.DONE)
         return True
+
+    def _answer(self, body: bytes) -> dict[str, list[str]]:
+        """The tags of the challenged chunks as they were at the grant (worker thread);
+        DrafterError if one never was here."""
+        counts = {name: device.chunks for name, device in self.devices.items()}
+        challenge = decode_challenge(body, counts)
+        return {
+            name: [self.devices[name].proof_tag(index).hex() for index in indices]
+            for name, indices in challenge.items()
+        }
 
     def _reconnected(self) -> None:
         """After a lost connection past switch-over: tell the source we are back, so it
@@ -302,7 +357,7 @@ class MigrationDestination:
 
         async def resume() -> None:
             try:
-                await self.remote.call(MsgType.MIGRATE_RESUME, encode_id(self.migration_id))
+                await self.remote.call(MsgType.MIGRATE_RESUME, self.signed(MsgType.MIGRATE_RESUME))
             except DrafterError as e:
                 if not no_migration(e):
                     log.warning("could not tell the source we are back: %s", e)

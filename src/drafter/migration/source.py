@@ -12,28 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hmac
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drafter import loops
-from drafter.chunks import TRACKED, Priority
+from drafter.chunks import TRACKED, ZERO_HASH, Priority
 from drafter.device import Device
-from drafter.hashes import chunk_hash
+from drafter.hashes import chunk_hash, is_zero, proof_tag
 from drafter.migration.messages import (
     INLINE_LIMIT,
     INLINE_MARGIN,
+    PROOF_CHUNKS,
     TAKEN_BACK,
+    KeyShare,
     SwitchOver,
-    decode_id,
+    check_call,
+    decode_answers,
     decode_lease_holder,
+    decode_offer_call,
+    encode_challenge,
     encode_dirty,
+    encode_grant,
     encode_offer,
     encode_suspended,
+    fingerprint,
 )
 from drafter.snapshot import failpoint, fsync_file
 from drafter.transport.protocol import ErrorCode, MsgType, ProtocolError
@@ -65,7 +73,7 @@ SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.SWITCHING: frozenset({Phase.SUSPENDED, Phase.IDLE}),
     # granted; or ABORT, rescue timeout, operator
     Phase.SUSPENDED: frozenset({Phase.HANDED_OVER, Phase.RESCUING}),
-    # DONE; or ABORT (the destination never ran it), operator
+    # DONE; or the operator (an abort is refused: the destination may have run it)
     Phase.HANDED_OVER: frozenset({Phase.DONE, Phase.RESCUING}),
     # resumed here; or the resume failed and it stays where it was
     Phase.RESCUING: frozenset({Phase.IDLE, Phase.SUSPENDED, Phase.HANDED_OVER}),
@@ -74,7 +82,13 @@ SOURCE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 # The calls that name a switched-over migration (its id in the body).
 _NAMING = frozenset(
-    {MsgType.MIGRATE_RESUME, MsgType.MIGRATE_HANDOVER, MsgType.MIGRATE_ABORT, MsgType.MIGRATE_DONE}
+    {
+        MsgType.MIGRATE_RESUME,
+        MsgType.MIGRATE_HANDOVER,
+        MsgType.MIGRATE_ABORT,
+        MsgType.MIGRATE_CHALLENGE,
+        MsgType.MIGRATE_DONE,
+    }
 )
 
 
@@ -115,8 +129,15 @@ class VMControl:
 class Migration:
     """The migration under way, from its offer until the source is idle again."""
 
-    id: str  # a secret: names the migration in every call after the offer
-    conn: Connection  # the destination's; a reconnect that names the id adopts its new one
+    id: str  # names the migration in every call after the offer (never logged)
+    conn: Connection  # the destination's; a reconnect that proves the key adopts its new one
+    key: bytes  # the migration key, from the offer's exchange: only the destination has it
+    seen: set[int] = field(default_factory=set)  # call numbers used (replays refused)
+    offered_at: float = field(default_factory=time.monotonic)
+    # The proof of possession: its nonce (sent with the grant) and the chunks challenged
+    # (none are served while a challenge is open: they must already be there).
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    challenge: dict[str, list[int]] | None = None
     watch: asyncio.Task[None] | None = None  # forgets a destination silent in pre-copy
     # The switch-over's encoded answer, once asked; kept while it may be lost on a cut.
     answer: asyncio.Future[bytes] | None = None
@@ -152,6 +173,7 @@ class MigrationSource:
         vm: VMControl,
         grace: float | None = 30.0,
         offer_timeout: float = 30.0,
+        precopy_timeout: float = 600.0,
     ) -> None:
         self.devices = devices
         self._config = config
@@ -163,6 +185,10 @@ class MigrationSource:
         # A destination that offered and then falls silent this long loses the migration,
         # so that the next one can migrate the VM.
         self.offer_timeout = offer_timeout
+        # A pre-copy that has not switched over this long after its offer ends (one
+        # request now and then would hold it, and refuse every other destination, for
+        # ever); the VM keeps running here.
+        self.precopy_timeout = precopy_timeout
         self.chunk_size = next(iter(devices.values())).chunk_size
         self.metrics: Metrics | None = None  # drafter.metrics: times phases, counts outcomes
         self._phase = Phase.IDLE
@@ -215,6 +241,10 @@ class MigrationSource:
         return self._config
 
     async def read_chunk(self, resource: str, index: int) -> tuple[bytes, bytes | None]:
+        if self.migration is not None and self.migration.challenge is not None:
+            raise ProtocolError(
+                ErrorCode.REFUSED, "no chunk is served while the destination proves it has them"
+            )
         device = self.devices[resource]
         await device.ensure_chunk(index, Priority.DEMAND)  # a chain: may still be pulling
         return device.read_chunk(index)
@@ -293,14 +323,20 @@ class MigrationSource:
     # -- the calls, one handler each ------------------------------------------------
 
     async def _offer(self, conn: Connection, body: bytes) -> bytes:
+        theirs = decode_offer_call(body)
+        share, migration_id = KeyShare(), secrets.token_hex(16)
+        key = share.key(theirs, migration_id)  # before anything changes: may refuse
         self._to(Phase.PRECOPY)
-        migration = self.migration = Migration(secrets.token_hex(16), conn)
+        migration = self.migration = Migration(migration_id, conn, key)
         # What changed since it was last collected, the destination's hashes of it
         # included: it must not trust those. From now on, dirty means "since the offer".
         dirty = await self._collect_dirty()
-        log.info("migration %s offered: pre-copy starts; the VM keeps running", migration.id)
+        log.info(
+            "migration %s offered: pre-copy starts; the VM keeps running",
+            fingerprint(migration.id),
+        )
         migration.watch = asyncio.ensure_future(self._watch_precopy(migration))
-        return encode_offer(migration.id, dirty)
+        return encode_offer(migration.id, dirty, share)
 
     async def _dirty_list(self, conn: Connection, body: bytes) -> bytes:
         self._expect(conn)
@@ -327,24 +363,23 @@ class MigrationSource:
         migration = self.migration
         if migration is None or migration.answer is None:  # (a rescue that failed)
             raise ProtocolError(ErrorCode.REFUSED, f"not possible while {self.phase.value}")
-        if decode_id(body) != migration.id:
-            raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        check_call(migration.key, MsgType.MIGRATE_SUSPENDED, migration.id, migration.seen, body)
         encoded = await asyncio.shield(migration.answer)
-        self._adopt(conn, body, Phase.SUSPENDED)
-        log.info("the destination of migration %s asked again", migration.id)
+        self._adopt(conn, None, Phase.SUSPENDED)
+        log.info("the destination of migration %s asked again", fingerprint(migration.id))
         return encoded
 
     async def _destination_back(self, conn: Connection, body: bytes) -> bytes:
         """The destination came back after a lost connection: it owns the migration
         again, and the source must not resume the VM itself."""
-        migration = self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
-        log.info("the destination of migration %s is back", migration.id)
+        migration = self._adopt(conn, (MsgType.MIGRATE_RESUME, body), *_AWAY)
+        log.info("the destination of migration %s is back", fingerprint(migration.id))
         return b""
 
     async def _hand_over(self, conn: Connection, body: bytes) -> bytes:
         """The destination has the state and asks for the right to run the VM. Asked
         again (its answer was lost), the grant is given again."""
-        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        self._adopt(conn, (MsgType.MIGRATE_HANDOVER, body), *_AWAY)
         if self.phase is Phase.SUSPENDED:
             hand_lease = self.vm.hand_lease
             if hand_lease is not None:
@@ -357,17 +392,81 @@ class MigrationSource:
             self._to(Phase.HANDED_OVER)
             log.info("handed the VM over: it runs at the destination from now on")
         failpoint("after-handover")
-        return b""
+        assert self.migration is not None
+        return encode_grant(self.migration.nonce)
 
     async def _abort(self, conn: Connection, body: bytes) -> bytes:
         """The destination gives up before it ran the VM: it runs here again."""
-        self._adopt(conn, body, Phase.SUSPENDED, Phase.HANDED_OVER)
+        self._adopt(conn, (MsgType.MIGRATE_ABORT, body), Phase.SUSPENDED)
         log.warning("the destination gave the migration up before running the VM")
         await self._resume_here("the destination did not run it; no write is lost")
         return b""
 
+    async def _abort_refused(self, conn: Connection, body: bytes) -> bytes:
+        """After the grant the destination may have run the VM: resuming it here could
+        make two copies run. Refused; it stays paused here (its operator may take it
+        back once the destination is gone)."""
+        migration = self._adopt(conn, (MsgType.MIGRATE_ABORT, body), Phase.HANDED_OVER)
+        log.error(
+            "the destination of migration %s asked to abort after the hand-over: refused "
+            "(it may have run the VM); the VM stays paused here",
+            fingerprint(migration.id),
+        )
+        raise ProtocolError(
+            ErrorCode.REFUSED,
+            "the VM was handed over and may have run at the destination: not resuming it "
+            "at the source",
+        )
+
+    async def _challenge(self, conn: Connection, body: bytes) -> bytes:
+        """The destination says it holds every chunk: a few of them, at random among
+        those that are not all zero, whose tags it must answer with its DONE. No chunk is
+        served meanwhile, so it cannot fetch them now."""
+        migration = self._adopt(conn, (MsgType.MIGRATE_CHALLENGE, body), Phase.HANDED_OVER)
+        migration.challenge = {}  # (already: no chunk served while it is chosen)
+        migration.challenge = await asyncio.to_thread(self._choose_challenge)
+        return encode_challenge(migration.challenge)
+
+    def _choose_challenge(self) -> dict[str, list[int]]:
+        chosen: dict[str, list[int]] = {}
+        pick = secrets.SystemRandom()
+        for name, device in self.devices.items():
+            candidates = [i for i in range(device.chunks) if not self._zero(device, i)]
+            chosen[name] = pick.sample(candidates, min(PROOF_CHUNKS, len(candidates)))
+        return chosen
+
+    @staticmethod
+    def _zero(device: Device, index: int) -> bool:
+        known = device.hashes[index]
+        if known is not None or not device.local[index] and device.source is not None:
+            return known == ZERO_HASH  # (a chunk still missing here: by its hash)
+        return is_zero(device.read_chunk(index)[0])
+
     async def _done(self, conn: Connection, body: bytes) -> bytes:
-        self._adopt(conn, body, Phase.HANDED_OVER)
+        """DONE answers the challenge: the source stops its VM only if every tag is
+        that of its own bytes; else it keeps the VM (paused: it is the destination's)."""
+        migration = self.migration
+        assert migration is not None  # (HANDED_OVER)
+        doc = check_call(migration.key, MsgType.MIGRATE_DONE, migration.id, migration.seen, body)
+        self._adopt(conn, None, Phase.HANDED_OVER)
+        challenge, migration.challenge = migration.challenge, None  # chunks served again
+        if not challenge:
+            raise ProtocolError(ErrorCode.REFUSED, "DONE without a challenge answered")
+        answers = decode_answers(doc, challenge)
+        wrong = None if answers is not None else "the answers do not fit the challenge"
+        for name, indices in challenge.items():
+            for index, tag in zip(indices, answers[name] if answers else [], strict=True):
+                data, _ = await self.read_chunk(name, index)
+                if wrong is None and not hmac.compare_digest(tag, proof_tag(migration.nonce, data)):
+                    wrong = f"chunk {name} {index} is not the source's"
+        if wrong is not None:
+            log.error(
+                "the destination of migration %s failed its proof of possession (%s): the VM "
+                "stays here, paused (it was handed over)",
+                fingerprint(migration.id),
+                wrong,
+            )
+            raise ProtocolError(ErrorCode.REFUSED, f"proof of possession failed: {wrong}")
         self._to(Phase.DONE)
         log.info("the destination holds everything and runs the VM")
         self.vm.tell_finished()
@@ -436,26 +535,42 @@ class MigrationSource:
         return inline
 
     async def _watch_precopy(self, migration: Migration) -> None:
-        """Forget a migration whose destination fell silent during pre-copy."""
+        """Forget a migration whose destination fell silent during pre-copy, or whose
+        pre-copy did not come to a switch-over in time."""
         while self.phase is Phase.PRECOPY and self.migration is migration:
-            await asyncio.sleep(min(1.0, self.offer_timeout / 4))
+            await asyncio.sleep(min(1.0, self.offer_timeout / 4, self.precopy_timeout / 4))
+            if self.phase is not Phase.PRECOPY or self.migration is not migration:
+                return
+            if time.monotonic() - migration.offered_at > self.precopy_timeout:
+                log.warning(
+                    "the destination of migration %s made no progress to a switch-over in "
+                    "%.0fs of pre-copy (--precopy-timeout); forgetting it (the VM keeps "
+                    "running here)",
+                    fingerprint(migration.id),
+                    self.precopy_timeout,
+                )
+                self._to(Phase.IDLE)
+                return
             if time.monotonic() - migration.conn.last_work <= self.offer_timeout:
                 continue  # pings do not count as work
             if self.phase is Phase.PRECOPY and self.migration is migration:
                 log.warning(
                     "the destination of migration %s said nothing for %.0fs in pre-copy; "
                     "forgetting it (the VM keeps running here)",
-                    migration.id,
+                    fingerprint(migration.id),
                     self.offer_timeout,
                 )
                 self._to(Phase.IDLE)
 
-    def _adopt(self, conn: Connection, body: bytes, *phases: Phase) -> Migration:
-        """A call that names the switched-over migration: its connection owns it from
-        now on (a destination that reconnected). Anything else is refused."""
+    def _adopt(self, conn: Connection, call: tuple[int, bytes] | None, *phases: Phase) -> Migration:
+        """A call (kind, body) that names the switched-over migration and proves the
+        migration key (None: already checked): its connection owns it from now on (a
+        destination that reconnected). Anything else is refused."""
         migration = self.migration
-        if self.phase not in phases or migration is None or decode_id(body) != migration.id:
+        if self.phase not in phases or migration is None:
             raise ProtocolError(ErrorCode.NO_MIGRATION, TAKEN_BACK)
+        if call is not None:
+            check_call(migration.key, call[0], migration.id, migration.seen, call[1])
         migration.conn = conn
         migration.destination_lost = False
         migration.cancel_rescue()
@@ -525,6 +640,8 @@ HANDLERS: dict[tuple[Phase, int], Handler] = {
     ),  # fmt: skip
     **_in(_AWAY, MsgType.MIGRATE_RESUME, MigrationSource._destination_back),
     **_in(_AWAY, MsgType.MIGRATE_HANDOVER, MigrationSource._hand_over),
-    **_in(_AWAY, MsgType.MIGRATE_ABORT, MigrationSource._abort),
+    (Phase.SUSPENDED, MsgType.MIGRATE_ABORT): MigrationSource._abort,
+    (Phase.HANDED_OVER, MsgType.MIGRATE_ABORT): MigrationSource._abort_refused,
+    (Phase.HANDED_OVER, MsgType.MIGRATE_CHALLENGE): MigrationSource._challenge,
     (Phase.HANDED_OVER, MsgType.MIGRATE_DONE): MigrationSource._done,
 }

@@ -53,7 +53,6 @@ class IncomingMigration:
         self.destination.on_taken_back = taken_back  # called on the device loop
         self.switched_at = 0.0  # monotonic: when the switch-over was asked
         self.paused_at = 0.0  # wall clock: when the VM paused at the source
-        self._grant: asyncio.Future[None] | None = None  # the hand-over (device loop)
         # Awaited after the grant, before the VM may run here (main loop): the VM's
         # checkpoint lease taken over. If it raises, the VM never runs here.
         self.before_run: Callable[[], Awaitable[None]] | None = None
@@ -74,20 +73,16 @@ class IncomingMigration:
         self.summary.precopy_s = self.switched_at - offered
         answer = await migration.switch_over()
         self.paused_at = answer.paused_at
-        self._grant = asyncio.ensure_future(migration.hand_over())
-        self._grant.add_done_callback(_quiet)  # awaited by granted(), or the start failed
         await asyncio.to_thread(state_file.write_bytes, answer.state)
 
     def granted(self) -> Callable[[], Coroutine[Any, Any, None]]:
         """What the resume awaits between the load and the run: the hand-over (then
         the VM is ours)."""
 
-        async def wait() -> None:
-            assert self._grant is not None
-            await self._grant
-
         async def granted() -> None:
-            await self.host.run(wait())
+            # Asked only once the state is loaded: after the grant the source refuses
+            # an abort (the VM may have run here), so a load that fails must come first.
+            await self.host.run(self.destination.hand_over())
             if self.before_run is not None:
                 await self.before_run()
             self.destination.told_to_run = True
@@ -127,8 +122,3 @@ class IncomingMigration:
     async def abort(self) -> None:
         """The VM never ran here: the source resumes it at once (main loop)."""
         await self.host.run(self.destination.abort())
-
-
-def _quiet(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("hand-over failed: %s", future.exception())

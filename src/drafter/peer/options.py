@@ -56,6 +56,8 @@ class PeerOptions:
     handover_timeout: float = 15.0
     # A destination silent this long during pre-copy loses the migration (source side).
     offer_timeout: float = 30.0
+    # A pre-copy not switched over this long after its offer ends (source side).
+    precopy_timeout: float = 600.0
     metrics: Metrics | None = None  # Prometheus metrics (drafter.metrics), if served
     # The daemon's state directory (the namespace's info, the handover records).
     state_dir: str = DEFAULT_STATE_DIR

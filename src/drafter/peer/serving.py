@@ -150,6 +150,7 @@ class Serving:
             control,
             grace=options.grace,
             offer_timeout=options.offer_timeout,
+            precopy_timeout=options.precopy_timeout,
         )
         # Asked at each connection: a migration may start before the recording ends.
         self.source.hot_chunks = hot

@@ -91,6 +91,7 @@ class MsgType(IntEnum):
     MIGRATE_RESUME = 36  # JSON {"migration": id}: the destination is back after a cut
     MIGRATE_HANDOVER = 37  # JSON {"migration": id}: may the destination run the VM now?
     MIGRATE_ABORT = 38  # JSON {"migration": id}: it never ran the VM; the source resumes it
+    MIGRATE_CHALLENGE = 39  # signed: -> JSON {"chunks": {name: [chunk, ...]}} to prove
 
 
 def is_control(kind: int) -> bool:
