@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -256,6 +257,8 @@ def main() -> None:
         p.error("--hops must be at least 1")
     if shutil.which("node") is None or not BOT_MODULES.is_dir():
         p.error("the Minecraft bot is not installed (run scripts/install-deps)")
+    # Ctrl-C unwinds even when a script started us in the background (SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out_dir = Path("out")
     out_dir.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="drafter-bench-minecraft-", dir=out_dir)).resolve()
