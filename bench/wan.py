@@ -176,14 +176,14 @@ def wire_bytes(counts: dict[str, int]) -> dict[str, int]:
 
 
 def start_daemon(
-    bin_dir: Path, state_dir: Path, prefix: str, host_cidr: str, ns_cidr: str
+    bin_dir: Path, state_dir: Path, prefix: str, host_cidr: str, ns_cidr: str, count: int = 2
 ) -> tuple[Proc, dict[str, str]]:
-    """drafter-daemon with two namespaces of our own; returns it and namespace → address."""
+    """drafter-daemon with ``count`` namespaces of our own; returns it and namespace → address."""
     daemon = Proc(
         "drafter-daemon",
-        [str(bin_dir / "drafter-daemon"), "--namespace-prefix", prefix, "--namespace-count", "2",
-         "--host-veth-cidr", host_cidr, "--namespace-veth-cidr", ns_cidr,
-         "--state-dir", str(state_dir)],
+        [str(bin_dir / "drafter-daemon"), "--namespace-prefix", prefix,
+         "--namespace-count", str(count), "--host-veth-cidr", host_cidr,
+         "--namespace-veth-cidr", ns_cidr, "--state-dir", str(state_dir)],
     )  # fmt: skip
     try:
         _, _, ready = daemon.wait_for(re.compile(r"^ready"), time.monotonic() + 60)
@@ -192,7 +192,7 @@ def start_daemon(
             match = REACHABLE.search(line)
             if match:
                 addresses[match.group(1)] = match.group(2)
-        if len(addresses) != 2:
+        if len(addresses) != count:
             raise StepFailed(f"drafter-daemon printed no addresses:\n{daemon.tail()}")
     except BaseException:
         daemon.stop()
