@@ -224,7 +224,12 @@ def redis_chain(work: Path, package: Path, namespaces: list[str], stable: str,
         first_reply(stable, timeout=300)
         out["lazy_start_to_first_reply_s"] = round(time.monotonic() - began, 3)
         writer.start()
-        stack.callback(lambda: (writer.stop.set(), writer.join(10)))
+
+        def stop_writer() -> None:
+            writer.stop.set()
+            writer.join(10)
+
+        stack.callback(stop_writer)
         time.sleep(2)
         per_hop = []
         for _ in range(hops):
