@@ -8,6 +8,7 @@ helpers are in ``support/``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,10 +17,29 @@ from pathlib import Path
 import pytest
 
 from drafter.devicefs import unmount_stale_under
+from drafter.transport import localtoken
 from support.common import TMP_PREFIX
 from support.objectstores import Nginx, NginxFactory, SeaweedS3
 
 BUCKET = "drafter"  # the bucket the seaweed fixture creates
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_token_file() -> Iterator[Path]:
+    """The host-local token of this session (per xdist worker): the servers the tests
+    start without a token ask for it, the project's clients read it, in a directory
+    only root may enter (docs/security.md). Removed at the session's end."""
+    path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    before = os.environ.get(localtoken.LOCAL_TOKEN_ENV)
+    os.environ[localtoken.LOCAL_TOKEN_ENV] = str(path / "drafter" / "local-token")
+    try:
+        yield path / "drafter" / "local-token"
+    finally:
+        if before is None:
+            os.environ.pop(localtoken.LOCAL_TOKEN_ENV, None)
+        else:
+            os.environ[localtoken.LOCAL_TOKEN_ENV] = before
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -134,12 +134,45 @@ class StderrWatch(threading.Thread):
             time.sleep(0.005)
 
 
-def as_nobody(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as an unprivileged local user (``nobody``, no groups): what any
-    account on the host could do. The caller must be root (the tests run as root)."""
+def as_nobody(
+    *argv: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as an unprivileged local user (``nobody``, no groups), with this
+    environment and ``env`` added: what any account on the host could do. The caller
+    must be root (the tests run as root)."""
     return subprocess.run(
         ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+_DIAL_AS_NOBODY = """
+import asyncio, sys
+from drafter.errors import DrafterError
+from drafter.transport.client import RemoteSource
+
+async def main() -> None:
+    source = RemoteSource(sys.argv[1], retry_timeout=1)
+    try:
+        await source.connect()
+    finally:
+        await source.close()
+    print("connected")
+
+try:
+    asyncio.run(main())
+except DrafterError as e:
+    print(f"refused: {e}")
+    sys.exit(3)
+"""
+
+
+def dial_as_nobody(raddr: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The project's own client, run by another local account (``nobody``, with the
+    settings ``env`` added to its environment), dialing ``raddr`` with no token given:
+    what any user on the host could try. Exit 3 and "refused: ..." when the server
+    turns it away, 0 and "connected" when it lets it in."""
+    return as_nobody(sys.executable, "-c", _DIAL_AS_NOBODY, raddr, env=env)

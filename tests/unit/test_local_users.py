@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,19 @@ import pytest
 from drafter.errors import DrafterError
 from drafter.network.state import DaemonLock, write_json
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
-from support.common import as_nobody, assert_one_line_error, run_command
+from drafter.transport import localtoken, security
+from drafter.transport.client import RemoteSource
+from support.common import as_nobody, assert_one_line_error, dial_as_nobody, run_command
 from support.packages import small_package
-from support.wire import LOOPBACK, build_package, env_without_token
+from support.wire import (
+    LOOPBACK,
+    build_package,
+    contents,
+    env_without_token,
+    pull,
+    run,
+    start_registry,
+)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -180,3 +192,79 @@ def test_the_daemon_lock_follows_no_planted_link(open_dir: Path, victim: Path) -
         assert mode(path) == 0o600 and path.read_text() == f"{os.getpid()}\n"
     finally:
         lock.release()
+
+
+# --- item 1: a server started without a token -------------------------------------
+
+
+def test_other_users_cannot_use_a_registry_started_without_a_token(
+    shared: Path, local_token_file: Path
+) -> None:
+    """The seed's workstation way, no token anywhere: root's own client pulls, as
+    before; another account is refused at the handshake and cannot read the host-local
+    token the server asks for."""
+    package = build_package(shared)
+    reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
+                         env=env_without_token(), stderr_path=shared / "reg.err")  # fmt: skip
+    try:
+        raddr = f"{LOOPBACK}:{reg.port}"
+        expected = contents(package)
+
+        async def root_pulls() -> None:
+            source = RemoteSource(raddr)
+            await source.connect()
+            try:
+                assert await pull(source, expected) == expected
+            finally:
+                await source.close()
+
+        run(root_pulls())
+        nobody = dial_as_nobody(raddr)
+        assert nobody.returncode == 3, nobody.stdout + nobody.stderr
+        assert "requires a token (this user cannot read" in nobody.stdout
+        assert "Traceback" not in nobody.stderr
+        assert as_nobody("cat", str(local_token_file)).returncode != 0
+        assert mode(local_token_file) == 0o600 and mode(local_token_file.parent) == 0o700
+        # An account that made a host-local token of its own is refused all the same.
+        own = shared / "nobody"
+        own.mkdir(mode=0o777)
+        own.chmod(0o777)
+        env = {localtoken.LOCAL_TOKEN_ENV: str(own / "drafter" / "local-token")}
+        made = "from drafter.transport import localtoken as t; t.for_serving()"
+        theirs = as_nobody(sys.executable, "-c", made, env=env)
+        assert theirs.returncode == 0, theirs.stderr
+        nobody = dial_as_nobody(raddr, **env)
+        assert nobody.returncode == 3 and "wrong or missing token" in nobody.stdout, nobody
+    finally:
+        assert reg.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in reg.stderr()
+
+
+def test_the_host_local_token_is_made_once_and_never_read_through_a_link(
+    open_dir: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = open_dir / "mine"
+    monkeypatch.setenv(localtoken.LOCAL_TOKEN_ENV, str(mine / "local-token"))
+    first = localtoken.for_serving()
+    assert localtoken.for_serving() == first == localtoken.for_dialing()
+    assert mode(mine) == 0o700 and mode(mine / "local-token") == 0o600
+    # A link planted where the token would be: refused, and the file it names is
+    # neither read nor written.
+    monkeypatch.setenv(localtoken.LOCAL_TOKEN_ENV, str(open_dir / "local-token"))
+    plant(open_dir / "local-token", victim)
+    with pytest.raises(DrafterError, match="is a link"):
+        localtoken.for_serving()
+    assert localtoken.for_dialing() is None
+    assert_untouched(victim)
+    # A token file another user made, or one others may read, is not used.
+    (open_dir / "local-token").unlink()
+    monkeypatch.setenv(localtoken.LOCAL_TOKEN_ENV, str(open_dir / "theirs" / "local-token"))
+    (open_dir / "theirs").mkdir()
+    (open_dir / "theirs" / "local-token").write_text(security.new_token())
+    (open_dir / "theirs" / "local-token").chmod(0o644)
+    with pytest.raises(DrafterError, match="not a file only you can read"):
+        localtoken.for_serving()
+    # A directory others may write to (a planted or shared one) is not used to make one.
+    monkeypatch.setenv(localtoken.LOCAL_TOKEN_ENV, str(open_dir / "new-token"))
+    with pytest.raises(DrafterError, match="is not yours alone"):
+        localtoken.for_serving()

@@ -28,11 +28,11 @@ import pytest
 from drafter.errors import DrafterError
 from drafter.hashes import chunk_hash
 from drafter.package import RESOURCES, PackageConfig, Source, open_package, write_package
+from drafter.transport import localtoken, security
 from drafter.transport import protocol as wire
-from drafter.transport import security
 from drafter.transport.channel import FrameProtocol
 from drafter.transport.client import Priority, RemoteSource
-from drafter.transport.protocol import ErrorCode, MsgType
+from drafter.transport.protocol import ErrorCode, MsgType, RemoteError
 from drafter.transport.registry import PackageProvider
 from support.common import assert_one_line_error, run_command
 from support.wire import (
@@ -250,7 +250,7 @@ def test_demand_overtakes_queued_background_requests(package: Path) -> None:
 
 
 def test_token_right_one_works_others_are_refused(
-    package: Path, caplog: pytest.LogCaptureFixture
+    package: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = contents(package)
 
@@ -258,10 +258,17 @@ def test_token_right_one_works_others_are_refused(
         server = await start_server(package, token=TOKEN)
         addr = f"{LOOPBACK}:{server.port}"
         try:
-            # A client without a token is told so before it sends anything.
-            with pytest.raises(DrafterError, match="requires a token") as e:
-                await RemoteSource(addr).connect()
+            # A client without a token (nor a host-local one) is told so before it
+            # sends anything.
+            with monkeypatch.context() as m:
+                m.setenv(localtoken.LOCAL_TOKEN_ENV, "/nonexistent/drafter/local-token")
+                with pytest.raises(DrafterError, match="requires a token") as e:
+                    await RemoteSource(addr).connect()
             assert "\n" not in str(e.value) and "drafter-token" in str(e.value)
+            # With the host-local token, which is not the server's: refused.
+            localtoken.for_serving()
+            with pytest.raises(DrafterError, match="wrong or missing token"):
+                await RemoteSource(addr).connect()
             # A wrong token: the server refuses the proof, in one line.
             wrong = RemoteSource(addr, token=security.new_token())
             with pytest.raises(DrafterError, match="refused the connection") as e:
@@ -276,10 +283,10 @@ def test_token_right_one_works_others_are_refused(
             raw.abort()
             assert server.stats.accepted == 0
             assert server.stats.chunks == server.stats.zero_chunks == 0
-            # Refused: the client without a token (it left after the hello), the wrong
-            # token, the raw client.
-            assert server.stats.refused == 3
-            assert server.stats.auth_failures == 2
+            # Refused: the client without a token (it left after the hello), the
+            # host-local token, the wrong token, the raw client.
+            assert server.stats.refused == 4
+            assert server.stats.auth_failures == 3
             # A client with a token does not trust a server that has none.
             open_server = await start_server(package)
             with pytest.raises(DrafterError, match="does not ask for a token"):
@@ -302,7 +309,7 @@ def test_token_right_one_works_others_are_refused(
 
     run(go())
     refusals = [r for r in caplog.records if r.name.endswith("server") and "token" in r.message]
-    assert len(refusals) == 2
+    assert len(refusals) == 3
     assert all(r.exc_info is None for r in caplog.records)
 
 
@@ -646,7 +653,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_registry_command(package: Path, workdir: Path) -> None:
+def test_registry_command(package: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = contents(package)
     before = sha256(package)
     env = env_without_token()
@@ -657,16 +664,36 @@ def test_registry_command(package: Path, workdir: Path) -> None:
         assert await pull(source, expected) == expected
         await source.close()
 
-    # Without a token: it serves (on loopback), warns that the endpoint is open, exits 0
-    # on Ctrl-C.
+    # Without a token: it serves on loopback to the accounts that can read the
+    # host-local token (this one: the client finds it alone), and to no one else (a
+    # client whose host-local token is another); exits 0 on Ctrl-C.
     reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
-                         env=env, stderr_path=workdir / "open.err")  # fmt: skip
+                         env=env, stderr_path=workdir / "local.err")  # fmt: skip
     try:
         run(go(reg.port))
+        with monkeypatch.context() as m:
+            m.setenv(localtoken.LOCAL_TOKEN_ENV, str(workdir / "elsewhere" / "local-token"))
+            localtoken.for_serving()  # another account's own host-local token
+            with pytest.raises(RemoteError, match="refused the connection"):
+                run(go(reg.port))
+            m.setenv(localtoken.LOCAL_TOKEN_ENV, str(workdir / "missing" / "local-token"))
+            with pytest.raises(DrafterError, match="requires a token .this user cannot read"):
+                run(go(reg.port))
     finally:
         assert reg.stop(signal.SIGINT) == 0
     stderr = reg.stderr()
-    assert "no token" in stderr and "Traceback" not in stderr
+    assert "no token" not in stderr and "Traceback" not in stderr
+
+    # --insecure: anyone who can connect reads it, and it says so.
+    reg = start_registry("--package-path", str(package), "--laddr", f"{LOOPBACK}:0",
+                         "--insecure", env=env, stderr_path=workdir / "open.err")  # fmt: skip
+    try:
+        with monkeypatch.context() as m:
+            m.setenv(localtoken.LOCAL_TOKEN_ENV, str(workdir / "missing" / "local-token"))
+            run(go(reg.port))
+    finally:
+        assert reg.stop(signal.SIGINT) == 0
+    assert "no token" in reg.stderr()
 
     # With a token file; the token itself never appears on the command line.
     token_file = workdir / "token"
@@ -677,7 +704,8 @@ def test_registry_command(package: Path, workdir: Path) -> None:
                          stderr_path=workdir / "token.err")  # fmt: skip
     try:
         run(go(reg.port, TOKEN))
-        with pytest.raises(DrafterError, match="requires a token"):
+        # No token given: the client offers the host-local one, which is not this.
+        with pytest.raises(DrafterError, match="wrong or missing token"):
             run(go(reg.port, None))
         # Address already in use.
         busy = run_command("drafter-registry", "--package-path", str(package),

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from support.common import command, stop_process
+from support.common import command, dial_as_nobody, stop_process
 from support.vms import wait_for_redis, wait_resumed
 
 
@@ -95,6 +95,12 @@ def test_the_seeds_workstation_commands_as_written(seeded_package, network, work
         assert vm.get("from") == b"the package"
         assert vm.set("hop", "0")
         wait_until_serving(1338)
+        # No token anywhere, as in the seed: another local account reaches neither the
+        # registry nor the peer serving the VM (issue 22, item 1).
+        for port in (1337, 1338):
+            nobody = dial_as_nobody(f"127.0.0.1:{port}")
+            assert nobody.returncode == 3, nobody.stdout + nobody.stderr
+            assert "requires a token (this user cannot read" in nobody.stdout
 
         second = stack.enter_context(
             started(workdir, "drafter-peer", "--netns", ark1, "--enable-input")

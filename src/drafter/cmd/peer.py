@@ -19,8 +19,8 @@ from drafter.errors import DrafterError
 from drafter.network import follow
 from drafter.objects.location import is_object_url, parse_location
 from drafter.peer import Peer, PeerOptions, PullProgress
+from drafter.transport import localtoken, security
 from drafter.transport import protocol as wire
-from drafter.transport import security
 
 PROG = "drafter-peer"
 DEFAULT_LADDR = ":1338"
@@ -118,6 +118,8 @@ async def run(a: argparse.Namespace) -> int:
         raddrs=raddrs,
         netns=a.netns or None,
         token=token,
+        # Loopback without a token: only accounts that can read the host-local one.
+        local_token=None if token or a.insecure or not laddr else localtoken.for_serving(),
         tls_ca=a.tls_ca or None,
         pull_workers=a.pull_workers,
         resume_threshold=a.resume_threshold,

@@ -20,8 +20,8 @@ from drafter.index import index_key
 from drafter.objects import ObjectSource, StoreOptions, is_object_url, parse_location
 from drafter.objects.provider import ObjectProvider
 from drafter.package import open_package
+from drafter.transport import localtoken, security
 from drafter.transport import protocol as wire
-from drafter.transport import security
 from drafter.transport.registry import DEFAULT_CHUNK_SIZE, PackageProvider
 from drafter.transport.server import ChunkProvider, ChunkServer
 
@@ -63,7 +63,10 @@ async def _serve(
     served: metrics.Metrics | None = None,
     store: StoreOptions | None = None,
     pin: bytes | None = None,
+    local_token: str | None = None,
 ) -> None:
+    """Serve ``package_path`` on ``addresses`` to clients that prove ``token`` (or, when
+    there is none, ``local_token``: the host-local one; neither: anyone)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +93,7 @@ async def _serve(
             served.attach_server(server)
         (host, port), *more = addresses
         try:
-            await server.start(host, port, ssl=tls, token=token, more=more)
+            await server.start(host, port, ssl=tls, token=token or local_token, more=more)
         except OSError as e:
             where = ", ".join(wire.format_addr(h or "*", p) for h, p in addresses)
             if e.errno == errno.EADDRINUSE:
@@ -98,7 +101,7 @@ async def _serve(
             raise DrafterError(f"cannot listen on {where}: {e.strerror or e}") from None
         try:
             shown = ", ".join(wire.format_addr(h or "*", p) for h, p in _bound(server, addresses))
-            if token is None:
+            if token is None and local_token is None:
                 log.warning("no token: anyone who can reach %s can read %s", shown, package_path)
             print(f"serving {package_path} on {shown}", flush=True)
             await stop.wait()
@@ -193,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 < a.retry_timeout <= 86400:
             raise DrafterError("--retry-timeout must be above 0 and at most 86400 seconds")
         store = storeflags.store_options(a, a.retry_timeout)
+        # Loopback without a token: only accounts that can read the host-local one.
+        local_token = None if token or a.insecure else localtoken.for_serving()
         asyncio.run(
             _serve(
-                a.package_path, addresses, token, tls, a.chunk_size, served, store, a.index_digest
+                a.package_path, addresses, token, tls, a.chunk_size, served, store,
+                a.index_digest, local_token,
             )
-        )
+        )  # fmt: skip
         return 0
 
     return cli.run(PROG, body)

@@ -20,6 +20,8 @@ class PeerOptions:
     raddr: str  # the server of every resource not named in raddrs
     netns: str | None
     token: str | None = None
+    # Served with when there is no token (the host-local one; None: serve anyone).
+    local_token: str | None = None
     tls_ca: str | None = None
     # Most background requests (runs of up to PULL_RUN chunks) at once; the client's
     # window bounds the bytes in flight.

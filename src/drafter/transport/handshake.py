@@ -12,8 +12,8 @@ import ssl as ssl_module
 from dataclasses import dataclass
 
 from drafter.errors import DrafterError
+from drafter.transport import localtoken, security
 from drafter.transport import protocol as wire
-from drafter.transport import security
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.protocol import (
     ErrorCode,
@@ -127,10 +127,18 @@ class Dial:
                 f"{self.raddr} does not ask for a token, but one was given: "
                 "refusing to trust a server that cannot prove it knows the token"
             )
-        if self.token is None and hello.flags & wire.HELLO_TOKEN:
-            raise DrafterError(f"{self.raddr} requires a token: {security.no_token_hint()}")
         peername = channel.transport.get_extra_info("peername")
         same_host = bool(peername) and wire.is_loopback(str(peername[0]))
+        token = self.token
+        if token is None and hello.flags & wire.HELLO_TOKEN:
+            # A server on this host without a token of its own asks for the host-local
+            # one, which only the operator's account can read.
+            token = localtoken.for_dialing() if same_host else None
+            if token is None:
+                local = f" (this user cannot read {localtoken.path()})" if same_host else ""
+                raise DrafterError(
+                    f"{self.raddr} requires a token{local}: {security.no_token_hint()}"
+                )
         # "auto": compress unless the server is on this host over a fast path (there the
         # CPU, not the link, is the limit); a long round trip means a slow path even
         # when it goes through this host (a tunnel, or the benchmark's link emulator).
@@ -140,12 +148,12 @@ class Dial:
         choice_flags = wire.HELLO_ZSTD if want_zstd and hello.flags & wire.HELLO_ZSTD else 0
         choice = choice_flags.to_bytes(2, "big")
         proof = bytes(wire.PROOF_SIZE)
-        if self.token is not None:
-            proof = security.client_proof(self.token, client_hello, server_hello + choice)
+        if token is not None:
+            proof = security.client_proof(token, client_hello, server_hello + choice)
         channel.write(MsgType.AUTH, proof + choice)
         send = recv = None
-        if self.token is not None and self.ssl is None:
-            send, recv = security.seals(self.token, client_hello, server_hello)
+        if token is not None and self.ssl is None:
+            send, recv = security.seals(token, client_hello, server_hello)
         channel.seal(send, recv)
         # A server that refuses our proof answers with an ERROR frame it cannot seal.
         channel.protocol.untagged_error = recv is not None
@@ -158,8 +166,8 @@ class Dial:
         if kind != MsgType.WELCOME:
             raise ProtocolError(ErrorCode.PROTOCOL, f"expected a welcome, got type {kind}")
         welcome = wire.Welcome.decode(bytes(body))
-        if self.token is not None:
-            expected = security.server_proof(self.token, client_hello, server_hello + choice)
+        if token is not None:
+            expected = security.server_proof(token, client_hello, server_hello + choice)
             if not security.proof_matches(welcome.proof, expected):
                 raise DrafterError(f"{self.raddr} failed to prove it knows the token")
         names = list(welcome.manifest)
