@@ -283,11 +283,14 @@ class Raw:
 
 
 async def raw_open(
-    port: int, rcvbuf: int | None = None
+    port: int, rcvbuf: int | None = None, source: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection; ``rcvbuf`` shrinks our receive buffer (a client that does not
-    read then fills the server's send buffer sooner)."""
+    read then fills the server's send buffer sooner); ``source``: from that address
+    (another of 127.0.0.0/8: another client host, as the server sees it)."""
     sock = socket.socket()
+    if source is not None:
+        sock.bind((source, 0))
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
@@ -301,10 +304,11 @@ async def raw_connect(
     token: str | None = None,
     greet: bool = True,
     rcvbuf: int | None = None,
+    source: str | None = None,
 ) -> Raw:
     """A hand-driven client: hello, proof (from ``token``, zeros without one) and, with
     ``greet``, the welcome, hashes and hot list read and checked."""
-    reader, writer = await raw_open(port, rcvbuf)
+    reader, writer = await raw_open(port, rcvbuf, source)
     raw = Raw(reader, writer)
     flags = wire.HELLO_TOKEN if token else 0
     raw.client_hello = wire.Hello(version, flags, security.new_nonce()).body()

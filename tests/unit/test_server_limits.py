@@ -28,6 +28,7 @@ import pytest
 
 from drafter.transport import protocol as wire
 from drafter.transport import security
+from drafter.transport.admission import Admission, Slot
 from drafter.transport.client import RemoteSource
 from drafter.transport.protocol import ErrorCode, MsgType
 from drafter.transport.server import ServerLimits
@@ -134,7 +135,11 @@ def test_silent_and_trickling_clients_meet_the_handshake_deadline(
     run(go())
 
 
-def test_the_connection_cap_pauses_accepting(package: Path) -> None:
+def test_a_flood_of_silent_connections_cannot_keep_a_good_client_out(package: Path) -> None:
+    """Connections that never finish their handshake hold every slot (issue 22, item
+    7): each newcomer takes the slot of the one that has waited longest, so a
+    well-behaved client is served at once, long before the handshake deadline, and
+    the server never holds more than its cap."""
     expected = contents(package)
 
     async def go() -> None:
@@ -145,38 +150,115 @@ def test_the_connection_cap_pauses_accepting(package: Path) -> None:
         async def watch() -> None:
             nonlocal most
             while True:
-                most = max(most, server.stats.connections)
+                most = max(most, len(server.admission))
                 await asyncio.sleep(0.005)
 
         watcher = asyncio.create_task(watch())
-        holders: list[Raw] = []
-        extras: list[Raw] = []
+        silent: list[Raw] = []
         try:
             normal = await timed_pull(server.port, expected)
-            holders = [Raw(*await raw_open(server.port)) for _ in range(4)]
-            extras = [Raw(*await raw_open(server.port)) for _ in range(6)]  # beyond the cap
+            silent = [Raw(*await raw_open(server.port)) for _ in range(10)]
             await asyncio.sleep(0.3)
-            assert server.stats.connections == 4
-            good = RemoteSource(f"{LOOPBACK}:{server.port}")
-            connecting = asyncio.create_task(good.connect())
-            await asyncio.sleep(0.5)
-            assert not connecting.done()  # waiting in the backlog, not refused
-            for raw in [*extras, holders.pop()]:
-                raw.abort()
-            await asyncio.wait_for(connecting, 5)  # a slot freed: it is served
+            assert len(server.admission) == 4 and server.stats.evicted == 6
+            # The first ones made room and were told so.
+            code, text = await silent[0].read_error(timeout=3)
+            assert code == ErrorCode.FULL and "made room" in text
             started = time.monotonic()
+            good = RemoteSource(f"{LOOPBACK}:{server.port}")
+            await asyncio.wait_for(good.connect(), 5)
             assert await pull(good, expected) == expected
             await good.close()
             # One round of timed_pull is a connect plus five pulls.
             assert fast_enough((time.monotonic() - started) * 5, normal)
             assert most == 4
+            assert server.stats.connections <= 4 + 16  # the overflow bounds descriptors
         finally:
             watcher.cancel()
+            for raw in silent:
+                raw.abort()
+            await server.close()
+
+    run(go())
+
+
+def test_idle_connections_of_one_address_cannot_keep_another_out(package: Path) -> None:
+    """Every slot held by idle authenticated connections from one address: a client
+    from another address gets in (the busiest address gives up its longest-idle
+    connection); one more from the same address is refused with FULL (transient),
+    and a connection with a request outstanding is never the one closed."""
+
+    async def go() -> None:
+        limits = ServerLimits(max_connections=4)
+        server = await start_server(package, delay=3.0, limits=limits)
+        holders: list[Raw] = []
+        try:
+            holders = [await raw_connect(server.port) for _ in range(4)]
+            holders[0].request(0, 0, 1)  # a request the slow server answers in 3 s
+            await asyncio.sleep(0.2)
+            same = await raw_open(server.port)
+            kind, _, body = await Raw(*same).read(sealed=False)
+            assert kind == MsgType.ERROR and wire.decode_error(body)[0] == ErrorCode.FULL
+            assert ErrorCode.FULL.transient
+            other = await raw_connect(server.port, source="127.0.0.2")
+            assert server.admission.per_address() == {LOOPBACK: 3, "127.0.0.2": 1}
+            assert server.stats.evicted == 1 and server.stats.full == 1
+            # The one closed was idle (holders[1], the longest idle), not the busy one.
+            code, _ = await holders[1].read_error(timeout=3)
+            assert code == ErrorCode.FULL
+            kind, request_id, _ = await holders[0].read(timeout=10)
+            assert (kind, request_id) == (MsgType.CHUNK, 1)
+            # A third address is let in too; the fair share is now 2, 1, 1.
+            third = await raw_connect(server.port, source="127.0.0.3")
+            assert server.admission.per_address() == {
+                LOOPBACK: 2, "127.0.0.2": 1, "127.0.0.3": 1
+            }  # fmt: skip
+            holders += [other, third]
+        finally:
             for raw in holders:
                 raw.abort()
             await server.close()
 
     run(go())
+
+
+def test_admission_is_max_min_fair() -> None:
+    """The policy alone (no sockets): handshakes first, oldest first; then the idle
+    connections of the busiest address, only while it holds two more than the
+    newcomer's; else a refusal."""
+    closed: list[Slot] = []
+    admission = Admission(4, closed.append)
+
+    def admit(address: str) -> Slot:
+        slot = admission.admit(address)
+        assert slot is not None
+        return slot
+
+    waiting = [admit("a") for _ in range(4)]
+    # Full of handshakes: each newcomer, of any address, takes the oldest one's slot.
+    newcomer = admit("b")
+    assert closed == [waiting[0]] and waiting[0].evicted and len(admission) == 4
+    # Now every slot has proved the token: "a" holds 3, "b" 1.
+    for n, slot in enumerate([*waiting[1:], newcomer]):
+        slot.authenticated = True
+        slot.last_work = lambda n=n: float(n)
+    waiting[1].busy = lambda: True  # the longest idle, but with a request outstanding
+    # "a" holds 3 >= 1 + 2: its longest-idle connection that is not busy goes.
+    admit("b").authenticated = True
+    assert closed[-1] is waiting[2]
+    assert admission.per_address() == {"a": 2, "b": 2}
+    assert admission.admit("b") is None  # "a" holds 2 < 2 + 2: fair already
+    assert admission.admit("a") is None  # nor may "a" take back from "b"
+    # A new address gets its share from the busiest, down to one slot each.
+    admit("c").authenticated = True
+    assert sorted(admission.per_address().values()) == [1, 1, 2]
+    admit("d").authenticated = True
+    assert admission.per_address() == {"a": 1, "b": 1, "c": 1, "d": 1}
+    assert waiting[1] in admission  # the busy one was never taken
+    assert admission.admit("e") is None  # 1 < 0 + 2: as fair as it gets
+    assert admission.refusals == 3 and admission.evictions == 4
+    # A slot released is free for anyone.
+    admission.release(waiting[1])
+    assert admit("e").address == "e" and len(admission) == 4
 
 
 @pytest.mark.slow

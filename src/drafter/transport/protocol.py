@@ -115,11 +115,14 @@ class ErrorCode(IntEnum):
     # A call names a migration the source no longer has: it took the VM back (resumed it
     # itself), or the id is wrong. The destination must not run the VM.
     NO_MIGRATION = 12
+    FULL = 13  # no connection slot free for this client now (drafter.transport.admission)
 
     @property
     def transient(self) -> bool:
         """Whether a client should reconnect and try again after this error."""
-        return self in (ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT)
+        return self in (
+            ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT, ErrorCode.FULL
+        )  # fmt: skip
 
 
 class ProtocolError(DrafterError):

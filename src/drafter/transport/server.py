@@ -5,11 +5,13 @@ running VM's devices for a peer). After the handshake it sends the resources, ev
 chunk's hash and the hot chunks; then each connection has a reader that queues
 requests and a sender that always answers demand requests before background ones.
 
-The server is meant to be left running on a shared network: it accepts at most
-``limits.max_connections`` clients and pauses accepting (without spinning) when the
-process runs out of descriptors; every connection has a handshake deadline, an idle
-timeout and a write-stall timeout, at most ``MAX_OUTSTANDING`` requests and a small
-send buffer. A misbehaving client costs one warning line and its connection.
+The server is meant to be left running on a shared network: it holds at most
+``limits.max_connections`` clients, shared fairly between addresses when they run out
+(:mod:`drafter.transport.admission`: handshakes that linger go first, then the idle
+connections of the address holding the most), and pauses accepting (without
+spinning) when the process runs out of descriptors; every connection has a handshake
+deadline, an idle timeout and a write-stall timeout, at most ``MAX_OUTSTANDING``
+requests and a small send buffer. A misbehaving client costs one warning line and its connection.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from drafter.errors import DrafterError
 from drafter.hashes import digest, is_zero
 from drafter.transport import handshake, security
 from drafter.transport import protocol as wire
+from drafter.transport.admission import Admission, Slot
 from drafter.transport.channel import Channel, FrameProtocol
 from drafter.transport.protocol import ChunkHead, ErrorCode, MsgType, ProtocolError
-from drafter.transport.sockets import descriptor_room, listen, peer_of, reason
+from drafter.transport.sockets import descriptor_room, host_of, listen, peer_of, reason
 
 if TYPE_CHECKING:
     from drafter.metrics import Metrics
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 # Parsed client frames the server holds before it stops reading from that client
 # (clients send small frames; one that sends faster than it reads is held back here).
 _QUEUE_LIMIT = 64 * 1024
+# Connections beyond the cap that may be open at once only to be told FULL, or while
+# one that made room for them says its last word (bounds the descriptors a flood takes).
+_OVERFLOW = 16
 
 
 class ChunkProvider(Protocol):
@@ -105,6 +111,8 @@ class ServerStats:
     """Counters over the server's lifetime (tests, benches and metrics read them)."""
 
     accepted: int = 0  # connections that passed the handshake
+    full: int = 0  # connections refused for want of a slot (ErrorCode.FULL)
+    evicted: int = 0  # connections closed to make room for another client
     refused: int = 0  # connections dropped for a protocol, TLS or auth problem
     auth_failures: int = 0
     chunks: int = 0  # chunks answered with data
@@ -191,7 +199,9 @@ class ChunkServer:
         self._ssl: ssl_module.SSLContext | None = None
         self._token: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(self.max_connections)
+        self._slots = asyncio.Semaphore(self.max_connections + _OVERFLOW)
+        self.admission = Admission(self.max_connections, self._evict)
+        self._full_warned = 0.0
         self._closing = False
         self._descriptors_warned = 0.0
         self._freed = asyncio.Event()  # a connection closed (accepting may work again)
@@ -282,9 +292,29 @@ class ChunkServer:
             except BaseException:
                 self._slots.release()
                 raise
-            self._track(asyncio.create_task(self._on_socket(client)))
+            slot = self.admission.admit(host_of(client))
+            task = asyncio.create_task(self._on_socket(client, slot))
+            if slot is not None:
+                slot.task = task
+            self._track(task)
 
-    async def _on_socket(self, client: socket.socket) -> None:
+    def _evict(self, slot: Slot) -> None:
+        """Close ``slot``'s connection: it made room for another client."""
+        self.stats.evicted += 1
+        self._say_full(f"closing a connection from {slot.address} to make room")
+        if slot.task is not None:
+            slot.task.cancel()
+
+    def _say_full(self, what: str) -> None:
+        """One warning a minute while the server is full, not one per connection."""
+        now = time.monotonic()
+        if now - self._full_warned > 60:
+            self._full_warned = now
+            log.warning("all %d connection slots are taken: %s (per address: %s)",
+                        self.max_connections, what,
+                        dict(self.admission.per_address().most_common(4)))  # fmt: skip
+
+    async def _on_socket(self, client: socket.socket, slot: Slot | None) -> None:
         self.stats.connections += 1
         try:
             peer = peer_of(client)
@@ -309,22 +339,31 @@ class ChunkServer:
                 log.warning("client %s: TLS handshake failed: %s; dropped it", peer, why)
                 return
             assert isinstance(transport, asyncio.Transport)
-            await self._on_client(peer, Channel(transport, proto))
+            channel = Channel(transport, proto)
+            if slot is None:  # full, and no one to make room: told so, and dropped
+                self.stats.refused += 1
+                self.stats.full += 1
+                self._say_full(f"refusing {peer}")
+                await self._shut(channel, (ErrorCode.FULL, "the server is full: try again"))
+                return
+            await self._on_client(peer, channel, slot)
         finally:
+            if slot is not None:
+                self.admission.release(slot)
             self.stats.connections -= 1
             self._slots.release()
             self._freed.set()
 
     # --- one connection ----------------------------------------------------------
 
-    async def _on_client(self, peer: str, channel: Channel) -> None:
+    async def _on_client(self, peer: str, channel: Channel, slot: Slot) -> None:
         log.debug("client %s connected", peer)
         problem: str | None = None
         error: tuple[ErrorCode, str] | None = None
         accepted = False
         try:
             async with asyncio.timeout(self.limits.handshake_timeout):
-                conn = await self._handshake(peer, channel)
+                conn = await self._handshake(peer, channel, slot)
             accepted = True
             self.stats.accepted += 1
             problem = await self._serve(channel, conn)
@@ -347,8 +386,12 @@ class ChunkServer:
         except DrafterError as e:  # the provider could not read a chunk
             log.error("client %s: cannot serve a chunk: %s", peer, e)
             error = (ErrorCode.INTERNAL, "the server cannot read that chunk")
-        except asyncio.CancelledError:  # only close() cancels a connection
-            error = (ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        except asyncio.CancelledError:  # close(), or another client needed the slot
+            if slot.evicted and not self._closing:
+                problem = "closed to make room for another client"
+                error = (ErrorCode.FULL, "the server is full: this connection made room")
+            else:
+                error = (ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         except Exception as e:  # a bug: say so in one line, the server keeps serving
             log.error("client %s: unexpected %s: %s", peer, type(e).__name__, e,
                       exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
@@ -379,10 +422,13 @@ class ChunkServer:
                     await channel.protocol.until_eof()
         await channel.close(self.linger_timeout)
 
-    async def _handshake(self, peer: str, channel: Channel) -> Connection:
+    async def _handshake(self, peer: str, channel: Channel, slot: Slot) -> Connection:
         """Hellos and proofs, then the welcome, every chunk's hash and the hot chunks."""
         accepted = await handshake.accept(channel, self._token, tls=self._ssl is not None)
         conn = Connection(peer, accepted.compress, parts=accepted.parts)
+        slot.authenticated = True  # from here on, only idleness can cost it its slot
+        slot.last_work = lambda: conn.last_work
+        slot.busy = lambda: conn.outstanding > 0
         server_proof = accepted.proof
         manifest = dict(zip(self._names, self._sizes, strict=True))
         channel.write(

@@ -35,6 +35,14 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return [sock]
 
 
+def host_of(sock: socket.socket) -> str:
+    """The address (no port) of the other end of ``sock``; "?" if it is gone."""
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def peer_of(sock: socket.socket) -> str:
     try:
         peername = sock.getpeername()
