@@ -536,3 +536,70 @@ def test_registry_memory_and_speed_under_attack(
     stderr = reg.stderr()
     assert "Traceback" not in stderr
     assert len(stderr.splitlines()) < 100, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_registry_serves_every_good_client_through_a_handshake_flood(
+    package: Path, token_file: Path, workdir: Path
+) -> None:
+    """A sustained flood of connections that never say a word, more than the
+    registry's 256 slots, each opened again as soon as the server closes it (issue
+    22, item 7: 4 of 38 well-behaved connects failed, each waiting behind silent ones
+    for their 10 s handshake deadline). Now every one of 38 connects succeeds at
+    once, a pull runs at normal speed, and memory and descriptors stay bounded."""
+    expected = contents(package)
+    reg = start_registry(*registry_args(package, token_file), stderr_path=workdir / "reg.err")
+    try:
+        normal = run(timed_pull(reg.port, expected, TOKEN))
+        before_rss, before_fds = reg.rss_mib(), reg.descriptors()
+        most_fds = 0
+
+        async def flooder(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    reader, writer = await raw_open(reg.port)
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(reader.read(), 30)  # until closed
+                    finally:
+                        writer.close()
+                await asyncio.sleep(0.01)
+
+        async def attack() -> tuple[list[float], float]:
+            nonlocal most_fds
+            stop = asyncio.Event()
+            flood = [asyncio.create_task(flooder(stop)) for _ in range(320)]
+            try:
+                await asyncio.sleep(1.0)  # every slot is taken by now
+                connects = []
+                for _ in range(38):
+                    started = time.monotonic()
+                    good = RemoteSource(f"{LOOPBACK}:{reg.port}", token=TOKEN,
+                                        retry_timeout=5, chunk_timeout=5)  # fmt: skip
+                    try:
+                        await good.connect()
+                    finally:
+                        await good.close()
+                    connects.append(time.monotonic() - started)
+                    most_fds = max(most_fds, reg.descriptors())
+                attacked = await timed_pull(reg.port, expected, TOKEN)
+                most_fds = max(most_fds, reg.descriptors())
+                return connects, attacked
+            finally:
+                stop.set()
+                for task in flood:
+                    task.cancel()
+                await asyncio.gather(*flood, return_exceptions=True)
+
+        connects, attacked = run(attack(), timeout=120)
+        assert len(connects) == 38 and max(connects) < 5, connects
+        assert fast_enough(attacked, normal), (attacked, normal)
+        assert reg.rss_mib() - before_rss < 40, (before_rss, reg.rss_mib())
+        assert most_fds <= before_fds + 256 + 16 + 2, (before_fds, most_fds)
+        # The flood is gone; the registry serves on.
+        assert fast_enough(run(timed_pull(reg.port, expected, TOKEN)), normal)
+    finally:
+        assert reg.stop() == 0
+    stderr = reg.stderr()
+    assert "Traceback" not in stderr
+    assert stderr.count("connection slots are taken") <= 2, stderr[-3000:]
