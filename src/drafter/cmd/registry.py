@@ -93,7 +93,8 @@ async def _serve(
             served.attach_server(server)
         (host, port), *more = addresses
         try:
-            await server.start(host, port, ssl=tls, token=token or local_token, more=more)
+            await server.start(host, port, ssl=tls, token=token, more=more,
+                               local_token=local_token)  # fmt: skip
         except OSError as e:
             where = ", ".join(wire.format_addr(h or "*", p) for h, p in addresses)
             if e.errno == errno.EADDRINUSE:

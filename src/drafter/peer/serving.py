@@ -168,7 +168,7 @@ class Serving:
         host, port = wire.parse_addr(o.laddr, "--laddr")
         ssl = security.tls_server_options(o.tls_cert, o.tls_key)
         start = functools.partial(self._server.start, host or None, port, ssl=ssl,
-                                  token=o.token or o.local_token)  # fmt: skip
+                                  token=o.token, local_token=o.local_token)  # fmt: skip
         try:
             await self.session.host.run(start())
         except OSError as e:

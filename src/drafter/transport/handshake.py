@@ -132,12 +132,14 @@ class Dial:
         token = self.token
         if token is None and hello.flags & wire.HELLO_TOKEN:
             # A server on this host without a token of its own asks for the host-local
-            # one, which only the operator's account can read.
-            token = localtoken.for_dialing() if same_host else None
+            # one, which only the operator's account can read; a server with its own
+            # token is never sent this one.
+            local = same_host and bool(hello.flags & wire.HELLO_LOCAL)
+            token = localtoken.for_dialing() if local else None
             if token is None:
-                local = f" (this user cannot read {localtoken.path()})" if same_host else ""
+                unreadable = f" (this user cannot read {localtoken.path()})" if local else ""
                 raise DrafterError(
-                    f"{self.raddr} requires a token{local}: {security.no_token_hint()}"
+                    f"{self.raddr} requires a token{unreadable}: {security.no_token_hint()}"
                 )
         # "auto": compress unless the server is on this host over a fast path (there the
         # CPU, not the link, is the limit); a long round trip means a slow path even
@@ -216,16 +218,19 @@ class Accepted:
     proof: bytes  # the server's proof for the welcome (zeros without a token)
 
 
-async def accept(channel: Channel, token: str | None, tls: bool) -> Accepted:
+async def accept(channel: Channel, token: str | None, tls: bool, local: bool = False) -> Accepted:
     """The server's side of the hellos and proofs on ``channel``: ProtocolError (with
     the code the ERROR frame carries) for a client that breaks the protocol or does
-    not prove it holds ``token``. Seals the channel where the token asks for it."""
+    not prove it holds ``token``. Seals the channel where the token asks for it.
+    ``local``: ``token`` is the host-local one, and the hello says so."""
     kind, _, body = await channel.read()
     client_hello = bytes(body)
     if kind != MsgType.CLIENT_HELLO:
         raise ProtocolError(ErrorCode.PROTOCOL, f"expected a client hello, got frame type {kind}")
     hello = wire.Hello.decode(client_hello, "client")
     flags = wire.HELLO_ZSTD | (wire.HELLO_TOKEN if token else 0)
+    if token and local:
+        flags |= wire.HELLO_LOCAL
     server_hello = wire.Hello(wire.VERSION, flags, security.new_nonce()).body()
     channel.write(MsgType.SERVER_HELLO, server_hello)
     kind, _, body = await channel.read()

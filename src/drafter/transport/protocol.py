@@ -64,6 +64,7 @@ _ERROR = struct.Struct(">H")  # code (+ UTF-8 text)
 HELLO_TOKEN = 1  # server: a token is required (client: I have a token)
 HELLO_ZSTD = 2  # client: I want compressed chunks; server: I can send them
 HELLO_PARTS = 4  # client: I take a control call's answer in PART frames
+HELLO_LOCAL = 8  # server: the token I ask for is this host's local one (localtoken)
 # CHUNK flags.
 CHUNK_ZERO = 1  # no payload: the chunk is all zeros
 CHUNK_ZSTD = 2  # the payload is one zstd frame of the chunk's bytes

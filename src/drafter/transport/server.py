@@ -198,6 +198,7 @@ class ChunkServer:
         self._sockets: list[socket.socket] = []
         self._ssl: ssl_module.SSLContext | None = None
         self._token: str | None = None
+        self._local = False  # _token is the host-local token
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.max_connections + _OVERFLOW)
         self.admission = Admission(self.max_connections, self._evict)
@@ -216,11 +217,16 @@ class ChunkServer:
         ssl: ssl_module.SSLContext | None = None,
         token: str | None = None,
         more: Sequence[tuple[str, int]] = (),
+        local_token: str | None = None,
     ) -> None:
         """Listen on ``host:port`` (host None or "" = all interfaces, port 0 = any free),
-        and on each of ``more`` too (the same resources on every address). DrafterError
-        if ``token`` is not one ``drafter-token`` makes."""
+        and on each of ``more`` too (the same resources on every address). Clients
+        prove they hold ``token``; without one, ``local_token`` (the host-local token,
+        drafter.transport.localtoken), which the hello names as such. DrafterError if
+        the token is not one ``drafter-token`` makes."""
         self._ssl = ssl
+        self._local = not token and bool(local_token)
+        token = token or local_token
         self._token = security.check_token(token, "the server's caller") if token else None
         self._closing = False
         sockets: list[socket.socket] = []
@@ -424,7 +430,9 @@ class ChunkServer:
 
     async def _handshake(self, peer: str, channel: Channel, slot: Slot) -> Connection:
         """Hellos and proofs, then the welcome, every chunk's hash and the hot chunks."""
-        accepted = await handshake.accept(channel, self._token, tls=self._ssl is not None)
+        accepted = await handshake.accept(
+            channel, self._token, tls=self._ssl is not None, local=self._local
+        )
         conn = Connection(peer, accepted.compress, parts=accepted.parts)
         slot.authenticated = True  # from here on, only idleness can cost it its slot
         slot.last_work = lambda: conn.last_work
