@@ -8,6 +8,7 @@ where the file system allows it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from drafter.blueprint import container, disk, initramfs, kernel, minecraft, oci
+from drafter.blueprint import addfiles, container, disk, initramfs, kernel, minecraft, oci
+from drafter.blueprint.addfiles import AddedFile
 from drafter.blueprint.apps import OCI, RECIPES, AppRecipe, minecraft_recipe
 from drafter.errors import DrafterError
 from drafter.progress import Steps
@@ -48,11 +50,22 @@ class BlueprintSpec:
     kernel_path: str = ""  # the user's own ELF vmlinux; empty: Debian's cloud kernel
     oci: oci.OciOptions | None = None  # an OCI image run as the VM's service (app "oci")
     minecraft_version: str = ""  # app "minecraft": empty is minecraft.DEFAULT_VERSION
+    added_files: list[AddedFile] = field(default_factory=list)  # --add-file, in order
+    ready_port: int = 0  # app "none": liveness also waits for this TCP port
 
     def recipe(self) -> AppRecipe:
         """The app's recipe; DrafterError for an unknown app or version."""
         if self.minecraft_version and self.app != "minecraft":
             raise DrafterError("--minecraft-version needs --app minecraft")
+        if self.ready_port:
+            if self.app != "none" or self.oci is not None:
+                raise DrafterError(
+                    "--ready-port needs --app none (an app's recipe, or --oci-ready-port, "
+                    "names its own port)"
+                )
+            if not 0 < self.ready_port < 65536:
+                raise DrafterError(f"--ready-port must be 1-65535, not {self.ready_port}")
+            return dataclasses.replace(RECIPES["none"], port=self.ready_port)
         if self.oci is not None:
             return OCI
         if self.app == "minecraft":
@@ -178,22 +191,28 @@ def _kernel(spec: BlueprintSpec, cache: Path, steps: Steps) -> Path:
     return cache / f"kernel-{kkey}"
 
 
+def rootfs_key(spec: BlueprintSpec, recipe: AppRecipe, payload: Path | None) -> str:
+    """The cache key of the root tree: everything that goes into it."""
+    return _key(
+        "rootfs",
+        BUILD_VERSION,
+        disk.BASE_PACKAGES + recipe.packages + spec.extra_packages,
+        asdict(recipe),
+        asdict(disk.GuestNetwork(spec.guest_cidr, spec.gateway)),
+        spec.customize_script,
+        _guest_code_hash(),
+        payload.parent.name if payload else "",  # the staged files, by their key
+        [(f.guest, f.mode, f.digest) for f in spec.added_files],  # by content, not path
+    )
+
+
 def _rootfs(
     spec: BlueprintSpec, recipe: AppRecipe, payload: Path | None, cache: Path, steps: Steps
 ) -> tuple[str, Path]:
     """The root tree, keyed by what is installed: (its key, the tree)."""
     packages = disk.BASE_PACKAGES + recipe.packages + spec.extra_packages
     net = disk.GuestNetwork(spec.guest_cidr, spec.gateway)
-    rkey = _key(
-        "rootfs",
-        BUILD_VERSION,
-        packages,
-        asdict(recipe),
-        asdict(net),
-        spec.customize_script,
-        _guest_code_hash(),
-        payload.parent.name if payload else "",  # the staged files, by their key
-    )
+    rkey = rootfs_key(spec, recipe, payload)
     with _cache_entry(cache, f"rootfs-{rkey}") as (rdir, present):
         if present:
             steps.skip("root file system (cached)")
@@ -204,6 +223,9 @@ def _rootfs(
                 target = rdir / "tree" / recipe.payload
                 target.parent.mkdir(parents=True, exist_ok=True)
                 subprocess.run(["cp", "-a", str(payload), str(target)], check=True)
+            if spec.added_files:
+                with steps.step(f"{len(spec.added_files)} added file(s)"):
+                    addfiles.install(rdir / "tree", spec.added_files)
             with steps.step("guest configuration, agent and liveness"):
                 disk.customize(rdir / "tree", recipe, net, spec.customize_script)
     return rkey, cache / f"rootfs-{rkey}" / "tree"

@@ -52,14 +52,29 @@ def install_rootfs(tree: Path, packages: list[str]) -> None:
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
+        # ... but some maintainer scripts link into man1 (openjdk's update-alternatives).
+        '--setup-hook=mkdir -p "$1/usr/share/man/man1"',
         "bookworm",
         str(tree),
     ]
     log.debug("running %s", " ".join(cmd))
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DrafterError(f"mmdebstrap failed: {tail}")
+        raise DrafterError(f"mmdebstrap failed: {mmdebstrap_reason(p.stderr)}")
+
+
+def mmdebstrap_reason(stderr: str) -> str:
+    """The line of mmdebstrap's output that says why it failed: a package that did not
+    install or could not be found, rather than its last line ("failed to run")."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for line in lines:
+        if "error processing package" in line or line.startswith(
+            ("E: Unable to locate package", "E: Package ", "E: Couldn't find")
+        ):
+            return line
+    generic = ("E: mmdebstrap failed to run", "E: setup failed", "E: Sub-process")
+    specific = [ln for ln in lines if ln.startswith("E: ") and not ln.startswith(generic)]
+    return (specific or lines or ["no output"])[-1]
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from drafter import cli
-from drafter.blueprint import disk
+from drafter.blueprint import addfiles, disk
 from drafter.blueprint.apps import RECIPES
 from drafter.blueprint.builder import BlueprintSpec, build
 from drafter.blueprint.minecraft import DEFAULT_VERSION
@@ -37,6 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-packages", default="", help="comma-separated Debian packages to add")
     p.add_argument(
         "--customize-script", default="", help="shell script run in the guest tree (chroot)"
+    )
+    p.add_argument(
+        "--add-file",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="copy a host file to this absolute guest path before the customize script "
+        "(repeatable; its content is part of the cache key)",
+    )
+    p.add_argument(
+        "--ready-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="with --app none: liveness also waits until this TCP port accepts connections",
     )
     oci_group = p.add_argument_group(
         "container images (see docs/oci.md)",
@@ -120,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             kernel_path=args.kernel_path,
             oci=options,
             minecraft_version=args.minecraft_version,
+            added_files=addfiles.parse_all(args.add_file),
+            ready_port=args.ready_port,
         )
         spec.recipe()  # an unknown app or version is refused before the root check
         cli.require_root(PROG)
