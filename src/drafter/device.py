@@ -204,6 +204,67 @@ class Device:
             future = inflight[1]
         return future
 
+    async def ensure_runs(self, indices: list[int], priority: Priority, max_run: int) -> None:
+        """Make chunks ``indices`` local, in that order, with one request per run of
+        them that follow each other in the list and on the device (at most
+        ``max_run`` chunks): a whole device or a hot set is a few large requests, not
+        one per chunk, which an object store answers far faster. Each chunk is in
+        flight at once, so a fetch of it asked for meanwhile waits for its run (a
+        demand overtakes a prefetch, as with :meth:`ensure_chunk`)."""
+        if self.source is None:
+            return
+        waits: list[asyncio.Future[None]] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                waits.append(self._fetching_run(run[0], len(run), priority))
+                run.clear()
+
+        for index in indices:
+            if self.local[index]:
+                continue
+            inflight = self._inflight.get(index)
+            if inflight is not None and (
+                priority != Priority.DEMAND or inflight[0] == Priority.DEMAND
+            ):
+                flush()
+                waits.append(inflight[1])
+                continue
+            if run and (index != run[-1] + 1 or len(run) >= max_run):
+                flush()
+            run.append(index)
+        flush()
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
+
+    def _fetching_run(self, start: int, count: int, priority: Priority) -> asyncio.Future[None]:
+        """One fetch of chunks ``start`` .. ``start + count - 1``, registered as in
+        flight for each of them."""
+        future = asyncio.ensure_future(self._fetch_run(start, count, priority))
+        for index in range(start, start + count):
+            self._inflight[index] = (priority, future)
+
+        def done(f: asyncio.Future[None]) -> None:
+            for index in range(start, start + count):
+                if self._inflight.get(index, (None, None))[1] is f:
+                    del self._inflight[index]
+
+        future.add_done_callback(done)
+        return future
+
+    async def _fetch_run(self, start: int, count: int, priority: Priority) -> None:
+        assert self.source is not None
+        expected = [self.hashes[i] if self.binding else None for i in range(start, start + count)]
+        try:
+            await self.source.fetch_run(self.name, start, count, priority, expected, self._store)
+        except DrafterError:
+            if all(self.local[start : start + count]):  # other fetches got them
+                return
+            raise
+        if priority == Priority.DEMAND and self.first_demand_at is None:
+            self.first_demand_at = time.monotonic()
+
     async def _fetch(self, index: int, priority: Priority) -> None:
         assert self.source is not None
         expected = self.hashes[index] if self.binding else None

@@ -224,6 +224,89 @@ def test_demand_overtakes_a_prefetch(tmp_path: Path) -> None:
     assert device.first_demand_at is not None
 
 
+BIG = pattern(12 * CS, seed=3)  # twelve chunks
+
+
+def test_ensure_runs_asks_once_per_run_of_consecutive_chunks(tmp_path: Path) -> None:
+    source = FakeSource({"disk": BIG})
+    device = remote_device(tmp_path, source)
+    run(device.ensure_chunk(3, Priority.DEMAND))  # local already: never asked again
+    source.calls.clear()
+    # In the order given (a hot set's first-touch order): 0-2, then 4 (3 is local),
+    # 9-10, 5-7 capped at 3 chunks a request, then 8.
+    run(device.ensure_runs([0, 1, 2, 3, 4, 9, 10, 5, 6, 7, 8], Priority.PREFETCH, 3))
+    assert source.calls == [
+        Call("disk", 0, 3, Priority.PREFETCH),
+        Call("disk", 4, 1, Priority.PREFETCH),
+        Call("disk", 9, 2, Priority.PREFETCH),
+        Call("disk", 5, 3, Priority.PREFETCH),
+        Call("disk", 8, 1, Priority.PREFETCH),
+    ]
+    assert device.read(0, 11 * CS) == BIG[: 11 * CS]
+    assert device.missing() == [11]
+
+
+def test_a_run_in_flight_serves_every_chunk_of_it(tmp_path: Path) -> None:
+    source = FakeSource({"disk": BIG})
+    device = remote_device(tmp_path, source)
+
+    async def main() -> None:
+        gate = source.hold[Priority.DEMAND] = asyncio.Event()
+        whole = asyncio.ensure_future(device.ensure_runs(list(range(12)), Priority.DEMAND, 8))
+        await until(lambda: len(source.calls) == 2)
+        # A fault inside the run, a prefetch and the background pull wait for it.
+        fault = asyncio.ensure_future(device.ensure(5 * CS, 10, Priority.DEMAND))
+        hot = asyncio.ensure_future(device.ensure_runs([9, 10], Priority.PREFETCH, 8))
+        await device.pull_run(0, 12)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not fault.done() and not hot.done()
+        gate.set()
+        await asyncio.gather(whole, fault, hot)
+
+    run(main())
+    assert source.calls == [
+        Call("disk", 0, 8, Priority.DEMAND),
+        Call("disk", 8, 4, Priority.DEMAND),
+    ]
+    assert device.read(0, 12 * CS) == BIG and device.fetched_bytes == 12 * CS
+
+
+def test_a_demand_run_overtakes_a_prefetch_run(tmp_path: Path) -> None:
+    source = FakeSource({"disk": BIG})
+    device = remote_device(tmp_path, source)
+
+    async def main() -> None:
+        gate = source.hold[Priority.PREFETCH] = asyncio.Event()
+        hot = asyncio.ensure_future(device.ensure_runs([2, 3, 4, 5], Priority.PREFETCH, 8))
+        await until(lambda: len(source.calls) == 1)
+        await asyncio.wait_for(device.ensure_runs([0, 1, 2, 3], Priority.DEMAND, 8), 1)
+        assert not hot.done()
+        gate.set()
+        await hot
+
+    run(main())
+    assert source.calls == [
+        Call("disk", 2, 4, Priority.PREFETCH),
+        Call("disk", 0, 4, Priority.DEMAND),
+    ]
+    assert device.read(0, 6 * CS) == BIG[: 6 * CS]
+
+
+def test_a_failed_run_fails_its_waiters(tmp_path: Path) -> None:
+    source = FakeSource({"disk": BIG})
+    device = remote_device(tmp_path, source)
+    source.fail.add(("disk", 6))
+
+    async def main() -> None:
+        await raises(device.ensure_runs(list(range(4, 8)), Priority.DEMAND, 8), DrafterError)
+        # What came before the failure is kept; the rest is missing, and not in flight.
+        assert device.missing() == [0, 1, 2, 3, *range(6, 12)]
+
+    run(main())
+    assert device.local[6] == 0 and not device._inflight
+
+
 def test_demand_then_prefetch_in_one_step_fetch_once(tmp_path: Path) -> None:
     source = FakeSource({"disk": DATA})
     device = remote_device(tmp_path, source)
