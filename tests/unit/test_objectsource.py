@@ -16,7 +16,7 @@ from drafter.chunks import ZERO_HASH, Priority
 from drafter.errors import DrafterError
 from drafter.index import index_key
 from drafter.objects import ObjectChanged, ObjectSource, StoreError, StoreOptions
-from drafter.objects.source import RequestSlots
+from drafter.objects.slots import FLOOR, Budget, RequestSlots
 from drafter.package import PackageConfig, open_package, write_package
 from drafter.transport.inflight import VerificationError
 from support.hostile_http import Fault, HostileServer
@@ -248,21 +248,79 @@ def test_slots_go_in_priority_order() -> None:
     async def go() -> list[int]:
         slots = RequestSlots(1)
         order: list[int] = []
-        await slots.take(Priority.BACKGROUND)  # the one slot is busy
+        await slots.take(Priority.BACKGROUND, 1)  # the one slot is busy
 
         async def wait(p: int) -> None:
-            async with slots.slot(p):
+            async with slots.slot(p, 1):
                 order.append(p)
 
         tasks = [asyncio.ensure_future(wait(p)) for p in
                  (Priority.BACKGROUND, Priority.PREFETCH, Priority.DEMAND)]  # fmt: skip
         await asyncio.sleep(0)
-        slots.give()
+        slots.give(Priority.BACKGROUND, 1)
         await asyncio.gather(*tasks)
-        assert slots.busy == 0
+        assert slots.busy == 0 and slots.queued_bytes == 0
         return order
 
     assert asyncio.run(go()) == [Priority.DEMAND, Priority.PREFETCH, Priority.BACKGROUND]
+
+
+def test_background_bytes_in_flight_stay_within_the_budget_demand_goes_past() -> None:
+    MiB = 1 << 20
+
+    async def go() -> None:
+        slots = RequestSlots(32, budget=10 * MiB)
+        held: list[asyncio.Event] = []
+        started: list[str] = []
+
+        async def fetch(name: str, priority: int, nbytes: int) -> None:
+            gate = asyncio.Event()
+            held.append(gate)
+            async with slots.slot(priority, nbytes):
+                started.append(name)
+                await gate.wait()
+
+        tasks = [asyncio.ensure_future(fetch(f"bg{i}", Priority.BACKGROUND, 4 * MiB))
+                 for i in range(5)]  # fmt: skip
+        await asyncio.sleep(0)
+        assert started == ["bg0", "bg1"] and slots.queued_bytes == 8 * MiB
+        # A demand does not wait behind the budget; a prefetch goes before the rest.
+        tasks.append(asyncio.ensure_future(fetch("demand", Priority.DEMAND, 256 << 10)))
+        tasks.append(asyncio.ensure_future(fetch("hot", Priority.PREFETCH, 4 * MiB)))
+        await asyncio.sleep(0)
+        assert started == ["bg0", "bg1", "demand"]
+        held[0].set()  # bg0 done: 4 MiB free, the prefetch fits
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert started == ["bg0", "bg1", "demand", "hot"]
+        # A request larger than the whole budget still goes once nothing else is queued.
+        tasks.append(asyncio.ensure_future(fetch("huge", Priority.BACKGROUND, 64 * MiB)))
+        for gate in held:
+            gate.set()
+        while len(started) < 8:
+            await asyncio.sleep(0)
+            for gate in held:
+                gate.set()
+        await asyncio.gather(*tasks)
+        assert started[-1] == "huge" and slots.busy == 0 and slots.queued_bytes == 0
+
+    asyncio.run(go())
+
+
+def test_the_budget_follows_the_bandwidth_delay_product() -> None:
+    budget = Budget()
+    assert budget.bytes() == FLOOR  # nothing measured yet
+    budget.arrived(0, 0.1, now=0.0)  # a HEAD: 100 ms round trip
+    for i in range(1, 41):  # 4 MiB every 20 ms: 200 MiB/s
+        budget.arrived(4 << 20, 0.15, now=i * 0.02)
+    assert budget.rtt == 0.1
+    assert 190 << 20 < budget.rate() < 215 << 20
+    assert 38 << 20 < budget.bytes() < 43 << 20  # 2 x 200 MiB/s x 0.1 s
+    fast = Budget()
+    fast.arrived(0, 0.0005, now=0.0)  # loopback: the floor
+    for i in range(1, 41):
+        fast.arrived(4 << 20, 0.01, now=i * 0.02)
+    assert fast.bytes() == FLOOR
 
 
 def test_a_running_vms_fetch_waits_out_a_store_outage(server, package, monkeypatch) -> None:

@@ -25,7 +25,8 @@ from drafter.checkpoint.records import Records
 from drafter.chunks import FETCHED, ZERO_HASH, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest
-from drafter.objects.source import OUTAGE_BACKOFF, RequestSlots, StoreError, check_run
+from drafter.objects.slots import CEILING, RequestSlots
+from drafter.objects.source import OUTAGE_BACKOFF, StoreError, check_run
 from drafter.transport.inflight import ClientStats, VerificationError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class CheckpointSource:
         self.records = records
         self.generation = manifest
         self.raddr = f"{records.where} (generation {manifest.generation})"
-        self._slots = RequestSlots(inflight)
+        self._slots = RequestSlots(inflight, budget=CEILING)  # one chunk per request
         self._closed = False
         self.chunk_size = manifest.chunk_size
         self.manifest: dict[str, int] = dict(manifest.sizes)
@@ -108,7 +109,7 @@ class CheckpointSource:
         n = chunk_length(self.manifest[resource], self.chunk_size, index)
         patch = self.patches.get(resource, {}).get(index)
         sent = time.monotonic()
-        async with self._slots.slot(priority):
+        async with self._slots.slot(priority, n):
             if patch is None:
                 data = await self._get(chunk_name(want), n)
             elif patch.base == ZERO_HASH:

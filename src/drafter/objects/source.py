@@ -7,8 +7,9 @@ start of the object, :mod:`drafter.index`) and the config with at most one more.
 Every later range read is pinned to that ETag (``If-Match``): a replaced object fails
 the read, it is never mixed in. A run of chunks is one range request (all-zero chunks
 are never fetched); each chunk is checked against its hash in the index before it is
-handed on. At most :data:`INFLIGHT` requests are in flight; a request that waits for a
-slot goes in priority order (demand, prefetch, background).
+handed on. At most :data:`INFLIGHT` requests are in flight, and of those that are not
+demands no more bytes than keep the link full (:mod:`drafter.objects.slots`); a
+request that waits for a slot goes in priority order (demand, prefetch, background).
 
 The store client retries timeouts, 5xx answers, throttling and cut connections with
 backoff for ``retry_timeout`` seconds per request; after that the fetch fails with one
@@ -27,10 +28,8 @@ fetched; every chunk fetched is kept there.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import hmac
 import io
-import itertools
 import logging
 import tarfile
 import time
@@ -50,6 +49,7 @@ from drafter.objects.location import (
     open_store,
     parse_location,
 )
+from drafter.objects.slots import Budget, RequestSlots
 from drafter.package import MAX_CONFIG_SIZE
 from drafter.transport.inflight import ClientStats, VerificationError
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFLIGHT = 32  # range requests in flight: 32 x 4 MiB runs fill 1 Gbit/s at 1 s RTT
+INFLIGHT = 32  # range requests in flight at most (those not demands also by bytes: slots.py)
 MAX_RUN_BYTES = 8 << 20  # one range request carries at most this much
 OUTAGE_BACKOFF = (1.0, 30.0)  # a running VM's fetch retries from 1 s, doubling to 30 s
 
@@ -98,6 +98,7 @@ class ObjectSource:
         self._size = 0
         self._offsets: dict[str, int] = {}
         self._slots = RequestSlots(inflight)
+        self._budget = Budget()  # the non-demand bytes the slots let be in flight
         self._closed = False
         self.chunk_size = 0
         self.manifest: dict[str, int] = {}
@@ -121,10 +122,12 @@ class ObjectSource:
         import obstore
 
         self._store = open_store(self.location, self._options)
+        sent = time.monotonic()
         try:
             meta = await obstore.head_async(self._store, self.location.key)
         except Exception as e:
             raise self._error(e, "cannot read") from None
+        self._budget.arrived(0, time.monotonic() - sent)  # a round trip
         self._size, self._etag = int(meta["size"]), meta.get("e_tag")
         if self._etag is None:
             log.warning("%s has no ETag: a replaced object shows only as chunks that "
@@ -223,7 +226,7 @@ class ObjectSource:
         first = start * self.chunk_size
         length = min(end * self.chunk_size, size) - first
         sent = time.monotonic()
-        async with self._slots.slot(priority):
+        async with self._slots.slot(priority, length):
             data = await self._read(self._offsets[resource] + first, length)
         seconds = time.monotonic() - sent
         view = memoryview(data)
@@ -292,6 +295,7 @@ class ObjectSource:
         if self._etag is not None:
             options["if_match"] = self._etag
         self.requests += 1
+        sent = time.monotonic()
         try:
             result = await obstore.get_async(self._store, self.location.key, options=options)
             got = result.range
@@ -299,6 +303,8 @@ class ObjectSource:
             data = memoryview(await result.bytes_async())
         except Exception as e:
             raise self._error(e, "cannot read") from None
+        self._budget.arrived(len(data), time.monotonic() - sent)
+        self._slots.budget = self._budget.bytes()
         if self._etag is not None and etag is not None and etag != self._etag:
             raise ObjectChanged(f"{self.raddr} was replaced during the start (its ETag changed)")
         if tuple(got) != (offset, offset + length) or len(data) != length:
@@ -375,53 +381,3 @@ def _first_member(head: memoryview, origin: str) -> tuple[str, int, int]:
     if info.size < 0 or not info.isfile():
         raise DrafterError(f"{origin}: the first member is not a regular file")
     return info.name, info.offset_data, info.size
-
-
-class RequestSlots:
-    """At most ``limit`` requests at once; waiters go in priority order, then FIFO."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.busy = 0
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    def slot(self, priority: int) -> RequestSlot:
-        return RequestSlot(self, priority)
-
-    async def take(self, priority: int) -> None:
-        if self.busy < self.limit and not self._waiting:
-            self.busy += 1
-            return
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (_RANK[priority], next(self._order), future))
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self.give()  # it was handed the slot as it was cancelled
-            else:
-                future.cancel()
-            raise
-
-    def give(self) -> None:
-        while self._waiting:
-            _, _, future = heapq.heappop(self._waiting)
-            if not future.done():
-                future.set_result(None)  # the slot passes to it
-                return
-        self.busy -= 1
-
-
-_RANK: dict[int, int] = {Priority.DEMAND: 0, Priority.PREFETCH: 1, Priority.BACKGROUND: 2}
-
-
-class RequestSlot:
-    def __init__(self, slots: RequestSlots, priority: int) -> None:
-        self._slots, self._priority = slots, priority
-
-    async def __aenter__(self) -> None:
-        await self._slots.take(self._priority)
-
-    async def __aexit__(self, *_: object) -> None:
-        self._slots.give()
