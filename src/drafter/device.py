@@ -181,7 +181,16 @@ class Device:
         chunk that is only being prefetched is fetched again, ahead of the prefetches)."""
         future = self._fetching(index, priority)
         if future is not None:
+            await self._arrival(index, future)
+
+    async def _arrival(self, index: int, future: asyncio.Future[None]) -> None:
+        """Wait for the fetch that brings chunk ``index``; a run that failed for another
+        of its chunks is no failure for this one once it is local."""
+        try:
             await asyncio.shield(future)
+        except DrafterError:
+            if not self.local[index]:
+                raise
 
     def _fetching(self, index: int, priority: Priority) -> asyncio.Future[None] | None:
         """The fetch of chunk ``index`` that serves ``priority``, registered as in flight
@@ -213,30 +222,33 @@ class Device:
         demand overtakes a prefetch, as with :meth:`ensure_chunk`)."""
         if self.source is None:
             return
-        waits: list[asyncio.Future[None]] = []
+        waits: list[tuple[int, asyncio.Future[None]]] = []
         run: list[int] = []
+        seen: set[int] = set()
 
         def flush() -> None:
             if run:
-                waits.append(self._fetching_run(run[0], len(run), priority))
+                future = self._fetching_run(run[0], len(run), priority)
+                waits.extend((index, future) for index in run)
                 run.clear()
 
         for index in indices:
-            if self.local[index]:
+            if self.local[index] or index in seen:
                 continue
+            seen.add(index)
             inflight = self._inflight.get(index)
             if inflight is not None and (
                 priority != Priority.DEMAND or inflight[0] == Priority.DEMAND
             ):
                 flush()
-                waits.append(inflight[1])
+                waits.append((index, inflight[1]))
                 continue
             if run and (index != run[-1] + 1 or len(run) >= max_run):
                 flush()
             run.append(index)
         flush()
         if waits:
-            await asyncio.gather(*(asyncio.shield(w) for w in waits))
+            await asyncio.gather(*(self._arrival(index, future) for index, future in waits))
 
     def _fetching_run(self, start: int, count: int, priority: Priority) -> asyncio.Future[None]:
         """One fetch of chunks ``start`` .. ``start + count - 1``, registered as in
@@ -254,14 +266,29 @@ class Device:
         return future
 
     async def _fetch_run(self, start: int, count: int, priority: Priority) -> None:
+        """Chunks ``start`` .. ``start + count - 1`` in one request; if it fails, each
+        one still missing on its own, so one bad chunk fails only itself (its
+        waiters, :meth:`_arrival`), not its neighbours."""
         assert self.source is not None
         expected = [self.hashes[i] if self.binding else None for i in range(start, start + count)]
         try:
             await self.source.fetch_run(self.name, start, count, priority, expected, self._store)
         except DrafterError:
-            if all(self.local[start : start + count]):  # other fetches got them
-                return
-            raise
+            missing = [i for i in range(start, start + count) if not self.local[i]]
+            if count == 1 or not missing:
+                if missing:
+                    raise
+                return  # other fetches got them
+            failures = [
+                r
+                for r in await asyncio.gather(
+                    *(self._fetch(i, priority) for i in missing), return_exceptions=True
+                )
+                if isinstance(r, BaseException)
+            ]
+            if failures:
+                raise failures[0] from None
+            return
         if priority == Priority.DEMAND and self.first_demand_at is None:
             self.first_demand_at = time.monotonic()
 
@@ -344,7 +371,7 @@ class Device:
                 continue  # (while proving, the source's bytes are needed before a write)
             future = self._fetching(index, priority)
             if future is not None:
-                waits.append(asyncio.shield(future))
+                waits.append(self._arrival(index, future))
         if waits:
             await asyncio.gather(*waits)
 

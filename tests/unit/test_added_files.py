@@ -43,6 +43,7 @@ def jar(tmp_path: Path) -> Path:
         ("/proc/sys/kernel/core_pattern", "/proc is not kept on the VM's disk"),
         ("/dev/vda", "/dev is not kept"),
         ("/run/x", "/run is not kept"),
+        ("/var/run/x.pid", "/var/run is not kept"),
     ],
 )
 def test_bad_guest_paths_are_refused(jar: Path, guest: str, needle: str) -> None:
@@ -114,7 +115,7 @@ def busybox_tree(tree: Path) -> Path:
     """The least of a guest tree the install needs: a static busybox as /bin/sh & co."""
     (tree / "bin").mkdir(parents=True)
     shutil.copy(shutil.which("busybox") or "", tree / "bin" / "busybox")
-    for tool in ("sh", "mkdir", "dirname", "rm", "cat", "chmod", "mv"):
+    for tool in ("sh", "mkdir", "dirname", "rm", "cat", "chmod", "mv"):  # busybox mv has -T
         (tree / "bin" / tool).symlink_to("busybox")
     return tree
 
@@ -153,6 +154,22 @@ def test_install_writes_inside_the_tree_whatever_links_it_holds(tmp_path: Path) 
     assert not etc.is_symlink() and etc.read_bytes() == b"setting=1\n"
     assert etc.stat().st_mode & 0o777 == 0o600
     assert not list(tree.rglob("*.drafter-add"))
+
+
+@root_only
+def test_a_directory_or_a_file_in_the_way_fails_the_install_in_one_line(tmp_path: Path) -> None:
+    tree = busybox_tree(tmp_path / "tree")
+    (tree / "srv" / "data").mkdir(parents=True)  # a directory where the file should go
+    (tree / "etc").mkdir()
+    (tree / "etc" / "conf").write_text("a file, not a directory")
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 100)  # small: it fits in the pipe before the shell fails
+    for guest, needle in (("/srv/data", "cannot write /srv/data"),
+                          ("/etc/conf/app", "cannot write /etc/conf/app")):  # fmt: skip
+        with pytest.raises(DrafterError, match=needle) as e:
+            addfiles.install(tree, addfiles.parse_all([f"{small}:{guest}"]))
+        assert "\n" not in str(e.value) and "Broken pipe" not in str(e.value)
+    assert list((tree / "srv" / "data").iterdir()) == []
 
 
 @root_only

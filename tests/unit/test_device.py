@@ -293,18 +293,38 @@ def test_a_demand_run_overtakes_a_prefetch_run(tmp_path: Path) -> None:
     assert device.read(0, 6 * CS) == BIG[: 6 * CS]
 
 
-def test_a_failed_run_fails_its_waiters(tmp_path: Path) -> None:
+def test_one_bad_chunk_fails_only_itself_not_its_run(tmp_path: Path) -> None:
     source = FakeSource({"disk": BIG})
     device = remote_device(tmp_path, source)
     source.fail.add(("disk", 6))
 
     async def main() -> None:
-        await raises(device.ensure_runs(list(range(4, 8)), Priority.DEMAND, 8), DrafterError)
-        # What came before the failure is kept; the rest is missing, and not in flight.
-        assert device.missing() == [0, 1, 2, 3, *range(6, 12)]
+        gate = source.hold[Priority.DEMAND] = asyncio.Event()
+        whole = asyncio.ensure_future(device.ensure_runs(list(range(4, 8)), Priority.DEMAND, 8))
+        await until(lambda: len(source.calls) == 1)
+        # Faults on chunks of the run: 4 came before the bad one, 7 after it.
+        faults = [asyncio.ensure_future(device.ensure(i * CS, 1, Priority.DEMAND)) for i in (4, 7)]
+        bad = asyncio.ensure_future(device.ensure(6 * CS, 1, Priority.DEMAND))
+        gate.set()
+        await raises(whole, DrafterError)
+        await asyncio.gather(*faults)
+        await raises(bad, DrafterError)
 
     run(main())
-    assert device.local[6] == 0 and not device._inflight
+    # The run, then each chunk it left missing on its own; only chunk 6 stays missing.
+    assert source.calls == [
+        Call("disk", 4, 4, Priority.DEMAND),
+        Call("disk", 6, 1, Priority.DEMAND),
+        Call("disk", 7, 1, Priority.DEMAND),
+    ]
+    assert device.missing() == [0, 1, 2, 3, 6, 8, 9, 10, 11] and not device._inflight
+
+
+def test_a_chunk_listed_twice_is_asked_for_once(tmp_path: Path) -> None:
+    source = FakeSource({"disk": BIG})
+    device = remote_device(tmp_path, source)
+    run(device.ensure_runs([5, 6, 5, 7], Priority.PREFETCH, 8))
+    assert source.calls == [Call("disk", 5, 3, Priority.PREFETCH)]  # the repeat is skipped
 
 
 def test_demand_then_prefetch_in_one_step_fetch_once(tmp_path: Path) -> None:

@@ -4,11 +4,13 @@
 A file is named by its content (BLAKE3) in the blueprint's cache key, so changing it
 rebuilds the root file system and nothing else. It is written from inside the guest
 tree (``chroot``), so a link in the tree resolves inside the tree, never on the host,
-and it replaces what was at its place, a link included, in one rename.
+and it replaces what was at its place, a link included, in one rename (a directory
+there is not replaced: the install fails).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -22,11 +24,11 @@ from drafter.errors import DrafterError
 
 _READ = 1 << 20
 # Where a file would vanish at boot or write into the kernel's view, not onto the disk.
-_REFUSED = ("/proc", "/sys", "/dev", "/run", "/tmp")
+_REFUSED = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/run", "/var/lock")
 # Run in the guest tree: $1 the path, $2 the octal mode; the bytes come on stdin.
 _INSTALL = (
     'set -e; umask 077; mkdir -p -- "$(dirname -- "$1")"; tmp="$1.drafter-add"; '
-    'rm -f -- "$tmp"; cat > "$tmp"; chmod "$2" "$tmp"; mv -f -- "$tmp" "$1"'
+    'rm -f -- "$tmp"; cat > "$tmp"; chmod "$2" "$tmp"; mv -fT -- "$tmp" "$1"'
 )
 
 
@@ -124,9 +126,10 @@ def install(tree: Path, files: list[AddedFile]) -> None:
             try:
                 digest = _digest(fd, proc.stdin)
             except BrokenPipeError:
-                digest = ""
+                digest = ""  # the shell stopped early: its error says why
             finally:
-                proc.stdin.close()
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             if proc.wait() != 0:
                 tail = (err.strip().splitlines() or ["no output"])[-1]
