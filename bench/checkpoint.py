@@ -40,7 +40,7 @@ import redis
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the servers the tests run
 
-from common import BIN, free_port  # noqa: E402
+from common import BIN, emit, free_port  # noqa: E402
 from support.objectstores import SeaweedS3  # noqa: E402
 from wan import (  # noqa: E402
     MEMORY_MIB,
@@ -266,11 +266,7 @@ def main() -> None:
                 proc.stop()
         unmount_under(work)
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -50,3 +52,12 @@ def make_package(
          "--package-output-path", str(output)],
         check=True, capture_output=True, timeout=timeout,
     )  # fmt: skip
+
+
+def emit(results: dict[str, Any], output: Path | None) -> None:
+    """A bench's results as JSON on stdout, and in ``output`` too when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")

@@ -35,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the servers the tests run
 
-from common import BIN, free_port  # noqa: E402
+from common import BIN, emit, free_port  # noqa: E402
 from drafter.chunks import ZERO_HASH, Priority  # noqa: E402
 from drafter.objects.source import ObjectSource  # noqa: E402
 from drafter.peer.peer import FIRST_RUN  # noqa: E402
@@ -218,11 +218,7 @@ def main() -> None:
         for proc in reversed(procs):
             proc.stop()
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

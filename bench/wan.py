@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from common import BIN, first_reply, free_port, make_package
+from common import BIN, emit, first_reply, free_port, make_package
 
 MIB = 1 << 20
 LINK = Path(__file__).resolve().parent / "link.py"
@@ -557,11 +557,7 @@ def main() -> None:
             daemon.stop()
         unmount_under(work)
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(results, args.output)
 
 
 def tcp_copy_via_link(package: Path, extents: list[tuple[int, int]], rtt: float,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -102,6 +103,31 @@ def ctrl_c(proc: subprocess.Popen[str]) -> None:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "snapshot" in out
+
+
+def running(proc: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Wait for a runner's first line ("resumed PATH; ..."); its stderr if it never comes."""
+    line: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0].startswith("resumed"):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"the runner did not resume the VM: {line} {err[-3000:]}")
+
+
+@contextlib.contextmanager
+def console_on_failure(directory: Path) -> Iterator[None]:
+    """On a failure, the tail of the guest consoles of the runners under ``directory``."""
+    try:
+        yield
+    except BaseException:
+        for log in directory.glob(".*.work/run/console.log"):
+            print(f"\n--- {log} ---\n" + log.read_text(errors="replace")[-4000:])
+        raise
 
 
 @contextlib.contextmanager

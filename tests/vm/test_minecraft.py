@@ -11,9 +11,7 @@ import contextlib
 import shutil
 import signal
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from support.common import CACHE, OUT, TEST_CIDR_BASE, TMP_PREFIX
 from support.minecraft import Builder, player, row
 from support.net import free_port
 from support.vms import (
+    console_on_failure,
     copy_package,
     ctrl_c,
     finish_source,
@@ -33,6 +32,7 @@ from support.vms import (
     packager,
     registry,
     runner,
+    running,
     wait_resumed,
 )
 
@@ -66,30 +66,6 @@ def minecraft_package(minecraft_blueprint: Blueprint, network) -> Iterator[Path]
         yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def running(proc: subprocess.Popen[str], timeout: float = 180) -> None:
-    """Wait for a runner's first line ("resumed PATH; ..."); its stderr if it never comes."""
-    line: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not line or not line[0].startswith("resumed"):
-        proc.kill()
-        _, err = proc.communicate(timeout=30)
-        pytest.fail(f"the runner did not resume the VM: {line} {err[-3000:]}")
-
-
-@contextlib.contextmanager
-def console_on_failure(directory: Path) -> Iterator[None]:
-    """On a failure, the tail of the guest consoles of the runners under ``directory``."""
-    try:
-        yield
-    except BaseException:
-        for log in directory.glob(".*.work/run/console.log"):
-            print(f"\n--- {log} ---\n" + log.read_text(errors="replace")[-4000:])
-        raise
 
 
 def test_blocks_survive_ctrl_c_and_a_second_run(minecraft_package, network, workdir) -> None:

@@ -7,18 +7,15 @@ survived the snapshot instead of booting again."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from drafter.blueprint.builder import Blueprint
 from support.common import CACHE, OUT, ROOT, run_command
 from support.standin_jar import GREETING, write_jar
-from support.vms import ctrl_c, packager, runner
+from support.vms import console_on_failure, ctrl_c, packager, runner, running
 
 RECIPE = ROOT / "docs" / "recipes" / "minecraft-server-jar.sh"
 PORT = 25565
@@ -39,23 +36,6 @@ def greeting(address: str, timeout: float = 120) -> int:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def resumed(proc: subprocess.Popen[str]) -> None:
-    """A runner's first line says it resumed the VM."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("resumed"), line + (proc.stderr.read() if proc.stderr else "")
-
-
-@contextlib.contextmanager
-def console_on_failure(directory: Path) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for log in directory.glob(".*.work/run/console.log"):
-            print(f"\n--- {log} ---\n" + log.read_text(errors="replace")[-4000:])
-        raise
 
 
 def test_the_docs_server_jar_recipe_survives_a_snapshot(network, workdir: Path) -> None:
@@ -84,12 +64,12 @@ def test_the_docs_server_jar_recipe_survives_a_snapshot(network, workdir: Path) 
           f"{time.monotonic() - began:.1f}s")  # fmt: skip
     address = network.info(1).external_address
     with runner(package, network.name(1)) as proc, console_on_failure(workdir):
-        resumed(proc)
+        running(proc)
         first = greeting(address)
         assert greeting(address) == first + 1
         ctrl_c(proc)
     with runner(package, network.name(1)) as proc, console_on_failure(workdir):
-        resumed(proc)
+        running(proc)
         # A JVM that booted again would count from 1 (or 2, after the liveness probe).
         assert greeting(address) == first + 2
         ctrl_c(proc)
