@@ -5,7 +5,8 @@ What it does, in Java::
 
     public class DrafterStandIn {
         public static void main(String[] args) throws Exception {
-            ServerSocket server = new ServerSocket(Integer.getInteger("drafter.port", 25565));
+            ServerSocket server = new ServerSocket(Integer.getInteger("drafter.port", 25565),
+                50, InetAddress.getByName(System.getProperty("drafter.host", "0.0.0.0")));
             int n = 0;
             while (true) {
                 n++;
@@ -39,6 +40,8 @@ GREETING = "drafter stand-in for server.jar, connection "
 CLASS = "DrafterStandIn"
 PORT_PROPERTY = "drafter.port"
 DEFAULT_PORT = 25565
+HOST_PROPERTY = "drafter.host"  # the address it listens on (default: every address)
+DEFAULT_HOST = "0.0.0.0"
 
 
 class _Pool:
@@ -82,7 +85,15 @@ def class_bytes() -> bytes:
     pool = _Pool()
     this, parent = pool.cls(CLASS), pool.cls("java/lang/Object")
     server_socket = pool.cls("java/net/ServerSocket")
-    init = pool.method("java/net/ServerSocket", "<init>", "(I)V")
+    init = pool.method("java/net/ServerSocket", "<init>", "(IILjava/net/InetAddress;)V")
+    get_property = pool.method(
+        "java/lang/System",
+        "getProperty",
+        "(Ljava/lang/String;Ljava/lang/String;)Ljava/lang/String;",
+    )
+    by_name = pool.method(
+        "java/net/InetAddress", "getByName", "(Ljava/lang/String;)Ljava/net/InetAddress;"
+    )
     get_integer = pool.method(
         "java/lang/Integer", "getInteger", "(Ljava/lang/String;I)Ljava/lang/Integer;"
     )
@@ -95,7 +106,8 @@ def class_bytes() -> bytes:
     write_bytes = pool.method("java/io/OutputStream", "write", "([B)V")
     write_byte = pool.method("java/io/OutputStream", "write", "(I)V")
     greeting, port_property = pool.string(GREETING), pool.string(PORT_PROPERTY)
-    assert max(greeting, port_property) < 256  # ldc takes a one-byte index
+    host_property, default_host = pool.string(HOST_PROPERTY), pool.string(DEFAULT_HOST)
+    assert max(greeting, port_property, host_property, default_host) < 256  # ldc: one byte
 
     def u2(opcode: int, index: int) -> bytes:
         return struct.pack(">BH", opcode, index)
@@ -107,6 +119,9 @@ def class_bytes() -> bytes:
         u2(new, server_socket) + bytes([dup])
         + bytes([ldc, port_property]) + struct.pack(">BH", sipush, DEFAULT_PORT)
         + u2(invokestatic, get_integer) + u2(invokevirtual, int_value)
+        + bytes([0x10, 50])  # bipush 50: the backlog
+        + bytes([ldc, host_property, ldc, default_host]) + u2(invokestatic, get_property)
+        + u2(invokestatic, by_name)
         + u2(invokespecial, init)
         + bytes([0x4C, 0x03, 0x3D])  # astore_1 (the server), iconst_0, istore_2 (n)
     )  # fmt: skip
@@ -132,7 +147,7 @@ def class_bytes() -> bytes:
     handler = len(code)
     code += bytes([0x57]) + struct.pack(">Bh", 0xA7, loop_start - (handler + 1))  # pop; goto
     code_attribute = (
-        struct.pack(">HHI", 4, 4, len(code)) + code  # max_stack, max_locals, code
+        struct.pack(">HHI", 6, 4, len(code)) + code  # max_stack, max_locals, code
         + struct.pack(">HHHHH", 1, try_start, try_end, handler, 0)  # catch anything
         + struct.pack(">H", 0)  # no attributes
     )  # fmt: skip

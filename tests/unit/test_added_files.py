@@ -19,7 +19,7 @@ from drafter.blueprint.builder import BlueprintSpec, rootfs_key
 from drafter.errors import DrafterError
 from support.common import ROOT, assert_one_line_error, run_command
 from support.net import free_port
-from support.standin_jar import GREETING, PORT_PROPERTY, write_jar
+from support.standin_jar import GREETING, HOST_PROPERTY, PORT_PROPERTY, write_jar
 
 root_only = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("busybox") is None, reason="chroot needs root"
@@ -186,7 +186,8 @@ def test_a_file_changed_after_hashing_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("java") is None, reason="no java on this host")
 def test_the_stand_in_jar_serves_and_counts(jar: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(["java", f"-D{PORT_PROPERTY}={port}", "-jar", str(jar), "nogui"],
+    proc = subprocess.Popen(["java", f"-D{PORT_PROPERTY}={port}", f"-D{HOST_PROPERTY}=127.0.0.1",
+                             "-jar", str(jar), "nogui"],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
