@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def first_reply(address: str, timeout: float = 120) -> None:
     """Wait until Redis at ``address`` answers PING (polling every 2 ms)."""
-    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.5)
+    # A SYN the VM drops before it runs is not waited for: a new one goes 0.1 s later.
+    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.1)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -111,7 +111,7 @@ class Bench:
         deadline = start + a.timeout
         peer = Proc(f"drafter-peer from {source}", [
             str(a.bin / "drafter-peer"), "--netns", ns, "--raddr", raddr,
-            "--work-dir", str(self.work / "vms"),
+            "--work-dir", str(self.work / "vms"), *(["--verbose"] if a.trace else []),
         ], env=env)  # fmt: skip
         self.procs.append(peer)
         try:
@@ -134,7 +134,17 @@ class Bench:
             peer.stop()
             link.stop()
             self.procs[-2:] = []
+            if a.trace:
+                self.trace(peer, start, f"{source}-{key(rtt)}ms")
         return result
+
+    def trace(self, peer: Proc, start: float, name: str) -> None:
+        """The peer's lines with their times since its start, into ``--trace``."""
+        self.args.trace.mkdir(parents=True, exist_ok=True)
+        n = len(list(self.args.trace.glob(f"{name}.*.log")))
+        with (self.args.trace / f"{name}.{n}.log").open("w") as f:
+            for seen, line in peer.lines:
+                f.write(f"{seen - start:8.3f} {line}\n")
 
 
 def median_of(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,6 +200,8 @@ def main() -> None:
     p.add_argument("--cidr-base", type=int, default=246,
                    help="host veths in 10.N.0.0/24, namespaces in 10.N+1.0.0/24")  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="peers run --verbose; their timed lines go here")  # fmt: skip
     args = p.parse_args()
     args.bin = args.bin.resolve()
     rtts = [float(x) for x in args.rtts.split(",") if x.strip()]

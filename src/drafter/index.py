@@ -8,15 +8,21 @@ how large it is, the config's digest, every chunk's hash of the five data resour
 (:data:`ZERO_HASH` for all-zero chunks, never fetched) and the hot set as chunk
 indices. Layout (little endian)::
 
-    b"DRFTIDX1"  u32 JSON length  JSON (padded with spaces)  hashes  MAC (32 bytes)
+    b"DRFTIDX1"  u32 JSON length  JSON (padded)  hashes  [lengths]  MAC (32 bytes)
 
 The hashes follow the JSON in the order of ``RESOURCES[1:]``, ``chunk_count(size)``
-of 32 bytes per resource. The last 32 bytes are a keyed BLAKE3 MAC of everything
-before them, with a key derived from the token when the package was written with one
-(:func:`index_key`), else BLAKE3 of it unkeyed (the *index digest*, which a reader
-without the token can pin: ``--index-digest``). A reader that holds a token accepts
-only an index whose MAC checks with it, so a store, a CDN or a man in the middle can
-change neither the index nor, through the hashes, a chunk.
+of 32 bytes per resource. A version 2 index (a package with a *pack*) has a u32 per
+chunk after them, in the same order: the chunk's length as a zstd frame in the pack
+member (``drafter.drftpack``), or 0 for a chunk the pack does not hold (all zeros,
+or one that does not compress), which a reader takes from its member. The frames lie
+in the pack in that order, back to back, so a chunk's place is the sum of the
+lengths before it, and a run of packed chunks is one range of the pack. The last 32
+bytes are a keyed BLAKE3 MAC of everything before them, with a key derived from the
+token when the package was written with one (:func:`index_key`), else BLAKE3 of it
+unkeyed (the *index digest*, which a reader without the token can pin:
+``--index-digest``). A reader that holds a token accepts only an index whose MAC checks with
+it, so a store, a CDN or a man in the middle can change neither the index nor,
+through the hashes, a chunk.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from drafter.chunks import HASH_SIZE, PAGE, RESOURCES, chunk_count
+from drafter.chunks import HASH_SIZE, PAGE, RESOURCES, ZERO_HASH, chunk_count, chunk_length
 from drafter.errors import DrafterError
 
 INDEX_MEMBER = "drafter.drftindex"
 MAGIC = b"DRFTIDX1"
 INDEX_VERSION = 1
+PACKED_VERSION = 2  # the index of a package with a pack: chunk lengths after the hashes
+PACK_MEMBER = "drafter.drftpack"
 INDEX_CHUNK_SIZE = 256 * 1024  # what a range request carries: large enough for a link
 FIRST_READ = 256 * 1024  # the first range request of a reader
 MAX_JSON = 4 << 20  # the hot set is at most 1 MiB of JSON in its own member
@@ -41,6 +49,7 @@ MAX_INDEX_SIZE = 256 << 20  # 8 Mi chunks: 2 TiB at 256 KiB
 MAC_SIZE = 32
 MIN_CHUNK, MAX_CHUNK = PAGE, 16 << 20
 _HEAD = struct.Struct("<8sI")
+_LENGTH = struct.Struct("<I")
 DATA = RESOURCES[1:]  # the members that have chunk hashes
 _KEY_CONTEXT = "drafter 2026-12 package index MAC"
 ADD_INDEX = "drafter-packager --add-index"  # the command that gives an old package one
@@ -74,11 +83,32 @@ class PackageIndex:
     hashes: dict[str, list[bytes]] = field(default_factory=dict)  # DATA -> per chunk
     hot: dict[str, list[int]] = field(default_factory=dict)  # resource -> chunk indices
     signed: bool = False  # whether the MAC was made with a token's key
+    # DATA -> each chunk's length in the pack (0: not in it); empty without a pack
+    packed: dict[str, list[int]] = field(default_factory=dict)
+    # the head is padded to at least this many bytes (the size a layout made room for)
+    head_size: int = field(default=0, compare=False)
+
+    @property
+    def has_pack(self) -> bool:
+        return "pack" in self.members
+
+    def pack_places(self, resource: str) -> list[int]:
+        """Where each chunk of ``resource`` starts in the package (its frame in the pack)."""
+        at = self.members["pack"].offset
+        for r in DATA:
+            if r == resource:
+                break
+            at += sum(self.packed[r])
+        places = []
+        for n in self.packed[resource]:
+            places.append(at)
+            at += n
+        return places
 
     def head(self) -> bytes:
         """The JSON part, padded to a whole 512 bytes with the fixed head."""
         doc = {
-            "version": INDEX_VERSION,
+            "version": PACKED_VERSION if self.has_pack else INDEX_VERSION,
             "chunk_size": self.chunk_size,
             "members": {r: [m.offset, m.size] for r, m in self.members.items()},
             "config_blake3": self.config_digest.hex(),
@@ -88,14 +118,21 @@ class PackageIndex:
         text = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         longest = len(text) + int(self.signed)  # "false" is a byte longer than "true"
         padded = longest + (-(longest + _HEAD.size)) % 512  # the same either way
+        padded = max(padded, self.head_size - _HEAD.size)
         return _HEAD.pack(MAGIC, padded) + text.ljust(padded)
 
     def hash_bytes(self) -> int:
-        return sum(chunk_count(self.members[r].size, self.chunk_size) for r in DATA) * HASH_SIZE
+        return self.chunks() * HASH_SIZE
+
+    def length_bytes(self) -> int:
+        return self.chunks() * _LENGTH.size if self.has_pack else 0
+
+    def chunks(self) -> int:
+        return sum(chunk_count(self.members[r].size, self.chunk_size) for r in DATA)
 
     def size(self) -> int:
         """The index member's size in bytes."""
-        return len(self.head()) + self.hash_bytes() + MAC_SIZE
+        return len(self.head()) + self.hash_bytes() + self.length_bytes() + MAC_SIZE
 
     def to_bytes(self, key: bytes | None) -> bytes:
         """The member's bytes, sealed with ``key`` (a token's) or with its digest."""
@@ -106,6 +143,12 @@ class PackageIndex:
             if len(hashes) != chunk_count(self.members[r].size, self.chunk_size):
                 raise ValueError(f"{r}: {len(hashes)} hashes for its chunks")
             parts.append(b"".join(hashes))
+        if self.has_pack:
+            for r in DATA:
+                lengths = self.packed[r]
+                if len(lengths) != len(self.hashes[r]):
+                    raise ValueError(f"{r}: {len(lengths)} pack lengths for its chunks")
+                parts.append(b"".join(_LENGTH.pack(n) for n in lengths))
         body = b"".join(parts)
         return body + seal(body, key)
 
@@ -141,10 +184,10 @@ def parse_index(data: bytes, origin: str, key: bytes | None, pin: bytes | None) 
     doc = _json(body[_HEAD.size : _HEAD.size + json_len], origin)
     index = _from_doc(doc, origin)
     hashes = memoryview(body)[_HEAD.size + json_len :]
-    if len(hashes) != index.hash_bytes():
+    if len(hashes) != index.hash_bytes() + index.length_bytes():
         raise DrafterError(
             f"{origin}: the package index holds {len(hashes)} bytes of hashes, "
-            f"its members need {index.hash_bytes()}"
+            f"its members need {index.hash_bytes() + index.length_bytes()}"
         )
     pos = 0
     for r in DATA:
@@ -153,7 +196,27 @@ def parse_index(data: bytes, origin: str, key: bytes | None, pin: bytes | None) 
             bytes(hashes[i : i + HASH_SIZE]) for i in range(pos, pos + n * HASH_SIZE, HASH_SIZE)
         ]
         pos += n * HASH_SIZE
+    if index.has_pack:
+        _read_lengths(index, hashes[pos:], origin)
     return index
+
+
+def _read_lengths(index: PackageIndex, raw: memoryview, origin: str) -> None:
+    """The pack's chunk lengths, checked: a zero chunk is never packed, a packed one is
+    shorter than the chunk, and the frames fill the pack member exactly."""
+    pos = 0
+    for r in DATA:
+        size = index.members[r].size
+        lengths = []
+        for i, h in enumerate(index.hashes[r]):
+            (n,) = _LENGTH.unpack_from(raw, pos)
+            pos += _LENGTH.size
+            if n and (h == ZERO_HASH or n >= chunk_length(size, index.chunk_size, i)):
+                raise DrafterError(f"{origin}: the package index has a bad pack length")
+            lengths.append(n)
+        index.packed[r] = lengths
+    if sum(sum(v) for v in index.packed.values()) != index.members["pack"].size:
+        raise DrafterError(f"{origin}: the package index's pack lengths do not fill the pack")
 
 
 def _signed(body: bytes) -> bool:
@@ -183,7 +246,7 @@ def _int(value: object, low: int, high: int) -> int:
 def _from_doc(doc: dict[str, object], origin: str) -> PackageIndex:
     bad = f"{origin}: the package index has a bad "
     version = doc.get("version")
-    if type(version) is not int or version != INDEX_VERSION:
+    if type(version) is not int or version not in (INDEX_VERSION, PACKED_VERSION):
         raise DrafterError(
             f"{origin}: package index version {doc.get('version')!r} is not supported"
         )
@@ -194,8 +257,10 @@ def _from_doc(doc: dict[str, object], origin: str) -> PackageIndex:
     except ValueError:
         raise DrafterError(bad + "chunk size") from None
     raw = doc.get("members")
-    if not isinstance(raw, dict) or not set(RESOURCES) <= set(raw) <= {*RESOURCES, "hot"}:
+    if not isinstance(raw, dict) or not set(RESOURCES) <= set(raw) <= {*RESOURCES, "hot", "pack"}:
         raise DrafterError(bad + "member table")
+    if ("pack" in raw) != (version == PACKED_VERSION):
+        raise DrafterError(bad + "member table (a pack goes with version 2)")
     members: dict[str, MemberPlace] = {}
     try:
         for name, place in raw.items():

@@ -37,10 +37,12 @@ from drafter.index import (
     INDEX_CHUNK_SIZE,
     INDEX_MEMBER,
     MAX_INDEX_SIZE,
+    PACK_MEMBER,
     MemberPlace,
     PackageIndex,
     parse_index,
 )
+from drafter.pack import Packer
 from drafter.vmm.base import MachineConfig, brief, check_shape
 
 FORMAT_VERSION = 1
@@ -397,16 +399,20 @@ def hot_ranges(chunks: dict[str, list[int]], chunk_size: int, sizes: dict[str, i
     return hot
 
 
-def _header(name: str, size: int, offset: int) -> bytes:
-    """A tar header for ``name`` that makes its data start on an ALIGN boundary."""
+def _header(name: str, size: int, offset: int, length: int = 0) -> bytes:
+    """A tar header for ``name`` that makes its data start on an ALIGN boundary when
+    it starts at ``offset``; with ``length``, one of exactly that many bytes (to go in
+    the place of another one's)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o644
     info.mtime = 0
     buf = info.tobuf(tarfile.GNU_FORMAT)
     pad = 0
-    while (offset + len(buf)) % ALIGN:
+    while (len(buf) != length) if length else (offset + len(buf)) % ALIGN:
         pad += 1
+        if pad > 2 * ALIGN:
+            raise DrafterError(f"cannot make a tar header of {length} bytes for {name}")
         info.pax_headers = {"comment": "x" * pad}
         buf = info.tobuf(tarfile.PAX_FORMAT)
     return buf
@@ -443,13 +449,16 @@ def write_package(
     hot: HotRanges | None = None,
     key: bytes | None = None,
     chunk_size: int = INDEX_CHUNK_SIZE,
+    pack: bool = True,
 ) -> PackageIndex:
     """Write a package atomically from its resources (files or devices), with the
     ranges a resumed VM touches first when ``hot`` is given; return its index.
 
     The index (first member) is sealed with ``key`` (:func:`drafter.index.index_key`
-    of a token) when given. Each chunk is hashed as it is copied: the resources are
-    read once.
+    of a token) when given. Each chunk is hashed as it is copied, and with ``pack``
+    compressed into the pack (the last member, :mod:`drafter.pack`): the resources are
+    read once. The pack's size is known only at the end, so the layout reserves room
+    in the index's head for the largest it can be (every chunk whole).
     """
     path = Path(path)
     ranges: dict[str, Source] = {}
@@ -464,6 +473,8 @@ def write_package(
     sizes = {"config": len(config_bytes), **config.sizes}
     if hot_body:
         sizes["hot"] = len(hot_body)
+    if pack:
+        sizes["pack"] = sum(config.sizes.values())  # at most: for the layout only
     index = PackageIndex(
         chunk_size,
         {},
@@ -480,22 +491,36 @@ def write_package(
         index_size = index.size()
     else:
         raise DrafterError("cannot lay out the package index")  # never: offsets settle
+    index.head_size = len(index.head())  # what the layout made room for
     tmp: Path | None = None
+    packer: Packer | None = None
     try:
         fd, tmp = atomic.create_beside(path)  # owner-only; never through a planted link
         try:
+            if pack:
+                packer = Packer(fd, places["pack"].offset)
             end = 0
             for name, place in places.items():
-                os.pwrite(fd, heads[name], place.offset - len(heads[name]))
+                if name != "pack":
+                    os.pwrite(fd, heads[name], place.offset - len(heads[name]))
                 if name == "config":
                     os.pwrite(fd, config_bytes, place.offset)
                 elif name == "hot":
                     os.pwrite(fd, hot_body, place.offset)
-                elif name != "index":
-                    hasher = ChunkHasher(fd, place.offset, place.size, chunk_size)
+                elif name not in ("index", "pack"):
+                    hasher = ChunkHasher(fd, place.offset, place.size, chunk_size, packer, name)
                     ranges[name].copy_to(fd, place.offset, hasher)
                     index.hashes[name] = hasher.finish()
-                end = place.offset + (place.size + 511) // 512 * 512
+                if name != "pack":
+                    end = place.offset + (place.size + 511) // 512 * 512
+            if packer is not None:
+                lengths = packer.finish()
+                index.packed = {r: lengths.get(r, []) for r in RESOURCES[1:]}
+                at = places["pack"]
+                at.size = packer.size
+                head = _header(PACK_MEMBER, at.size, 0, len(heads["pack"]))
+                os.pwrite(fd, head, at.offset - len(head))
+                end = at.offset + (at.size + 511) // 512 * 512
             sealed = index.to_bytes(key)
             if len(sealed) != places["index"].size:
                 raise DrafterError("the package index changed size after its layout")
@@ -515,22 +540,27 @@ def write_package(
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if packer is not None:
+            packer.abandon()
     return index
 
 
-_MEMBER_NAMES = {"index": INDEX_MEMBER, "hot": HOT_MEMBER} | {r: member_name(r) for r in RESOURCES}
+_MEMBER_NAMES = {"index": INDEX_MEMBER, "hot": HOT_MEMBER, "pack": PACK_MEMBER} | {
+    r: member_name(r) for r in RESOURCES
+}
 
 
 def _layout(
     index_size: int, sizes: dict[str, int]
 ) -> tuple[dict[str, MemberPlace], dict[str, bytes]]:
     """Where each member's data lies (in the order written: the index first, then the
-    resources in RESOURCES order, then the hot member if there is one), and the tar
-    header that ends just before it."""
+    resources in RESOURCES order, then the hot member and the pack if there are), and
+    the tar header that ends just before it."""
     places: dict[str, MemberPlace] = {}
     heads: dict[str, bytes] = {}
     offset = 0
-    order = ["index", *RESOURCES, *(["hot"] if "hot" in sizes else [])]
+    order = ["index", *RESOURCES, *(name for name in ("hot", "pack") if name in sizes)]
     for name in order:
         size = index_size if name == "index" else sizes[name]
         head = _header(_MEMBER_NAMES[name], size, offset)
@@ -560,13 +590,19 @@ class ChunkHasher:
     """A copy's sink (:data:`drafter.device.Sink`) that writes the bytes of one member
     and hashes them chunk by chunk as they pass, as :func:`chunk_hash` would: a chunk
     never written (a hole) or written as zeros is :data:`ZERO_HASH`, and zeros are not
-    written (they stay holes)."""
+    written (they stay holes). With a ``packer``, each chunk goes to it too, as it ends
+    (:mod:`drafter.pack`)."""
 
-    def __init__(self, fd: int, base: int, size: int, chunk_size: int) -> None:
+    def __init__(
+        self, fd: int, base: int, size: int, chunk_size: int,
+        packer: Packer | None = None, resource: str = "",
+    ) -> None:  # fmt: skip
         self.fd, self.base, self.size, self.chunk_size = fd, base, size, chunk_size
         self.hashes: list[bytes] = []  # of the chunks before the current one
         self._hasher: blake3.blake3 | None = None  # the current chunk's, once non-zero
         self._fed = 0  # bytes of the current chunk the hasher has seen
+        self._packer, self._resource = packer, resource
+        self._chunk: bytearray | None = None  # the current chunk's bytes, when packing
 
     def __call__(self, at: int, data: bytes) -> None:
         pos = at - self.base
@@ -585,6 +621,10 @@ class ChunkHasher:
                 os.pwrite(self.fd, piece, self.base + pos)
                 if self._hasher is None:
                     self._hasher, self._fed = blake3.blake3(), 0
+                    if self._packer is not None:
+                        self._chunk = bytearray(chunk_length(self.size, self.chunk_size, index))
+                if self._chunk is not None:
+                    self._chunk[within : within + n] = piece
                 if within > self._fed:
                     self._hasher.update(bytes(within - self._fed))
                 self._hasher.update(piece)
@@ -597,11 +637,16 @@ class ChunkHasher:
             length = chunk_length(self.size, self.chunk_size, len(self.hashes))
             if self._hasher is None:
                 self.hashes.append(ZERO_HASH)
+                if self._packer is not None:
+                    self._packer.add(self._resource, None)
                 continue
             if length > self._fed:
                 self._hasher.update(bytes(length - self._fed))
             self.hashes.append(self._hasher.digest())
-            self._hasher, self._fed = None, 0
+            if self._packer is not None:
+                assert self._chunk is not None
+                self._packer.add(self._resource, bytes(self._chunk))
+            self._hasher, self._fed, self._chunk = None, 0, None
 
     def finish(self) -> list[bytes]:
         """Every chunk's hash (call once the copy is done)."""

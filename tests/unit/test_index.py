@@ -42,6 +42,7 @@ from drafter.index import (
     MAX_CHUNK,
     MAX_JSON,
     MIN_CHUNK,
+    PACK_MEMBER,
     MemberPlace,
     PackageIndex,
     index_key,
@@ -116,17 +117,19 @@ def tar_places(path: Path) -> list[tuple[str, int, int]]:
 
 
 def member_of(resource: str) -> str:
-    return HOT_MEMBER if resource == "hot" else member_name(resource)
+    return {"hot": HOT_MEMBER, "pack": PACK_MEMBER}.get(resource) or member_name(resource)
 
 
 def check_against_tar(path: Path, index: PackageIndex) -> None:
     """The index's member places are the tar's, the index is the first member and the
-    rest follow in the seed's order (the hot member last)."""
+    rest follow in the seed's order (the hot member and the pack last)."""
     places = tar_places(path)
     names = [name for name, _, _ in places]
     want = [INDEX_MEMBER, *map(member_name, RESOURCES)]
     if "hot" in index.members:
         want.append(HOT_MEMBER)
+    if "pack" in index.members:
+        want.append(PACK_MEMBER)
     assert names == want
     by_name = {name: (offset, size) for name, offset, size in places}
     assert {member_of(r): (m.offset, m.size) for r, m in index.members.items()} == {
@@ -371,7 +374,7 @@ def test_chunk_hasher_refuses_bytes_out_of_place(tmp_path: Path) -> None:
 
 def test_member_places_are_the_tars(built: Built) -> None:
     index = open_package(built.plain).read_index()
-    assert set(index.members) == {*RESOURCES, "hot"}
+    assert set(index.members) == {*RESOURCES, "hot", "pack"}
     check_against_tar(built.plain, index)
     check_against_tar(built.signed, open_package(built.signed).read_index(KEY))
 
@@ -383,7 +386,7 @@ def test_gnu_tar_lists_the_index_first_and_reads_the_members(built: Built) -> No
     listed = subprocess.run(
         [tar, "tf", str(built.plain)], capture_output=True, text=True, check=True, timeout=30
     ).stdout.splitlines()
-    assert listed == [INDEX_MEMBER, *map(member_name, RESOURCES), HOT_MEMBER]
+    assert listed == [INDEX_MEMBER, *map(member_name, RESOURCES), HOT_MEMBER, PACK_MEMBER]
     kernel = subprocess.run(
         [tar, "xOf", str(built.plain), member_name("kernel")],
         capture_output=True,
@@ -509,7 +512,7 @@ def build(
 def check_sane(index: PackageIndex) -> None:
     """What a reader relies on in an index that parse_index accepted."""
     assert MIN_CHUNK <= index.chunk_size <= MAX_CHUNK and index.chunk_size % PAGE == 0
-    assert set(RESOURCES) <= set(index.members) <= {*RESOURCES, "hot"}
+    assert set(RESOURCES) <= set(index.members) <= {*RESOURCES, "hot", "pack"}
     spans = sorted((m.offset, m.offset + m.size) for m in index.members.values())
     for m in index.members.values():
         assert type(m.offset) is int and type(m.size) is int and m.offset >= 0 and m.size >= 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from drafter.errors import DrafterError
-from drafter.index import INDEX_MEMBER
+from drafter.index import INDEX_MEMBER, PACK_MEMBER
 from drafter.package import ALIGN, RESOURCES, PackageConfig, member_name, open_package
 from support.packages import MIB, small_package
 
@@ -21,7 +21,7 @@ def test_package_is_a_plain_aligned_sparse_tar(workdir: Path) -> None:
     pkg = small_package(workdir, memory_mib=64)
     with tarfile.open(pkg) as tar:
         names = tar.getnames()
-        assert names == [INDEX_MEMBER] + [member_name(r) for r in RESOURCES]
+        assert names == [INDEX_MEMBER] + [member_name(r) for r in RESOURCES] + [PACK_MEMBER]
         for info in tar:
             assert info.offset_data % ALIGN == 0
         memory = tar.extractfile(member_name("memory"))

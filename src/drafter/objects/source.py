@@ -36,6 +36,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import zstandard
+
 from drafter.chunkcache import ChunkCache
 from drafter.chunks import ZERO_HASH, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
@@ -50,6 +52,7 @@ from drafter.objects.location import (
     parse_location,
 )
 from drafter.objects.slots import Budget, RequestSlots
+from drafter.pack import UnpackError, unpack
 from drafter.package import MAX_CONFIG_SIZE
 from drafter.transport.inflight import ClientStats, VerificationError
 
@@ -97,6 +100,9 @@ class ObjectSource:
         self._etag: str | None = None
         self._size = 0
         self._offsets: dict[str, int] = {}
+        self._packed: dict[str, list[int]] = {}  # chunk lengths in the pack (0: not in it)
+        self._pack_at: dict[str, list[int]] = {}  # where each chunk's frame starts
+        self._dctx = zstandard.ZstdDecompressor()
         self._slots = RequestSlots(inflight)
         self._budget = Budget()  # the non-demand bytes the slots let be in flight
         self._closed = False
@@ -163,6 +169,9 @@ class ObjectSource:
         self._offsets = {r: index.members[r].offset for r in DATA}
         self.hashes = index.hashes
         self.hot = index.hot
+        if index.has_pack:  # runs of packed chunks come from the pack, compressed
+            self._packed = index.packed
+            self._pack_at = {r: index.pack_places(r) for r in DATA}
         log.debug("%s: %d bytes, ETag %s, index of %d bytes, %d request(s)",
                   self.raddr, self._size, self._etag, size, self.requests)  # fmt: skip
 
@@ -197,7 +206,13 @@ class ObjectSource:
                 index += 1
                 continue
             end = index + 1
-            while end < stop and end - index < per_request and hashes[end] != ZERO_HASH:
+            packed = self._is_packed(resource, index)
+            while (
+                end < stop
+                and end - index < per_request
+                and hashes[end] != ZERO_HASH
+                and self._is_packed(resource, end) == packed
+            ):
                 cached = self._cached(resource, end)
                 if cached is not None:
                     break
@@ -219,22 +234,48 @@ class ObjectSource:
             self.stats.bytes += n
         return data
 
+    def _is_packed(self, resource: str, index: int) -> bool:
+        lengths = self._packed.get(resource)
+        return lengths is not None and lengths[index] > 0
+
     async def _fetch_stretch(
         self, resource: str, start: int, end: int, priority: int, deliver: Deliver
     ) -> None:
+        """Chunks ``start`` .. ``end - 1`` as one range request: of their member, or of
+        the pack when they are packed (each frame unpacked, at most a chunk's size)."""
         size = self.manifest[resource]
-        first = start * self.chunk_size
-        length = min(end * self.chunk_size, size) - first
+        packed = self._is_packed(resource, start)
+        if packed:
+            offset = self._pack_at[resource][start]
+            length = self._pack_at[resource][end - 1] + self._packed[resource][end - 1] - offset
+        else:
+            offset = self._offsets[resource] + start * self.chunk_size
+            length = min(end * self.chunk_size, size) - start * self.chunk_size
         sent = time.monotonic()
         async with self._slots.slot(priority, length):
-            data = await self._read(self._offsets[resource] + first, length)
+            data = await self._read(offset, length)
         seconds = time.monotonic() - sent
         view = memoryview(data)
         hashes = self.hashes[resource]
+        chunks: list[memoryview | bytes] = []
         for index in range(start, end):
-            at = (index - start) * self.chunk_size
             n = chunk_length(size, self.chunk_size, index)
-            chunk = view[at : at + n]
+            if packed:
+                at = self._pack_at[resource][index] - offset
+                frame = view[at : at + self._packed[resource][index]]
+                try:
+                    chunk: memoryview | bytes = unpack(frame, n, self._dctx)
+                except UnpackError as e:
+                    self.stats.verify_failures += 1
+                    raise VerificationError(
+                        f"chunk {index} of {resource} from {self.raddr}: {e}: refused it"
+                    ) from None
+                wire = len(frame)
+            else:
+                at = (index - start) * self.chunk_size
+                chunk = view[at : at + n]
+                wire = n
+            chunks.append(chunk)
             if digest(chunk) != hashes[index]:
                 self.stats.verify_failures += 1
                 raise VerificationError(
@@ -243,22 +284,19 @@ class ObjectSource:
                 )
             self.stats.chunks += 1
             self.stats.bytes += n
-            self.stats.wire_bytes += n
+            self.stats.wire_bytes += wire
             if self.metrics is not None:
-                self.metrics.chunk_pulled(resource, priority, n, n, seconds)
+                self.metrics.chunk_pulled(resource, priority, n, wire, seconds)
             deliver(index, chunk, hashes[index])
         if self.cache is not None:
-            await asyncio.to_thread(self._keep, resource, start, end, view)
+            await asyncio.to_thread(self._keep, resource, start, chunks)
 
-    def _keep(self, resource: str, start: int, end: int, view: memoryview) -> None:
-        """Put verified chunks ``start`` .. ``end - 1`` (``view``) into the cache."""
+    def _keep(self, resource: str, start: int, chunks: list[memoryview | bytes]) -> None:
+        """Put verified chunks from ``start`` on into the cache."""
         assert self.cache is not None
-        hashes, size = self.hashes[resource], self.manifest[resource]
-        for index in range(start, end):
-            at = (index - start) * self.chunk_size
-            self.cache.put(
-                hashes[index], view[at : at + chunk_length(size, self.chunk_size, index)]
-            )
+        hashes = self.hashes[resource]
+        for i, chunk in enumerate(chunks):
+            self.cache.put(hashes[start + i], chunk)
 
     async def _read(self, offset: int, length: int) -> memoryview:
         """Bytes ``[offset, offset + length)`` of the object at its pinned version,

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from drafter import loops, snapshot
@@ -211,7 +211,16 @@ class Peer:
             # QEMU starts meanwhile and waits for the state.
             await host.run(self._request_first(state))
             self._pull = asyncio.wrap_future(host.submit(self._pull_all(pool)))
-            await asyncio.gather(machine.prepare_incoming(), host.run(self._wait_first()))
+            began = time.monotonic()
+
+            async def when(what: str, step: Awaitable[None]) -> None:
+                await step
+                log.debug("%s after %.0f ms", what, (time.monotonic() - began) * 1000)
+
+            await asyncio.gather(
+                when("QEMU waits for the state", machine.prepare_incoming()),
+                when("state, kernel and initramfs local", host.run(self._wait_first())),
+            )
             state.close()
         else:  # a running peer: migrate it here
             self._to(PeerPhase.MIGRATING_IN)
