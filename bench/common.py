@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 BIN = Path(sys.executable).parent  # the venv's bin: drafter-* commands
 
@@ -22,9 +24,14 @@ def free_port() -> int:
 
 
 def first_reply(address: str, timeout: float = 120) -> None:
-    """Wait until Redis at ``address`` answers PING (polling every 2 ms)."""
-    # A SYN the VM drops before it runs is not waited for: a new one goes 0.1 s later.
-    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.1)
+    """Wait until Redis at ``address`` answers PING (polling every 2 ms).
+
+    redis-py retries a failed connect itself, 10 times with a backoff of up to 1 s
+    (``ExponentialWithJitterBackoff``, redis-py 8): that would make the poll up to a
+    second late. It does not retry here; the loop does, every 2 ms. A SYN the VM
+    drops before it runs is not waited for either: a new one goes 0.1 s later."""
+    client = redis.Redis(host=address, socket_timeout=5, socket_connect_timeout=0.1,
+                         retry=Retry(NoBackoff(), 0))  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
         try:

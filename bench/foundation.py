@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from drafter import snapshot
 from drafter.blueprint.builder import BlueprintSpec, build
@@ -26,7 +28,9 @@ MEMORY_MIB = 512
 
 def wait_for_redis(address: str, timeout: float = 30) -> float:
     start = time.monotonic()
-    client = redis.Redis(host=address, socket_timeout=2, socket_connect_timeout=2)
+    # redis-py's own connect retries (up to 1 s of backoff) off: the loop polls.
+    client = redis.Redis(host=address, socket_timeout=2, socket_connect_timeout=2,
+                         retry=Retry(NoBackoff(), 0))  # fmt: skip
     while True:
         try:
             if client.ping():

@@ -72,3 +72,21 @@ def boolean(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    """``--metrics HOST:PORT`` and ``--metrics-public``, the same on every command
+    that serves metrics (:mod:`drafter.metrics`, imported only when they are given)."""
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP here (unauthenticated; :PORT = loopback "
+        "only); see docs/metrics.md",
+    )
+    parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow --metrics on an address beyond loopback (anyone who reaches it reads "
+        "the metrics)",
+    )

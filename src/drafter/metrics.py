@@ -12,7 +12,6 @@ Prometheus scrapes, not counted twice. ``serve(addr)`` starts the exposition ser
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -285,24 +284,6 @@ class Metrics:
         http, self._http = self._http, None
         if http is not None:
             http.close()
-
-
-def add_flag(parser: argparse.ArgumentParser) -> None:
-    """``--metrics HOST:PORT`` and ``--metrics-public``, the same on every command
-    that serves metrics."""
-    parser.add_argument(
-        "--metrics",
-        default=None,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics over HTTP here (unauthenticated; :PORT = loopback "
-        "only); see docs/metrics.md",
-    )
-    parser.add_argument(
-        "--metrics-public",
-        action="store_true",
-        help="allow --metrics on an address beyond loopback (anyone who reaches it reads "
-        "the metrics)",
-    )
 
 
 def start(addr: str | None, public: bool = False) -> Metrics | None:

@@ -9,10 +9,11 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from drafter import cli, console, metrics
+from drafter import cli, console
 from drafter.chunks import FETCHED
 from drafter.cmd import storeflags
 from drafter.errors import DrafterError
@@ -21,6 +22,9 @@ from drafter.objects.location import is_object_url, parse_location
 from drafter.peer import Peer, PeerOptions, PullProgress
 from drafter.transport import localtoken, security
 from drafter.transport import protocol as wire
+
+if TYPE_CHECKING:
+    from drafter.metrics import Metrics
 
 PROG = "drafter-peer"
 DEFAULT_LADDR = ":1338"
@@ -73,6 +77,16 @@ def progress_reporter(peer: Peer) -> tuple[object, contextlib.AbstractContextMan
 
     peer.on_progress = log_line
     return None, contextlib.nullcontext()
+
+
+def _metrics(addr: str | None, public: bool) -> Metrics | None:
+    """drafter.metrics.start, imported only with --metrics (prometheus_client takes
+    30 ms of the peer's start, which a lazy start waits for)."""
+    if addr is None:
+        return None
+    from drafter import metrics
+
+    return metrics.start(addr, public)
 
 
 async def run(a: argparse.Namespace) -> int:
@@ -138,7 +152,7 @@ async def run(a: argparse.Namespace) -> int:
         handover_timeout=a.handover_timeout,
         compress=a.compress,
         local_package=Path(a.local_package) if a.local_package else None,
-        metrics=metrics.start(a.metrics, a.metrics_public),
+        metrics=_metrics(a.metrics, a.metrics_public),
         state_dir=a.state_dir,
         stable_address=a.stable_address or None,
         chunk_cache=Path(a.chunk_cache) if a.chunk_cache else None,
@@ -303,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--enable-input", action="store_true", help="terminal input to the console")
     p.add_argument("--enable-output", action="store_true", help="console output to stdout")
-    metrics.add_flag(p)
+    cli.add_metrics_flags(p)
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     if not 0.0 <= args.resume_threshold <= 1.0:

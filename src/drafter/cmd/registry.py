@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             help=f"serve here too, for peers given --{resource}-raddr (without --laddr and "
             f"every --*-laddr, also :{port} as in the seed)",
         )
-    metrics.add_flag(p)
+    cli.add_metrics_flags(p)
     a = p.parse_args(argv)
     cli.setup_logging(a.verbose)
 

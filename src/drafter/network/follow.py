@@ -29,10 +29,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from drafter.errors import DrafterError
 from drafter.network.namespaces import run_in_namespace
@@ -48,6 +45,9 @@ from drafter.network.state import (
     unlink,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,9 @@ class Follower:
     def _take_route(self) -> None:
         assert self.info is not None and self.stable is not None
         started = time.monotonic()
+        from pyroute2 import IPRoute  # here, not above: it takes 70 ms to import
+        from pyroute2.netlink.exceptions import NetlinkError
+
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.info.host_veth)
             if not links:
@@ -247,6 +250,9 @@ class Follower:
         would go out by the default route. It is unreachable (fails at once, nothing
         leaves the host) until the VM runs, recorded as stopped so the daemon removes it."""
         assert self.info is not None and self.stable is not None
+        from pyroute2 import IPRoute  # here, not above: it takes 70 ms to import
+        from pyroute2.netlink.exceptions import NetlinkError
+
         with IPRoute() as ipr:
             if _routes_to(ipr, self.stable):
                 return  # a previous holder's (stopped or handing over): taken over later
@@ -278,6 +284,9 @@ class Follower:
         nothing goes out by the default route) and say so in the record. The next holder
         takes both over; the daemon removes them with its namespaces."""
         assert self.info is not None and self.stable is not None
+        from pyroute2 import IPRoute  # here, not above: it takes 70 ms to import
+        from pyroute2.netlink.exceptions import NetlinkError
+
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.info.host_veth)
             ours = [r for r in _routes_to(ipr, self.stable) if r.get_attr("RTA_OIF") in links]
@@ -343,6 +352,8 @@ def check_stable_address(address: str, state_dir: str | Path, taking_over: bool 
                 f"stable address {address} is already in use by the VM of pid {pid} "
                 f"in namespace {data.get('namespace')}"
             )
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
         for a in ipr.get_addr(family=2):
@@ -408,6 +419,9 @@ def remove_records(state_dir: str | Path, namespaces: set[str]) -> None:
     """The daemon's teardown: the handover records of stable addresses last held in
     ``namespaces``, and the unreachable routes of those whose VM stopped (routes via
     the namespaces' veths go with the veths)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with IPRoute() as ipr:
         for record in (Path(state_dir) / "follow").glob("*.json"):
             try:

@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pyroute2 import netns as pr_netns
-
 from drafter.errors import DrafterError
 
 log = logging.getLogger(__name__)
@@ -36,6 +34,8 @@ def create_namespace(name: str) -> None:
     if namespace_exists(name):
         raise DrafterError(f"network namespace {name!r} already exists")
     log.debug("creating network namespace %s", name)
+    from pyroute2 import netns as pr_netns  # here: pyroute2 takes 70 ms to import
+
     try:
         pr_netns.create(name)
     except OSError as e:
@@ -47,6 +47,8 @@ def remove_namespace(name: str) -> bool:
     if not namespace_exists(name):
         return False
     log.debug("removing network namespace %s", name)
+    from pyroute2 import netns as pr_netns
+
     pr_netns.remove(name)
     return True
 
@@ -58,6 +60,8 @@ def in_namespace(name: str) -> Iterator[None]:
     setns(2) moves only the calling thread; sockets created in the body stay in
     ``name`` after the thread moves back.
     """
+    from pyroute2 import netns as pr_netns
+
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         pr_netns.setns(name, flags=0)

@@ -1,9 +1,9 @@
 """A package in object storage as a :class:`~drafter.chunks.ChunkSource`: range reads
 of one object, every chunk verified against the package's index.
 
-:meth:`ObjectSource.connect` learns the object's size and version (its ETag) with one
-HEAD, then reads the index with one or two range requests (its tar header is at the
-start of the object, :mod:`drafter.index`) and the config with at most one more.
+:meth:`ObjectSource.connect` reads the object's first 256 KiB, which tell its size
+and version (its ETag) and hold the index's tar header (:mod:`drafter.index`) and
+usually the whole index and config: one request, at most two more for a large index.
 Every later range read is pinned to that ETag (``If-Match``): a replaced object fails
 the read, it is never mixed in. A run of chunks is one range request (all-zero chunks
 are never fetched); each chunk is checked against its hash in the index before it is
@@ -113,7 +113,7 @@ class ObjectSource:
         self.config = b""
         self.stats = ClientStats()
         self.metrics: Metrics | None = None
-        self.requests = 0  # range requests made (the HEAD not counted)
+        self.requests = 0  # range requests made
         self.cache = cache
         self.keep_trying = False  # a store outage stalls fetches instead of failing them
         self.outages = 0  # times the store stayed away past the client's retries
@@ -125,20 +125,12 @@ class ObjectSource:
 
     async def connect(self) -> None:
         """Learn the object's version, read and check its index and config."""
-        import obstore
 
         self._store = open_store(self.location, self._options)
-        sent = time.monotonic()
-        try:
-            meta = await obstore.head_async(self._store, self.location.key)
-        except Exception as e:
-            raise self._error(e, "cannot read") from None
-        self._budget.arrived(0, time.monotonic() - sent)  # a round trip
-        self._size, self._etag = int(meta["size"]), meta.get("e_tag")
+        first = await self._read_first()
         if self._etag is None:
             log.warning("%s has no ETag: a replaced object shows only as chunks that "
                         "fail verification", self.raddr)  # fmt: skip
-        first = await self._read(0, min(FIRST_READ, self._size))
         name, offset, size = _first_member(first, self.raddr)
         if name != INDEX_MEMBER:
             raise DrafterError(
@@ -297,6 +289,32 @@ class ObjectSource:
         hashes = self.hashes[resource]
         for i, chunk in enumerate(chunks):
             self.cache.put(hashes[start + i], chunk)
+
+    async def _read_first(self) -> memoryview:
+        """The object's first :data:`FIRST_READ` bytes (fewer if it is smaller), its
+        size and its version (ETag), in one request: no HEAD before it."""
+        import obstore
+
+        self.requests += 1
+        sent = time.monotonic()
+        try:
+            result = await obstore.get_async(
+                self._store, self.location.key, options={"range": (0, FIRST_READ)}
+            )
+            got, meta = result.range, result.meta
+            data = memoryview(await result.bytes_async())
+        except Exception as e:
+            raise self._error(e, "cannot read") from None
+        self._budget.arrived(len(data), time.monotonic() - sent)
+        self._size, self._etag = int(meta["size"]), meta.get("e_tag")
+        want = (0, min(FIRST_READ, self._size))
+        if tuple(got) != want or len(data) != want[1]:
+            raise StoreError(
+                f"{self.raddr} answered bytes {got[0]}-{got[1]} ({len(data)} bytes) to a "
+                f"request for 0-{want[1]}: refused",
+                lasting=True,
+            )
+        return data
 
     async def _read(self, offset: int, length: int) -> memoryview:
         """Bytes ``[offset, offset + length)`` of the object at its pinned version,
