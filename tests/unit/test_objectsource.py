@@ -94,12 +94,13 @@ def test_lazy_reads_match_the_package_and_skip_zero_chunks(server, package) -> N
 
     source, got, connect_requests = asyncio.run(go())
     assert connect_requests <= 2  # the index and config: one or two range requests
+    assert [r[0] for r in server.requests].count("HEAD") == 0  # the first GET tells the size
     assert got == member_bytes(package)
     assert source.config == open_package(package).read("config")
     assert source.hot == {"memory": [0, 12]}
     zero = sum(h == ZERO_HASH for hashes in source.hashes.values() for h in hashes)
     assert zero > 0 and source.stats.zero_chunks == zero
-    # every GET after the HEAD is a range pinned to the object's ETag
+    # every GET is a range, and each after the first is pinned to the object's ETag
     assert all(r[2] for r in server.requests if r[0] == "GET")
     assert all(h.get("if-match") == server.etag("p.drft") for h in server.headers[1:])
 
@@ -207,6 +208,19 @@ def test_a_lying_or_failing_store_fails_the_fetch_in_one_line(
         assert time.monotonic() - start < 10
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault.WHOLE_OBJECT, Fault.TRUNCATE, Fault.WRONG_LENGTH, Fault.UNAVAILABLE]
+)
+def test_the_first_read_is_checked_as_every_other(server, package, fault) -> None:
+    """The first range read also gives the object's size and ETag (there is no HEAD):
+    a store that lies or fails there fails the connect in one line."""
+    server.put("p.drft", package.read_bytes())
+    server.fault(fault)
+    with pytest.raises(StoreError) as e:
+        asyncio.run(ObjectSource(url(server), options=FAST).connect())
+    assert "\n" not in str(e.value)
 
 
 def test_an_object_replaced_mid_start_is_never_mixed(server, package) -> None:
