@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,15 +146,20 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float,
-         stable: str | None = None) -> dict[str, Any]:  # fmt: skip
+         stable: str | None = None, cache: bool = False) -> dict[str, Any]:  # fmt: skip
     """Our migrations; with ``stable`` the VM keeps that host address from hop to hop
-    and the writer uses only it (docs/networking.md, "Following a VM")."""
+    and the writer uses only it (docs/networking.md, "Following a VM"); with ``cache``
+    every peer shares one host chunk cache (``--chunk-cache``, fresh for the run), so a
+    hop moves only what this host does not hold."""
     package = work / "redis.drft"
     if not package.exists():
         make_package(bp, nets[0].namespace, MEMORY_MIB, package)
     # The namespaces' state, as a drafter-daemon keeps it: each hop closes the gate of
     # the address its VM left and cuts the host's connections there (docs/networking.md).
     follow = ["--state-dir", str(work / "net"), *(["--stable-address", stable] if stable else [])]
+    if cache:
+        shutil.rmtree(work / "chunk-cache", ignore_errors=True)
+        follow += ["--chunk-cache", str(work / "chunk-cache")]
     reg_port = free_port()
     registry = subprocess.Popen(
         [BIN / "drafter-registry", "--package-path", str(package),
@@ -200,6 +206,14 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float,
             downtime = re.search(r"downtime (\d+) ms", summary)
             moved_part = summary.split(" moved ", 1)[-1].split(";")[0]  # logical, not wire
             moved = sum(float(m) for m in re.findall(r"([0-9.]+) MiB", moved_part))
+            each = {f"moved_{name}_MiB": float(m)
+                    for name, m in re.findall(r"(\w+) ([0-9.]+) MiB", moved_part)}  # fmt: skip
+            for key, pattern in (
+                ("wire_MiB", r"([0-9.]+) MiB on the wire"),
+                ("from_host_cache_MiB", r"([0-9.]+) MiB from the host's"),
+            ):
+                found = re.search(pattern, summary)
+                each[key] = float(found.group(1)) if found else 0.0  # fmt: skip
             total = re.search(r"total ([0-9.]+)s", summary)
             time.sleep(1.5)  # steady state before the next hop; the gap window ends here
             runs.append({
@@ -207,6 +221,7 @@ def ours(work: Path, bp: Path, nets: list[Any], migrations: int, rtt_ms: float,
                 "client_downtime_s": writer.longest_gap(start, time.monotonic()),
                 "total_s": float(total.group(1)) if total else end - start,
                 "moved_MiB": moved,
+                **each,
                 **phases(summary),
             })  # fmt: skip
             source, port = dest, next_port
@@ -327,6 +342,8 @@ def main() -> None:
                    help="round-trip times to run at (0: direct)")  # fmt: skip
     p.add_argument("--only-ours", action="store_true", help="skip QEMU's own migrations")
     p.add_argument("--only-qemu", action="store_true", help="skip our migrations")
+    p.add_argument("--chunk-cache", action="store_true",
+                   help="also run ours with every peer sharing a host chunk cache")  # fmt: skip
     p.add_argument("--stable-address", default="10.246.200.1",
                    help="also run ours with this stable address, the writer using only it "
                    "('' = don't)")  # fmt: skip
@@ -344,12 +361,16 @@ def main() -> None:
             nets = net.namespaces
             for rtt in args.rtt_ms:
                 at = results.setdefault(f"rtt_{rtt:g}ms", {})
-                modes = [("drafter", None), ("drafter_stable_address", args.stable_address)]
-                for name, stable in modes:
-                    if args.only_qemu or (name != "drafter" and not stable):
+                modes = [("drafter", None, False),
+                         ("drafter_stable_address", args.stable_address, False),
+                         ("drafter_chunk_cache", None, True)]  # fmt: skip
+                for name, stable, cache in modes:
+                    if args.only_qemu or (name == "drafter_stable_address" and not stable):
+                        continue
+                    if cache and not args.chunk_cache:
                         continue
                     try:
-                        at[name] = ours(work, bp, nets, args.migrations, rtt, stable)
+                        at[name] = ours(work, bp, nets, args.migrations, rtt, stable, cache)
                     except Exception as e:  # recorded; the other runs still count
                         at[name] = {"error": str(e)}
                 if args.only_ours:

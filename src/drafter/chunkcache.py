@@ -16,17 +16,24 @@ room; chunks being read at that moment are fetched again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
 import os
 import stat
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from drafter.chunks import ZERO_HASH, ChunkData
+from drafter.chunks import ZERO_HASH, ChunkData, Deliver, Priority
 from drafter.errors import DrafterError
 from drafter.hashes import digest as chunk_digest
+
+if TYPE_CHECKING:
+    from drafter.device import Device
+    from drafter.transport.client import RemoteSource
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +125,71 @@ _parts = itertools.count()
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+class Filling:
+    """A wire source (a registry or a peer) whose verified chunks also go into the
+    host's cache, so a later VM of the same content on this host need not move them
+    (:func:`take_cached`). An object source keeps its cache itself. A device asks it
+    for runs as it would ask the source; everything else is the source's."""
+
+    def __init__(self, source: RemoteSource, cache: ChunkCache) -> None:
+        self.source, self.cache = source, cache
+        # What the source offers (ChunkSource), as it said when it connected.
+        self.chunk_size = source.chunk_size
+        self.manifest = source.manifest
+        self.hashes = source.hashes
+        self.hot = source.hot
+        self.config = source.config
+
+    async def connect(self) -> None:
+        await self.source.connect()
+
+    async def close(self) -> None:
+        await self.source.close()
+
+    async def fetch_run(
+        self,
+        resource: str,
+        start: int,
+        count: int,
+        priority: Priority | int,
+        expected: Sequence[bytes | None],
+        deliver: Deliver,
+    ) -> None:
+        kept: list[tuple[bytes, bytes]] = []
+
+        def keep(index: int, data: ChunkData, digest: bytes) -> None:
+            deliver(index, data, digest)  # first: a chunk the device refuses is not kept
+            if digest != ZERO_HASH:
+                kept.append((digest, bytes(data)))  # the source verified it has this hash
+
+        try:
+            await self.source.fetch_run(resource, start, count, priority, expected, keep)
+        finally:
+            if kept:  # what arrived before a failure is good too
+                await asyncio.shield(asyncio.to_thread(self._put, kept))
+
+    def _put(self, kept: list[tuple[bytes, bytes]]) -> None:
+        for digest, data in kept:
+            self.cache.put(digest, data)
+
+
+def take_cached(devices: dict[str, Device], cache: ChunkCache) -> int:
+    """Fill each device's missing chunks whose listed hash the cache holds (each read
+    back verified); the bytes taken. For a migration the list is the source's at the
+    start, as for ``--local-package``: a chunk the VM changes after it is sent again."""
+    taken = 0
+    for device in devices.values():
+        for index in device.missing():
+            digest = device.hashes[index]
+            if digest is None or digest == ZERO_HASH:
+                continue
+            data = cache.get(digest, device.chunk_length(index))
+            if data is not None:
+                device.fill(index, data, digest)
+                taken += len(data)
+    if taken:
+        log.info("took %d MiB from the chunk cache %s instead of moving them",
+                 taken >> 20, cache.root)  # fmt: skip
+    return taken

@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_objectsource import FAST, fetch_all, make_package, member_bytes
 
-from drafter.chunkcache import ChunkCache
-from drafter.chunks import ZERO_HASH
+from drafter.chunkcache import ChunkCache, Filling, take_cached
+from drafter.chunks import ZERO_HASH, Priority
+from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.hashes import digest
 from drafter.objects import ObjectSource
+from support.chunk_sources import CS, FakeSource, pattern
 from support.hostile_http import HostileServer
+
+DATA = pattern(6 * CS)
 
 
 def test_a_chunk_comes_back_whole_or_not_at_all(tmp_path: Path) -> None:
@@ -102,3 +107,56 @@ def test_a_second_source_of_the_package_fetches_only_what_is_not_cached(
         assert got == member_bytes(package)
         assert third_gets == 1 and third.stats.chunks == second.stats.chunks
         assert 0 < third.stats.wire_bytes <= third.chunk_size
+
+
+# -- wire sources: every pull fills the cache, a later device takes from it ----------
+
+
+def _device(tmp_path: Path, name: str, source: Any, hashes: list[bytes]) -> Device:
+    device = Device(
+        "disk", len(DATA), None, tmp_path / f"{name}.overlay", chunk_size=CS, source=source
+    )
+    device.expect(hashes)
+    return device
+
+
+def test_a_wire_pull_fills_the_cache_and_the_next_device_moves_nothing(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    first = FakeSource({"disk": DATA})
+    filling = Filling(first, cache)  # type: ignore[arg-type]
+    hashes = first.hashes["disk"]
+
+    async def pull(device: Device) -> None:
+        await device.ensure_runs(list(range(device.chunks)), Priority.BACKGROUND, 16)
+
+    one = _device(tmp_path, "one", filling, hashes)
+    asyncio.run(pull(one))
+    assert first.calls and cache.stored == len(hashes)
+
+    second = FakeSource({"disk": DATA})
+    two = _device(tmp_path, "two", Filling(second, cache), hashes)  # type: ignore[arg-type]
+    assert take_cached({"disk": two}, cache) == len(DATA)
+    assert two.missing() == [] and second.calls == []  # nothing moved
+    assert two.read(0, len(DATA)) == DATA
+
+    # A chunk whose cached copy is damaged is not taken: it is fetched again.
+    victim = next(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    victim.write_bytes(b"damaged")
+    three = _device(tmp_path, "three", FakeSource({"disk": DATA}), hashes)
+    assert take_cached({"disk": three}, cache) == len(DATA) - CS
+    assert len(three.missing()) == 1
+
+
+def test_a_chunk_the_device_refuses_is_not_kept(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    source = FakeSource({"disk": DATA})
+    source.wrong_size.add(("disk", 1))  # the device refuses it (a wrong size)
+    device = _device(tmp_path, "one", Filling(source, cache), source.hashes["disk"])  # type: ignore[arg-type]
+
+    async def go() -> None:
+        with pytest.raises(DrafterError):
+            await device.ensure_runs([0, 1, 2], Priority.DEMAND, 16)
+
+    asyncio.run(go())
+    assert cache.stored == 2  # chunks 0 and 2, not 1
+    assert cache.get(source.hashes["disk"][1], CS) is None

@@ -305,3 +305,44 @@ def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, work
                                    socket_connect_timeout=0.5).ping()  # fmt: skip
             raise AssertionError(f"the destination still answers: {answered}")
         assert source.poll() is None
+
+
+def started_line(proc) -> str:
+    """A lazily started peer's summary (printed once every chunk is local)."""
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith("started from"):
+            return line.strip()
+    raise AssertionError("no summary line")
+
+
+def test_a_hop_on_a_host_that_holds_the_chunks_moves_no_kernel_initramfs_or_disk(
+    seeded_package, network, workdir
+) -> None:
+    """With --chunk-cache on both peers, what the first pulled from the registry fills
+    the host's cache; the hop to the second peer on this host takes the kernel, the
+    initramfs and the unchanged disk from it (the data written before the hop moves)."""
+    cache = ("--chunk-cache", str(workdir / "chunk-cache"))
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        _, raddr = stack.enter_context(registry(seeded_package))
+        first = stack.enter_context(
+            migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", *cache)
+        )
+        wait_resumed(first)
+        started = started_line(first)  # every chunk local: the cache holds them all
+        assert "from the host's chunk cache" not in started, started
+        wait_for_redis(network.info(0).external_address).set("before the hop", "kept")
+        second = stack.enter_context(
+            migrate(f"127.0.0.1:{port}", network.name(1), workdir, "", *cache)
+        )
+        wait_resumed(second)
+        hop = summary_of(second)
+        finish_source(first)
+        client = wait_for_redis(network.info(1).external_address)
+        assert client.get("from") == b"the package"
+        assert client.get("before the hop") == b"kept"
+        assert "kernel 0.0 MiB, initramfs 0.0 MiB" in hop, hop
+        assert "from the host's chunk cache" in hop, hop
+        disk = re.search(r"disk ([\d.]+) MiB", hop)
+        assert disk and float(disk.group(1)) < 1, hop  # only what the VM wrote

@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     storeflags.add(p, writes=True)
     storeflags.add_pin(p)
     p.add_argument("--chunk-cache", default="", metavar="DIR",
-                   help="a directory this host's peers share: chunks of an s3:// or "
-                   "http(s):// package that one fetched are not fetched again")  # fmt: skip
+                   help="a directory this host's peers share: a chunk one of them "
+                   "pulled (from any source, a migration's too) is not moved again")  # fmt: skip
     storeflags.add_checkpoint(p, "resume it on any host with --raddr s3://BUCKET/PREFIX")
     p.add_argument("--work-dir", default="out/vms", help="where the peer keeps its cache")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])

@@ -69,8 +69,8 @@ class PeerOptions:
     # index must have (--index-digest), and S3 virtual-hosted addressing.
     index_pin: bytes | None = None
     s3_virtual_hosted: bool = False
-    # The host's chunk cache for object-store packages (--chunk-cache): chunks another
-    # VM of the package already fetched are taken from it, and every fetched one kept.
+    # The host's chunk cache (--chunk-cache): chunks another VM on this host already
+    # pulled, from any source, are taken from it, and every pulled one is kept.
     chunk_cache: Path | None = None
     # Continuous checkpoints to s3://BUCKET/PREFIX (docs/checkpoints.md); a raddr that
     # names such a prefix resumes its latest generation and checkpoints there on.

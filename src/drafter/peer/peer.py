@@ -25,6 +25,7 @@ from pathlib import Path
 
 from drafter import loops, snapshot
 from drafter.checkpoint.running import VMCheckpoints, holds_checkpoints, store_options
+from drafter.chunkcache import Filling, take_cached
 from drafter.chunks import DEVICES, Priority
 from drafter.device import Device
 from drafter.devicefs import DeviceHost, unmount_stale_under
@@ -199,6 +200,9 @@ class Peer:
             self.summary.reused = await asyncio.to_thread(
                 take_local_chunks, self.devices, o.local_package
             )
+        if sources.cache is not None:  # what this host holds already is not moved
+            wired = {n: d for n, d in self.devices.items() if isinstance(d.source, Filling)}
+            await asyncio.to_thread(take_cached, wired, sources.cache)
         self.progress.total = sum(d.size for d in self.devices.values())
         pool = PullPool(self.devices, o.pull_workers, self.progress, self._report)
         machine = vm.mount(config, o.netns, o.accel)

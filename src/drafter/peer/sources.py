@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drafter.checkpoint.source import CheckpointSource
-from drafter.chunkcache import ChunkCache
-from drafter.chunks import DEVICES, FETCHED, TRACKED, ZERO_HASH
+from drafter.chunkcache import ChunkCache, Filling
+from drafter.chunks import DEVICES, FETCHED, TRACKED, ZERO_HASH, ChunkSource
 from drafter.device import Device
 from drafter.errors import DrafterError
 from drafter.hashes import file_hashes
@@ -38,7 +38,7 @@ class Sources:
 
     addrs: dict[str, str]  # resource -> HOST:PORT of its server, or its object's URL
     connections: dict[str, Source]  # HOST:PORT or URL -> the one source of it
-    cache: ChunkCache | None = None  # the host's chunk cache, for object sources
+    cache: ChunkCache | None = None  # the host's chunk cache (--chunk-cache)
 
     @classmethod
     def open(cls, options: PeerOptions, generation: CheckpointSource | None = None) -> Sources:
@@ -52,9 +52,7 @@ class Sources:
             return cls(addrs, {options.raddr: generation})
         addrs = {name: options.raddrs.get(name) or options.raddr for name in FETCHED}
         connections: dict[str, Source] = {}
-        cache = None
-        if options.chunk_cache is not None and any(map(is_object_url, addrs.values())):
-            cache = ChunkCache(options.chunk_cache)
+        cache = ChunkCache(options.chunk_cache) if options.chunk_cache is not None else None
         for addr in dict.fromkeys(addrs.values()):
             if is_object_url(addr):
                 store = StoreOptions(
@@ -144,6 +142,9 @@ class Sources:
         checked against the hash the server listed (for a running VM's tracked
         devices the list only says what is zero: their chunks change after hashing)."""
         source = self.of(name)
+        fetch: ChunkSource = source
+        if self.cache is not None and isinstance(source, RemoteSource):
+            fetch = Filling(source, self.cache)  # an object source keeps its cache itself
         device = Device(
             name,
             self.size(name),
@@ -151,7 +152,7 @@ class Sources:
             overlay,
             writable=name in TRACKED,
             chunk_size=source.chunk_size,
-            source=source,
+            source=fetch,
         )
         device.expect(source.hashes[name], binding=self.at_rest or name not in TRACKED)
         return device
