@@ -27,6 +27,10 @@ from drafter.errors import DrafterError
 LEVEL = 1  # the registry's level on a slow link: ~0.7 s of a core per 320 MiB
 WORKERS = 2
 AHEAD = 16  # chunks compressed ahead of the writes, at most (bounds the memory held)
+# A chunk is packed only if its frame is at most this share of it: one that barely
+# compresses is read from its member, so runs are not cut into packed and unpacked
+# pieces for a few bytes.
+GAIN = 0.875
 
 
 class UnpackError(DrafterError):
@@ -34,9 +38,9 @@ class UnpackError(DrafterError):
 
 
 class Packer:
-    """Compresses chunks handed to it in the index's order and writes each frame that
-    is shorter than its chunk at ``fd`` from ``offset`` on; keeps every chunk's length
-    (0 for a chunk left out)."""
+    """Compresses chunks handed to it in the index's order and writes each frame of at
+    most :data:`GAIN` of its chunk at ``fd`` from ``offset`` on; keeps every chunk's
+    length (0 for a chunk left out)."""
 
     def __init__(self, fd: int, offset: int) -> None:
         self.fd, self.offset = fd, offset
@@ -69,7 +73,7 @@ class Packer:
     def _write_one(self) -> None:
         resource, raw, future = self._pending.popleft()
         frame = future.result()
-        n = len(frame) if 0 < len(frame) < raw else 0
+        n = len(frame) if 0 < len(frame) <= raw * GAIN else 0
         if n:
             os.pwrite(self.fd, frame, self.offset + self.size)
             self.size += n

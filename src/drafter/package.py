@@ -492,6 +492,11 @@ def write_package(
     else:
         raise DrafterError("cannot lay out the package index")  # never: offsets settle
     index.head_size = len(index.head())  # what the layout made room for
+    if index_size > MAX_INDEX_SIZE:
+        raise DrafterError(
+            f"cannot write {path}: its index would be {index_size >> 20} MiB, more than "
+            f"readers take ({MAX_INDEX_SIZE >> 20} MiB): the resources are too large"
+        )
     tmp: Path | None = None
     packer: Packer | None = None
     try:

@@ -958,3 +958,32 @@ def test_a_switch_over_answer_with_bad_inline_chunks_is_refused(inline, tail, wh
     body = struct.pack(">I", len(head)) + head + b"state" + tail
     with pytest.raises(ProtocolError, match=why):
         decode_suspended(body, {"memory": (4 * 64, 64)})
+
+
+@pytest.mark.parametrize("nonzero", [0, 3, 40, 200, 1000])
+def test_the_challenge_is_random_non_zero_chunks_and_reads_few(tmp_path: Path, nonzero) -> None:
+    """PROOF_CHUNKS non-zero chunks of each device (all of them if fewer), never a
+    zero one, different from one challenge to the next, and found without reading
+    every chunk of a mostly written device."""
+    from drafter.migration.messages import PROOF_CHUNKS
+
+    chunks = 1000
+    device = Device("memory", chunks * 4096, None, tmp_path / "m", chunk_size=4096)
+    written = sorted(set(range(0, chunks, max(1, chunks // nonzero))))[:nonzero] if nonzero else []
+    for i in written:
+        device.write(i * 4096, b"x")
+
+    async def make() -> MigrationSource:  # it takes the running loop
+        return MigrationSource({"memory": device}, b"{}", tmp_path / "mf", FakeVM().control())
+
+    source = asyncio.run(make())
+    reads = []
+    real = device.read_chunk
+    device.read_chunk = lambda i: (reads.append(i), real(i))[1]  # type: ignore[method-assign]
+    first = source._choose_challenge()["memory"]
+    assert set(first) <= set(written) and len(set(first)) == len(first)
+    assert len(first) == min(PROOF_CHUNKS, len(written))
+    if nonzero == chunks:
+        assert len(reads) == PROOF_CHUNKS  # each chunk looked at was chosen
+        assert first != source._choose_challenge()["memory"]  # at random
+    device.close()

@@ -229,3 +229,51 @@ def test_version_and_pack_member_go_together(tmp_path: Path) -> None:
     forged = text[:-32] + blake3.blake3(text[:-32]).digest()  # a right digest
     with pytest.raises(DrafterError, match="a pack goes with version 2"):
         parse_index(forged, "x", None, None)
+
+
+def test_a_run_of_packed_and_unpacked_chunks_goes_in_requests_at_once(tmp_path: Path) -> None:
+    """Chunks that alternate between packed and not are stretches of two places (the
+    pack, the member): they are all in flight at once, not one round trip each."""
+    files = {}
+    text = b"".join(b"line %06d of text that compresses\n" % i for i in range(30000))
+    chunk = 256 * 1024
+    memory = b"".join(os.urandom(chunk) if i % 2 else text[:chunk] for i in range(8))
+    for name, data in (("state", b"s" * 5000), ("memory", memory), ("kernel", b"k" * 5000),
+                       ("initramfs", b"i" * 5000), ("disk", b"d" * 5000)):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        files[name] = tmp_path / name
+    package = tmp_path / "t.drft"
+    write_package(package, PackageConfig(2, 1, "console=ttyS0", "02:00:00:00:00:01"), files)  # type: ignore[arg-type]
+    packed = open_package(package).read_index().packed["memory"]
+    assert [n > 0 for n in packed] == [i % 2 == 0 for i in range(8)]
+    with HostileServer() as server:
+        server.put("t.drft", package.read_bytes())
+
+        async def go() -> tuple[bytes, int]:
+            source = ObjectSource(server.url + "t.drft", options=FAST)
+            await source.connect()
+            inflight, peak = 0, 0
+            real = source._read_once
+
+            async def counted(offset: int, length: int):  # noqa: ANN202
+                nonlocal inflight, peak
+                inflight += 1
+                peak = max(peak, inflight)
+                try:
+                    await asyncio.sleep(0.05)  # a round trip
+                    return await real(offset, length)
+                finally:
+                    inflight -= 1
+
+            source._read_once = counted  # type: ignore[method-assign]
+            buf = bytearray(len(memory))
+
+            def keep(i: int, data, digest: bytes) -> None:  # noqa: ANN001
+                buf[i * chunk : i * chunk + len(data)] = data
+
+            await source.fetch_run("memory", 0, 8, Priority.DEMAND, [None] * 8, keep)
+            return bytes(buf), peak
+
+        got, peak = asyncio.run(go())
+    assert got == memory
+    assert peak == 8  # every stretch at once

@@ -187,11 +187,11 @@ def redis_package(redis_blueprint: Blueprint, network: TestNetwork) -> Iterator[
 def seeded_package(redis_package, network) -> Iterator[Path]:
     """The Redis package with one key written into it (through drafter-runner)."""
     directory = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "seeded-"))
-    package = copy_package(redis_package, directory)
-    with runner(package, network.name(0)) as proc:
-        assert wait_for_redis(network.info(0).external_address).set("from", "the package")
-        ctrl_c(proc)
-    try:
+    try:  # removed also when seeding fails
+        package = copy_package(redis_package, directory)
+        with runner(package, network.name(0)) as proc:
+            assert wait_for_redis(network.info(0).external_address).set("from", "the package")
+            ctrl_c(proc)
         yield package
     finally:
         shutil.rmtree(directory, ignore_errors=True)

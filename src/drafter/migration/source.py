@@ -428,11 +428,27 @@ class MigrationSource:
         return encode_challenge(migration.challenge)
 
     def _choose_challenge(self) -> dict[str, list[int]]:
+        """PROOF_CHUNKS non-zero chunks of each device, at random. Chunks are drawn at
+        random and kept if not zero, so only about as many are looked at as are
+        chosen (a chunk changed here is read to tell); a device of mostly zeros is
+        scanned for the rest."""
         chosen: dict[str, list[int]] = {}
         pick = secrets.SystemRandom()
         for name, device in self.devices.items():
-            candidates = [i for i in range(device.chunks) if not self._zero(device, i)]
-            chosen[name] = pick.sample(candidates, min(PROOF_CHUNKS, len(candidates)))
+            found: list[int] = []
+            tried: set[int] = set()
+            while len(found) < PROOF_CHUNKS and len(tried) < min(device.chunks, 8 * PROOF_CHUNKS):
+                index = pick.randrange(device.chunks)
+                if index not in tried:
+                    tried.add(index)
+                    if not self._zero(device, index):
+                        found.append(index)
+            if len(found) < PROOF_CHUNKS and len(tried) < device.chunks:
+                rest = [
+                    i for i in range(device.chunks) if i not in tried and not self._zero(device, i)
+                ]
+                found += pick.sample(rest, min(PROOF_CHUNKS - len(found), len(rest)))
+            chosen[name] = found
         return chosen
 
     @staticmethod

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 
 from drafter.chunkcache import ChunkCache
-from drafter.chunks import ZERO_HASH, Deliver, Priority, chunk_length
+from drafter.chunks import ZERO_HASH, ChunkData, Deliver, Priority, chunk_length
 from drafter.errors import DrafterError
 from drafter.hashes import digest
 from drafter.index import ADD_INDEX, DATA, FIRST_READ, INDEX_MEMBER, MAX_INDEX_SIZE, parse_index
@@ -178,23 +178,28 @@ class ObjectSource:
     ) -> None:
         """Chunks ``start`` .. ``start + count - 1`` of ``resource``, verified against
         the index (and ``expected``) and handed to ``deliver`` in order: stretches of
-        non-zero chunks as one range request each, zero chunks without a request."""
+        non-zero chunks as one range request each (of the pack for packed chunks, of
+        the member for the others), all in flight at once; zero chunks without a
+        request. If a stretch fails, the others are still delivered, then its error
+        is raised."""
         if self._closed or not self.chunk_size:
             raise DrafterError(f"{self.raddr} is not open")
         hashes = check_run(self.raddr, self.hashes, resource, start, count, expected)
         size = self.manifest[resource]
-        index = start
         stop = start + count
         per_request = max(1, MAX_RUN_BYTES // self.chunk_size)
+        # In order: chunks at hand (zero or cached), or a stretch being fetched.
+        plan: list[tuple[int, bytes] | asyncio.Task[list[tuple[int, ChunkData]]]] = []
+        index = start
         while index < stop:
             if hashes[index] == ZERO_HASH:
                 self.stats.zero_chunks += 1
-                deliver(index, bytes(chunk_length(size, self.chunk_size, index)), ZERO_HASH)
+                plan.append((index, bytes(chunk_length(size, self.chunk_size, index))))
                 index += 1
                 continue
             cached = self._cached(resource, index)
             if cached is not None:
-                deliver(index, cached, hashes[index])
+                plan.append((index, cached))
                 index += 1
                 continue
             end = index + 1
@@ -209,11 +214,31 @@ class ObjectSource:
                 if cached is not None:
                     break
                 end += 1
-            await self._fetch_stretch(resource, index, end, int(priority), deliver)
+            fetch = self._fetch_stretch(resource, index, end, int(priority))
+            plan.append(asyncio.ensure_future(fetch))
             if cached is not None:  # the chunk that ended the stretch, in order
-                deliver(end, cached, hashes[end])
+                plan.append((end, cached))
                 end += 1
             index = end
+        failure: BaseException | None = None
+        try:
+            for step in plan:
+                if isinstance(step, tuple):
+                    deliver(step[0], step[1], hashes[step[0]])
+                    continue
+                try:
+                    chunks = await step
+                except DrafterError as e:
+                    failure = failure or e
+                    continue
+                for i, chunk in chunks:
+                    deliver(i, chunk, hashes[i])
+        finally:
+            for step in plan:
+                if not isinstance(step, tuple) and not step.done():
+                    step.cancel()
+        if failure is not None:
+            raise failure
 
     def _cached(self, resource: str, index: int) -> bytes | None:
         """Chunk ``index`` from the host's cache, verified there, or None."""
@@ -231,10 +256,11 @@ class ObjectSource:
         return lengths is not None and lengths[index] > 0
 
     async def _fetch_stretch(
-        self, resource: str, start: int, end: int, priority: int, deliver: Deliver
-    ) -> None:
+        self, resource: str, start: int, end: int, priority: int
+    ) -> list[tuple[int, ChunkData]]:
         """Chunks ``start`` .. ``end - 1`` as one range request: of their member, or of
-        the pack when they are packed (each frame unpacked, at most a chunk's size)."""
+        the pack when they are packed (each frame unpacked, at most a chunk's size);
+        each verified against the index."""
         size = self.manifest[resource]
         packed = self._is_packed(resource, start)
         if packed:
@@ -249,7 +275,7 @@ class ObjectSource:
         seconds = time.monotonic() - sent
         view = memoryview(data)
         hashes = self.hashes[resource]
-        chunks: list[memoryview | bytes] = []
+        chunks: list[ChunkData] = []
         for index in range(start, end):
             n = chunk_length(size, self.chunk_size, index)
             if packed:
@@ -279,11 +305,11 @@ class ObjectSource:
             self.stats.wire_bytes += wire
             if self.metrics is not None:
                 self.metrics.chunk_pulled(resource, priority, n, wire, seconds)
-            deliver(index, chunk, hashes[index])
         if self.cache is not None:
             await asyncio.to_thread(self._keep, resource, start, chunks)
+        return list(zip(range(start, end), chunks, strict=True))
 
-    def _keep(self, resource: str, start: int, chunks: list[memoryview | bytes]) -> None:
+    def _keep(self, resource: str, start: int, chunks: list[ChunkData]) -> None:
         """Put verified chunks from ``start`` on into the cache."""
         assert self.cache is not None
         hashes = self.hashes[resource]
@@ -306,6 +332,7 @@ class ObjectSource:
         except Exception as e:
             raise self._error(e, "cannot read") from None
         self._budget.arrived(len(data), time.monotonic() - sent)
+        self._slots.budget = self._budget.bytes()
         self._size, self._etag = int(meta["size"]), meta.get("e_tag")
         want = (0, min(FIRST_READ, self._size))
         if tuple(got) != want or len(data) != want[1]:

@@ -372,7 +372,7 @@ class Peer:
         request of at most FIRST_RUN chunks. The resume does not wait for the hot
         chunks: they keep arriving while QEMU loads the state, so the VM's first faults
         find them local or on their way, not one round trip each. Everything is in
-        flight when this returns, so the background pull started next skips it.
+        flight when this returns, so the background pull (started later) skips it.
         """
         assert self.sources is not None
         first = [self.devices["kernel"], self.devices["initramfs"], state]
