@@ -80,8 +80,8 @@ def test_the_pack_holds_every_chunk_that_compresses_and_unpacks_to_it(tmp_path: 
     assert not plain.read_index().has_pack
 
 
-def test_an_object_reader_takes_packed_runs_from_the_pack(tmp_path: Path) -> None:
-    package = text_package(tmp_path)
+def read_all(package: Path) -> tuple[ObjectSource, dict[str, bytes], HostileServer]:
+    """Every chunk of ``package`` through an ObjectSource from an HTTP object server."""
     with HostileServer() as server:
         server.put("t.drft", package.read_bytes())
 
@@ -91,6 +91,12 @@ def test_an_object_reader_takes_packed_runs_from_the_pack(tmp_path: Path) -> Non
             return source, await fetch_all(source)
 
         source, got = asyncio.run(go())
+    return source, got, server
+
+
+def test_an_object_reader_takes_packed_runs_from_the_pack(tmp_path: Path) -> None:
+    package = text_package(tmp_path)
+    source, got, server = read_all(package)
     assert got == member_bytes(package)
     # fewer bytes crossed than the chunks hold: the text came compressed
     assert source.stats.wire_bytes < source.stats.bytes / 3
@@ -102,15 +108,7 @@ def test_an_object_reader_takes_packed_runs_from_the_pack(tmp_path: Path) -> Non
 
 def test_a_package_without_a_pack_is_read_from_its_members(tmp_path: Path) -> None:
     package = text_package(tmp_path, pack=False)
-    with HostileServer() as server:
-        server.put("t.drft", package.read_bytes())
-
-        async def go() -> tuple[ObjectSource, dict[str, bytes]]:
-            source = ObjectSource(server.url + "t.drft", options=FAST)
-            await source.connect()
-            return source, await fetch_all(source)
-
-        source, got = asyncio.run(go())
+    source, got, _ = read_all(package)
     assert got == member_bytes(package)
     assert source.stats.wire_bytes == source.stats.bytes
 

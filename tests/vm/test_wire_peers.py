@@ -44,10 +44,12 @@ def wire_mib(summary: str) -> float:
     return float(match.group(1))
 
 
-def summary_of(proc) -> str:
+def summary_of(proc, start: str = "migrated from") -> str:
+    """A peer's summary line: a migration's, or with ``start="started from"`` a lazy
+    start's (printed once every chunk is local)."""
     assert proc.stdout is not None
     for line in iter(proc.stdout.readline, ""):
-        if line.startswith("migrated from"):
+        if line.startswith(start):
             return line.strip()
     raise AssertionError("no summary line")
 
@@ -307,15 +309,6 @@ def test_a_destination_the_source_gave_up_on_stops(seeded_package, network, work
         assert source.poll() is None
 
 
-def started_line(proc) -> str:
-    """A lazily started peer's summary (printed once every chunk is local)."""
-    assert proc.stdout is not None
-    for line in iter(proc.stdout.readline, ""):
-        if line.startswith("started from"):
-            return line.strip()
-    raise AssertionError("no summary line")
-
-
 def test_a_hop_on_a_host_that_holds_the_chunks_moves_no_kernel_initramfs_or_disk(
     seeded_package, network, workdir
 ) -> None:
@@ -330,7 +323,7 @@ def test_a_hop_on_a_host_that_holds_the_chunks_moves_no_kernel_initramfs_or_disk
             migrate(raddr, network.name(0), workdir, f"127.0.0.1:{port}", *cache)
         )
         wait_resumed(first)
-        started = started_line(first)  # every chunk local: the cache holds them all
+        started = summary_of(first, "started from")  # every chunk local: the cache holds them all
         assert "from the host's chunk cache" not in started, started
         wait_for_redis(network.info(0).external_address).set("before the hop", "kept")
         second = stack.enter_context(

@@ -233,10 +233,14 @@ class ObjectSource:
                     continue
                 for i, chunk in chunks:
                     deliver(i, chunk, hashes[i])
-        finally:
+        finally:  # (a deliver that raised leaves stretches behind: theirs are let go)
             for step in plan:
-                if not isinstance(step, tuple) and not step.done():
+                if isinstance(step, tuple):
+                    continue
+                if not step.done():
                     step.cancel()
+                elif not step.cancelled():
+                    step.exception()  # retrieved: no "never retrieved" warning
         if failure is not None:
             raise failure
 
